@@ -1,0 +1,1 @@
+"""The project's own environments: exact tabular MDPs and bandits, text tasks with verifiable rewards."""

@@ -1,0 +1,54 @@
+"""rebel-rl: reinforcement learning by REgression to RElative REward (REBEL).
+
+``import rebel`` loads torch and numpy only. The trainer (accelerate) and the adapters
+``rebel.control``, ``rebel.text`` and ``rebel.diffusion`` load when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rebel.batch import RolloutBatch
+from rebel.losses import group_advantage, pair_indices, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
+from rebel.normalize import RewardNormalizer, RunningMeanStd
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Trainer": "rebel.trainer",
+    "TrainerConfig": "rebel.trainer",
+    "explained_variance": "rebel.trainer",
+}
+_ADAPTERS = ("control", "text", "diffusion")
+
+__all__ = [
+    "Policy",
+    "RewardNormalizer",
+    "RolloutBatch",
+    "RunningMeanStd",
+    "Sampler",
+    "Trainer",
+    "TrainerConfig",
+    "explained_variance",
+    "group_advantage",
+    "pair_indices",
+    "ppo_clip_loss",
+    "rebel_loss",
+    "rloo_loss",
+    "trajectory_log_prob",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _ADAPTERS:
+        return importlib.import_module(f"rebel.{name}")
+    raise AttributeError(f"module 'rebel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_ADAPTERS])

@@ -1,0 +1,131 @@
+"""The ``rebel`` command.
+
+    rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
+    rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
+
+``rebel train NAME`` looks for the adapter's command in ``rebel.NAME.cli``: a module with
+``add_arguments(parser)`` and ``run(args)``. The adapters' heavy libraries load only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rebel.config import add_arguments, from_args
+
+ADAPTERS = {
+    "tabular": "the embedded tabular MDP / bandit (seconds on a CPU)",
+    "control": "gymnasium and MuJoCo agents",
+    "text": "causal language models (transformers)",
+    "diffusion": "Stable Diffusion (diffusers)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="rebel", description="REBEL: reinforcement learning by regressing relative rewards.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser("train", help="train a policy", description="Train with REBEL.")
+    train.add_argument("adapter", choices=list(ADAPTERS), metavar="{" + ",".join(ADAPTERS) + "}", help="; ".join(f"{k}: {v}" for k, v in ADAPTERS.items()))
+    plot = commands.add_parser("plot", help="overlay learning curves of runs", description="Overlay one metric of several runs.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--metric", default=None, help="metric to plot (default: eval_return if logged, else reward_mean)")
+    plot.add_argument("--x", default=None, help="x axis (default: env_steps if logged, else iteration)")
+    plot.add_argument("--output", default="curves.png", help="PNG file to write (default: curves.png)")
+
+    if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in ADAPTERS:
+        return _train(argv[1], argv[2:])
+    args = parser.parse_args(argv)
+    if args.command == "plot":
+        from rebel.runs import plot_runs
+
+        print(plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x))
+        return 0
+    parser.print_help()
+    return 0 if args.command is None else 2
+
+
+def _train(name: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"rebel train {name}", description=f"Train {ADAPTERS[name]} with REBEL.")
+    parser.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR exactly where its last checkpoint left it")
+    if name == "tabular":
+        module: Any = sys.modules[__name__]
+        add, run = _tabular_arguments, _tabular_run
+    else:
+        try:
+            module = importlib.import_module(f"rebel.{name}.cli")
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith(f"rebel.{name}"):
+                print(f"rebel train {name}: this version of rebel-rl has no {name} adapter yet", file=sys.stderr)
+            else:
+                print(f"rebel train {name}: missing dependency {error.name!r}; install it with pip install 'rebel-rl[{name}]'", file=sys.stderr)
+            return 2
+        add, run = module.add_arguments, module.run
+    add(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"rebel train {name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve_configs(args: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The configs of a ``rebel train`` command: the command's ``defaults`` for a new run, or
+    each section of ``config.yaml`` when ``--resume`` names a run (its ``output_dir`` forced
+    to that folder), with the options given on the command line on top."""
+    saved: dict[str, Any] = dict(defaults or {})
+    if args.resume:
+        from rebel.runs import read_config
+
+        saved = read_config(args.resume)
+        saved.setdefault("trainer", {})["output_dir"] = str(args.resume)
+        if hasattr(args, "output_dir") and args.output_dir != args.resume:
+            raise ValueError(f"--output-dir {args.output_dir} conflicts with --resume {args.resume}; give only --resume")
+    return {key: from_args(cls, args, saved.get(key)) for key, cls in sections.items()}
+
+
+# ---------------------------------------------------------------- tabular
+
+
+TABULAR_TRAINER_DEFAULTS = {"iterations": 60, "learning_rate": 0.1, "epochs": 4, "output_dir": "runs/tabular"}
+
+
+def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
+    from envs.tabular import TabularConfig
+    from rebel.trainer import TrainerConfig
+
+    add_arguments(parser, TabularConfig, "tabular task")
+    add_arguments(parser, TrainerConfig, "trainer", TABULAR_TRAINER_DEFAULTS)
+
+
+def _tabular_run(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from envs.tabular import TabularConfig, make_tabular
+    from rebel.trainer import Trainer, TrainerConfig
+
+    configs = resolve_configs(args, {"tabular": TabularConfig, "trainer": TrainerConfig}, {"trainer": TABULAR_TRAINER_DEFAULTS})
+    trainer_config: TrainerConfig = configs["trainer"]
+    torch.manual_seed(trainer_config.seed)
+    policy, sampler = make_tabular(configs["tabular"], seed=trainer_config.seed)
+    trainer = Trainer(policy, sampler, trainer_config, run_config={"adapter": "tabular", "tabular": dataclasses.asdict(configs["tabular"])})
+    rows = trainer.train(resume=bool(args.resume))
+    if rows and trainer.accelerator.is_main_process:
+        last = rows[-1]
+        print(
+            f"iteration {last['iteration']}: expected return {last['expected_return']:.3f} "
+            f"(optimal {last['optimal_return']:.3f}; {rows[0]['expected_return']:.3f} at iteration {rows[0]['iteration']}); "
+            f"run folder {trainer_config.output_dir}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

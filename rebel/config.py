@@ -1,0 +1,69 @@
+"""Dataclass configs: documented fields, command-line options and YAML round trips."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (shown by ``rebel ... --help``)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None, defaults: dict[str, Any] | None = None) -> None:
+    """One ``--field-name`` option per field of the dataclass ``cls``; options left out
+    of the command line stay absent from the parsed namespace. ``defaults`` only changes
+    the default shown in the help (pass the same dict to :func:`from_args`)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind in (int, float, str):
+            group.add_argument(flag, dest=f.name, type=_parser(kind, optional), default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper())
+
+
+def from_dict(cls: type[T], values: dict[str, Any], **overrides: Any) -> T:
+    """Build ``cls`` from a dict (a ``config.yaml`` section), with ``overrides`` on top;
+    an unknown key is an error naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    merged = {**values, **overrides}
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(names)}")
+    return cls(**merged)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from ``base`` (defaults, or a resumed run's config) and the options given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    return from_dict(cls, base or {}, **given)
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return hint, False
+
+
+def _parser(kind: type, optional: bool) -> Any:
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse

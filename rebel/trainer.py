@@ -1,0 +1,492 @@
+"""The REBEL iteration, the same for every adapter::
+
+    batch = sampler.collect(policy)            # groups of trajectories from pi_t, with rewards
+    batch.logp_old = log_prob(batch)           # no grad, the training forward itself
+    for epoch in range(epochs):
+        for minibatch in batch.minibatches():  # whole groups only
+            loss = rebel_loss(log_prob(minibatch), minibatch.logp_old, minibatch.reward, minibatch.group, eta=eta)
+            backward, clip, step
+
+Runs on accelerate (one process or many; every process collects its own contexts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rebel.batch import RolloutBatch
+from rebel.config import option
+from rebel.losses import PAIRINGS, group_advantage, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
+from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
+from rebel.policy import Policy
+from rebel.runs import RunDir, load_file, save_file
+from rebel.sampler import Sampler
+
+LOSSES = ("rebel", "rloo", "ppo_clip")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of the REBEL iteration shared by every adapter."""
+
+    output_dir: str = option("runs/rebel", "run folder: config, metrics, TensorBoard, checkpoints, plots")
+    iterations: int = option(100, "number of REBEL iterations (collect, then regress)")
+    loss: str = option("rebel", "rebel | rloo | ppo_clip (the baselines use the same adapters)")
+    eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
+    pairs: str = option("all", "which pairs of a group are regressed: all | adjacent | best_worst")
+    clip_range: float = option(0.2, "ratio clipping of the ppo_clip loss")
+    epochs: int = option(1, "passes over each iteration's batch")
+    minibatch_size: int | None = option(None, "trajectories per minibatch, whole groups only; none: the whole batch")
+    learning_rate: float = option(3e-4, "AdamW learning rate")
+    lr_schedule: str = option("constant", "constant | linear | cosine, over the iterations")
+    warmup_iterations: int = option(0, "iterations of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
+    reward_normalization: str = option("none", "none | batch | per_context (running statistics per context)")
+    seed: int = option(0, "random seed (each process adds its rank)")
+    mixed_precision: str = option("no", "no | bf16 | fp16 (accelerate autocast)")
+    checkpoint_every: int = option(10, "iterations between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk")
+    stats_forward: bool = option(True, "one extra no-grad forward after each update for kl and explained_variance")
+    tensorboard: bool = option(True, "write TensorBoard events")
+    plot: bool = option(True, "draw curves.png at the end")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _positive_int("iterations", self.iterations)
+        _positive_int("epochs", self.epochs)
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        if self.minibatch_size is not None:
+            _positive_int("minibatch_size", self.minibatch_size)
+        if self.warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        for name in ("eta", "learning_rate", "clip_range", "adam_eps"):
+            _positive_float(name, getattr(self, name))
+        if self.max_grad_norm is not None:
+            _positive_float("max_grad_norm", self.max_grad_norm)
+        for name, choices in (
+            ("loss", LOSSES),
+            ("pairs", PAIRINGS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("reward_normalization", REWARD_NORMALIZATIONS),
+            ("mixed_precision", MIXED_PRECISION),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; expected one of {', '.join(choices)}")
+
+
+class Trainer:
+    """Runs REBEL iterations of ``policy`` on batches from ``sampler`` into a run folder.
+
+    Args:
+        policy: the adapter's :class:`~rebel.Policy` (its trainable parameters are optimised).
+        sampler: the adapter's :class:`~rebel.Sampler`.
+        config: the iteration's settings.
+        run_config: the adapter's own settings, written to ``config.yaml`` beside ``trainer``.
+        callbacks: called as ``fn(trainer, metrics)`` after each iteration, before the row is
+            written; they may add entries (an evaluation, say) or call :meth:`request_stop`.
+        optimizer: a ready optimizer over the policy's parameters (default: AdamW from config).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler,
+        config: TrainerConfig,
+        *,
+        run_config: dict[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a rebel.Policy, got {type(policy).__name__}")
+        if not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must be a rebel.Sampler, got {type(sampler).__name__}")
+        self.config = config
+        self.sampler = sampler
+        self.callbacks = list(callbacks)
+        # Without CUDA, accelerate treats a torchrun launch as distributed only when told cpu=True.
+        distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=distributed_cpu)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters (requires_grad=False everywhere)")
+        optimizer = optimizer or torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self._lr_factor)
+        self.normalizer = RewardNormalizer(config.reward_normalization)
+        self.run = RunDir(config.output_dir, is_main=self.accelerator.is_main_process)
+        self.run_config = {"trainer": dataclasses.asdict(config), **(run_config or {})}
+        self.iteration = 0  # completed iterations
+        self.totals: dict[str, float] = {}  # cumulative counters (samples, env_steps, ...)
+        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        self._stop_requested = False
+        self._rng_at_iteration_start: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def policy(self) -> Policy:
+        """The policy itself (unwrapped from any data-parallel wrapper)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def request_stop(self) -> None:
+        """Finish the current iteration, write a checkpoint and return from :meth:`train`."""
+        self._stop_requested = True
+
+    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Run until ``config.iterations`` iterations are complete; return this call's metric rows.
+
+        With ``resume=True`` the newest checkpoint of ``config.output_dir`` is loaded first
+        and the run continues exactly where it stopped. Ctrl-C finishes the iteration,
+        writes a checkpoint and returns; a second Ctrl-C aborts at once.
+        """
+        if resume:
+            checkpoint = self.run.latest_checkpoint()
+            if checkpoint is None:
+                raise FileNotFoundError(f"cannot resume: {self.run.checkpoints} holds no checkpoint")
+            self.load_checkpoint(checkpoint)
+            self.run.truncate_metrics(self.iteration)
+        else:
+            if self.run.latest_checkpoint() is not None:
+                raise FileExistsError(
+                    f"{self.config.output_dir} already holds a run; resume it (resume=True / --resume) or choose another output_dir"
+                )
+            _seed_everything(self.config.seed + self.accelerator.process_index)
+            self.sampler.seed(self.config.seed + self.accelerator.process_index)
+        self.run.write_config(self.run_config)
+        if self.config.tensorboard:
+            self.run.open_tensorboard(purge_step=self.iteration + 1 if resume else None)
+        rows: list[dict[str, Any]] = []
+        progress = self._progress_bar()
+        restore_sigint = self._install_sigint()
+        try:
+            while self.iteration < self.config.iterations and not self._should_stop():
+                row = self._iteration()
+                rows.append(row)
+                progress.update(1)
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "loss") if k in row})
+                last = self.iteration >= self.config.iterations
+                if last or self._stop_requested or self.iteration % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            restore_sigint()
+            progress.close()
+            self.run.close()
+        if self.config.plot:
+            self.run.plot_curves()
+        return rows
+
+    # --------------------------------------------------------------- iteration
+    def _iteration(self) -> dict[str, Any]:
+        config, model = self.config, self.model
+        start = time.perf_counter()
+        self._rng_at_iteration_start = _rng_state(self.generator)
+        try:
+            with torch.no_grad():
+                batch = self.sampler.collect(self.policy)
+        except BaseException:
+            # Parameters are still those of the last iteration: keep them (sampler errors,
+            # reward errors, Ctrl-C during a long collection) before the error goes up.
+            if self.iteration > 0:
+                self.save_checkpoint(rng=self._rng_at_iteration_start)
+            raise
+        batch = batch.to(self.device)
+        collect_time = time.perf_counter() - start
+        raw_reward = batch.reward
+        batch.reward = self.normalizer(raw_reward, batch.context).to(raw_reward.dtype)
+        # logp_old: the training forward itself, no grad, on the first epoch's minibatches
+        # (same inputs, same kernels), so each log-ratio is exactly 0 when training starts.
+        partition = batch.minibatch_indices(config.minibatch_size, self.generator)
+        first_epoch = [batch.select(index) for index in partition]
+        step_logp_old = self._score(first_epoch)
+        batch.logp_old = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(step_logp_old, first_epoch)], len(batch))
+        for mb, index in zip(first_epoch, partition):
+            mb.logp_old = batch.logp_old[index.to(self.device)]
+        if config.loss == "ppo_clip":
+            for mb, steps in zip(first_epoch, step_logp_old):
+                mb.step_logp_old = steps
+            batch.step_logp_old = _scatter(partition, step_logp_old, len(batch))
+
+        losses, grad_norms, start_log_ratio = [], [], float("nan")
+        for epoch in range(config.epochs):
+            minibatches = first_epoch if epoch == 0 else list(batch.minibatches(config.minibatch_size, self.generator))
+            for k, mb in enumerate(minibatches):
+                with self.accelerator.autocast():
+                    step_logp = model(mb)
+                logp = trajectory_log_prob(step_logp.float(), mb.mask)
+                if epoch == 0 and k == 0:
+                    start_log_ratio = (logp.detach() - mb.logp_old).abs().max().item()
+                loss = self._loss(step_logp.float(), logp, mb)
+                self.accelerator.backward(loss)
+                grad_norms.append(self._clip_gradients())
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().item())
+        self.scheduler.step()
+        self.iteration += 1
+
+        logp_new = None
+        if config.stats_forward:
+            steps = self._score(first_epoch)
+            logp_new = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(steps, first_epoch)], len(batch))
+        metrics = self._metrics(batch, raw_reward, logp_new, losses, grad_norms, start_log_ratio)
+        metrics["collect_time"] = collect_time
+        metrics["iteration_time"] = time.perf_counter() - start
+        metrics["samples_per_second"] = len(batch) * self.accelerator.num_processes / metrics["iteration_time"]
+        for callback in self.callbacks:
+            callback(self, metrics)
+        self.run.log_metrics(metrics)
+        return metrics
+
+    def _score(self, minibatches: list[RolloutBatch]) -> list[Tensor]:
+        """No-grad per-step log-probs of each minibatch with the training forward."""
+        with torch.no_grad():
+            out = []
+            for mb in minibatches:
+                with self.accelerator.autocast():
+                    out.append(self.model(mb).float())
+            return out
+
+    def _loss(self, step_logp: Tensor, logp: Tensor, mb: RolloutBatch) -> Tensor:
+        config = self.config
+        if config.loss == "rebel":
+            return rebel_loss(logp, mb.logp_old, mb.reward, mb.group, eta=config.eta, pairs=config.pairs)
+        if config.loss == "rloo":
+            return rloo_loss(logp, mb.logp_old, mb.reward, mb.group)
+        advantage = group_advantage(mb.reward, mb.group, kind="normalized")
+        return ppo_clip_loss(step_logp, mb.step_logp_old, mb.mask, advantage, clip_range=config.clip_range)
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def _metrics(
+        self,
+        batch: RolloutBatch,
+        raw_reward: Tensor,
+        logp_new: Tensor | None,
+        losses: list[float],
+        grad_norms: list[float],
+        start_log_ratio: float,
+    ) -> dict[str, Any]:
+        config = self.config
+        n_procs = self.accelerator.num_processes
+        local: dict[str, float] = {
+            "loss": float(np.mean(losses)),
+            "reward_mean": raw_reward.float().mean().item(),
+            "reward_std": raw_reward.float().std(unbiased=False).item(),
+            "grad_norm": float(np.mean(grad_norms)),
+            "start_log_ratio_max": start_log_ratio,
+        }
+        if logp_new is not None:
+            delta = logp_new - batch.logp_old
+            local["log_ratio_mean"] = delta.mean().item()
+            local["log_ratio_std"] = delta.std(unbiased=False).item()
+            local["log_ratio_max_abs"] = delta.abs().max().item()
+            # KL(pi_t || pi_theta) from samples of pi_t: E[r - 1 - log r], r = pi_theta / pi_t (>= 0, unbiased)
+            local["kl"] = (torch.expm1(delta) - delta).mean().item()
+            local["explained_variance"] = explained_variance(logp_new, batch.logp_old, batch.reward, batch.group, eta=config.eta, pairs=config.pairs)
+        local.update({k: float(v) for k, v in batch.stats.items()})
+        metrics = self._mean_over_processes(local) if n_procs > 1 else local
+        counts = {"samples": float(len(batch)), **{k: float(v) for k, v in batch.counts.items()}}
+        if n_procs > 1:
+            counts = {k: v * n_procs for k, v in self._mean_over_processes(counts).items()}
+        for key, value in counts.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        row: dict[str, Any] = {"iteration": self.iteration}
+        row.update({k: int(v) if float(v).is_integer() else v for k, v in self.totals.items()})
+        row["learning_rate"] = self.scheduler.get_last_lr()[0]
+        row.update(metrics)
+        return row
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([values])
+        keys = sorted({k for d in gathered for k in d})
+        return {k: float(np.nanmean([d.get(k, np.nan) for d in gathered])) for k in keys}
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
+        """Write ``checkpoints/iter_N`` atomically (model, optimizer, scheduler, RNG states,
+        iteration, normaliser, sampler state; RNG and sampler state for every process)."""
+        acc = self.accelerator
+        staging = self.run.staging_dir(self.iteration)
+        if acc.is_main_process:
+            staging.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        save_file(
+            {"rng": rng or _rng_state(self.generator), "sampler": self.sampler.state_dict()},
+            staging / f"process_{acc.process_index}.pt",
+        )
+        if acc.is_main_process:
+            state = {
+                "iteration": self.iteration,
+                "totals": dict(self.totals),
+                "policy": self.policy.checkpoint_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "normalizer": self.normalizer.state_dict(),
+                "num_processes": acc.num_processes,
+            }
+            save_file(state, staging / "trainer.pt")
+        acc.wait_for_everyone()
+        final = self.run.checkpoint_dir(self.iteration)
+        if acc.is_main_process:
+            final = self.run.commit_checkpoint(self.iteration, self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote (this process's RNG and sampler)."""
+        path = Path(path)
+        state = load_file(path / "trainer.pt")
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['num_processes']} processes; "
+                f"resume it with the same number (now {self.accelerator.num_processes})"
+            )
+        missing, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {path} has parameters this policy lacks: {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.iteration = int(state["iteration"])
+        self.totals = dict(state["totals"])
+        own = load_file(path / f"process_{self.accelerator.process_index}.pt")
+        self.sampler.load_state_dict(own["sampler"])
+        _set_rng_state(own["rng"], self.generator)
+
+    # ----------------------------------------------------------------- helpers
+    def _lr_factor(self, iteration: int) -> float:
+        config = self.config
+        if iteration < config.warmup_iterations:
+            return (iteration + 1) / config.warmup_iterations
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, config.iterations - config.warmup_iterations)
+        progress = min(1.0, (iteration - config.warmup_iterations) / span)
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _should_stop(self) -> bool:
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(self._stop_requested)], device=self.device)
+            self._stop_requested = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        return self._stop_requested
+
+    def _install_sigint(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self.accelerator.is_main_process:
+                print("\nrebel: stopping after this iteration and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _progress_bar(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.iterations,
+            initial=self.iteration,
+            desc="rebel",
+            unit="it",
+            disable=not (self.config.progress and self.accelerator.is_main_process),
+        )
+
+
+def explained_variance(logp: Tensor, logp_old: Tensor, reward: Tensor, group: Tensor | None, *, eta: float, pairs: str = "all") -> float:
+    """Share of the pairwise reward differences the log-ratio regression explains:
+    ``1 - sum_pairs (pred - target)^2 / sum_pairs target^2``; 0 at theta_t, 1 for a perfect fit."""
+    residual = rebel_loss(logp, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
+    total = rebel_loss(logp_old, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
+    return float("nan") if total.item() == 0 else 1.0 - (residual / total).item()
+
+
+def _scatter(partition: list[Tensor], parts: list[Tensor], size: int) -> Tensor:
+    """Reassemble per-minibatch rows into batch order."""
+    out = parts[0].new_empty((size, *parts[0].shape[1:]))
+    for index, part in zip(partition, parts):
+        out[index.to(part.device)] = part
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "trainer": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["trainer"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

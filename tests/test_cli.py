@@ -1,0 +1,76 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rebel.cli import main
+from rebel.runs import latest_checkpoint, read_metrics
+
+
+def test_import_rebel_loads_torch_and_numpy_only():
+    code = (
+        "import sys, rebel\n"
+        "heavy = {'accelerate', 'yaml', 'matplotlib', 'tensorboard', 'gymnasium', 'mujoco', 'transformers', 'peft',"
+        " 'diffusers', 'datasets', 'envs', 'scipy', 'pandas'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "plot" in out
+    with pytest.raises(SystemExit):
+        main(["train", "tabular", "--help"])
+    out = capsys.readouterr().out
+    assert "--resume DIR" in out and "--eta FLOAT" in out and "(default: 60)" in out
+
+
+def tabular(tmp_path, name, *extra):
+    return main(["train", "tabular", "--output-dir", str(tmp_path / name), "--no-progress", "--no-tensorboard", *extra])
+
+
+def test_train_tabular_learns_and_resume_continues_exactly(tmp_path, capsys):
+    assert tabular(tmp_path, "straight", "--iterations", "8", "--checkpoint-every", "100") == 0
+    assert "expected return" in capsys.readouterr().out
+    rows = read_metrics(tmp_path / "straight")
+    assert rows[-1]["expected_return"] > rows[0]["expected_return"] + 1.0
+    assert tabular(tmp_path, "split", "--iterations", "4") == 0
+    assert main(["train", "tabular", "--resume", str(tmp_path / "split"), "--iterations", "8", "--no-progress"]) == 0
+    straight = torch.load(latest_checkpoint(tmp_path / "straight") / "trainer.pt", weights_only=False)["policy"]["logits"]
+    split = torch.load(latest_checkpoint(tmp_path / "split") / "trainer.pt", weights_only=False)["policy"]["logits"]
+    assert torch.equal(straight, split)
+
+
+def test_bad_values_give_clear_errors(tmp_path, capsys):
+    assert tabular(tmp_path, "bad", "--eta", "-1") == 2
+    assert "eta must be a finite number > 0, got -1.0" in capsys.readouterr().err
+    assert tabular(tmp_path, "bad2", "--env", "maze") == 2
+    assert "env='maze' is not supported; expected 'mdp' or 'bandit'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tabular(tmp_path, "bad3", "--epochs", "two")
+    assert "argument --epochs: invalid int value: 'two'" in capsys.readouterr().err
+    assert main(["train", "tabular", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_plot_overlays_runs(tmp_path):
+    for name in ("a", "b"):
+        tabular(tmp_path, name, "--iterations", "3", "--no-plot")
+    out = tmp_path / "cmp.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "expected_return", "--output", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="has no 'nothing'"):
+        main(["plot", str(tmp_path / "a"), "--metric", "nothing", "--output", str(out)])
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).with_name("rebel")  # installed beside the interpreter
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: rebel" in out.stdout

@@ -1,0 +1,208 @@
+"""The REBEL iteration: exact start, learning, metrics, run folder, checkpoints and resume."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from envs.tabular import TabularConfig, TabularSampler, make_tabular
+from rebel import RolloutBatch, Sampler, Trainer, TrainerConfig
+from rebel.runs import latest_checkpoint, read_metrics
+
+FAST = {"progress": False, "tensorboard": False, "plot": False}
+
+
+def tabular_trainer(tmp_path, name="run", task=None, callbacks=(), **overrides):
+    config = TrainerConfig(**{"output_dir": str(tmp_path / name), "learning_rate": 0.1, "epochs": 2, **FAST, **overrides})
+    torch.manual_seed(config.seed)
+    policy, sampler = make_tabular(task or TabularConfig(), seed=config.seed)
+    return Trainer(policy, sampler, config, callbacks=callbacks)
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
+
+
+def test_log_ratio_is_exactly_zero_at_the_start_of_every_iteration(tmp_path):
+    trainer = tabular_trainer(tmp_path, iterations=6, epochs=3, minibatch_size=20)
+    rows = trainer.train()
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0] * 6
+    assert all(r["log_ratio_max_abs"] > 0 for r in rows)  # and the update did move the policy
+
+
+def test_rebel_learns_the_tabular_mdp(tmp_path):
+    rows = tabular_trainer(tmp_path, iterations=30).train()
+    optimal = rows[0]["optimal_return"]
+    assert rows[0]["expected_return"] < 0.5 * optimal
+    assert rows[-1]["expected_return"] > 0.9 * optimal
+
+
+@pytest.mark.parametrize("loss", ["rloo", "ppo_clip"])
+def test_baseline_losses_run_through_the_same_trainer_and_learn(tmp_path, loss):
+    rows = tabular_trainer(tmp_path, loss=loss, iterations=30, learning_rate=0.2).train()
+    assert rows[-1]["expected_return"] > rows[0]["expected_return"] + 1.0
+
+
+def test_metrics_rows_hold_the_documented_keys(tmp_path):
+    rows = tabular_trainer(tmp_path, iterations=2).train()
+    keys = {
+        "iteration", "samples", "env_steps", "learning_rate", "loss", "reward_mean", "reward_std", "explained_variance",
+        "log_ratio_mean", "log_ratio_std", "log_ratio_max_abs", "kl", "grad_norm", "samples_per_second",
+        "iteration_time", "collect_time", "start_log_ratio_max", "episode_return",
+    }  # fmt: skip
+    assert keys <= set(rows[0])
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[1]["samples"] == 2 * 32 * 4  # cumulative
+    assert rows[0]["kl"] >= 0 and rows[0]["explained_variance"] <= 1
+    assert read_metrics(tmp_path / "run") == rows
+
+
+def test_run_folder_layout(tmp_path):
+    trainer = tabular_trainer(tmp_path, iterations=5, checkpoint_every=2, keep_checkpoints=2, tensorboard=True, plot=True)
+    trainer.train()
+    run = tmp_path / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["iterations"] == 5 and config["trainer"]["eta"] == 1.0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert (run / "curves.png").stat().st_size > 1000
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["iter_000004", "iter_000005", "latest"]  # no leftovers of the atomic writes
+    assert latest_checkpoint(run).name == "iter_000005"
+    state = torch.load(run / "checkpoints/iter_000005/trainer.pt", weights_only=False)
+    assert {"policy", "optimizer", "scheduler", "normalizer", "iteration"} <= set(state)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"minibatch_size": 24, "epochs": 3, "reward_normalization": "per_context", "lr_schedule": "cosine"}])
+def test_resume_is_bit_identical(tmp_path, overrides):
+    """2N iterations straight == N, stop, resume, N more."""
+    n = 4
+    straight = tabular_trainer(tmp_path, "straight", iterations=2 * n, checkpoint_every=100, **overrides)
+    rows_straight = straight.train()
+
+    def stop_at_n(trainer, metrics):
+        if trainer.iteration == n:
+            trainer.request_stop()
+
+    first = tabular_trainer(tmp_path, "split", iterations=2 * n, checkpoint_every=100, callbacks=[stop_at_n], **overrides)
+    rows_first = first.train()
+    assert len(rows_first) == n
+    second = tabular_trainer(tmp_path, "split", iterations=2 * n, checkpoint_every=100, **overrides)
+    with torch.no_grad():
+        second.policy.logits.normal_()  # whatever the fresh policy holds is replaced by the checkpoint
+    rows_second = second.train(resume=True)
+    assert torch.equal(second.policy.logits, straight.policy.logits)
+    assert strip_times(rows_first + rows_second) == strip_times(rows_straight)
+    assert strip_times(read_metrics(tmp_path / "split")) == strip_times(rows_straight)
+    for a, b in zip(second.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    straight = tabular_trainer(tmp_path, "straight", iterations=6, checkpoint_every=100)
+    straight.train()
+
+    def interrupt(trainer, metrics):
+        if trainer.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a user's Ctrl-C in the middle of the run
+
+    handler = signal.getsignal(signal.SIGINT)
+    rows = tabular_trainer(tmp_path, "split", iterations=6, checkpoint_every=100, callbacks=[interrupt]).train()
+    assert len(rows) == 2 and latest_checkpoint(tmp_path / "split").name == "iter_000002"
+    assert signal.getsignal(signal.SIGINT) is handler  # handler restored
+    resumed = tabular_trainer(tmp_path, "split", iterations=6, checkpoint_every=100)
+    resumed.train(resume=True)
+    assert torch.equal(resumed.policy.logits, straight.policy.logits)
+
+
+class FailingSampler(TabularSampler):
+    def __init__(self, *args, fail_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.fail_at = 0, fail_at
+
+    def collect(self, policy):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("reward server went away")
+        return super().collect(policy)
+
+
+def test_a_crash_during_collection_keeps_the_last_iterations_parameters(tmp_path):
+    policy, sampler = make_tabular(TabularConfig())
+    sampler = FailingSampler(sampler.mdp, fail_at=4)
+    trainer = Trainer(policy, sampler, TrainerConfig(output_dir=str(tmp_path / "run"), iterations=10, checkpoint_every=100, **FAST))
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        trainer.train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "iter_000003"
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=False)["policy"]["logits"]
+    assert torch.equal(saved, trainer.policy.logits.detach())
+
+
+def test_existing_run_and_missing_checkpoint_are_clear_errors(tmp_path):
+    tabular_trainer(tmp_path, iterations=1).train()
+    with pytest.raises(FileExistsError, match="already holds a run; resume it"):
+        tabular_trainer(tmp_path, iterations=2).train()
+    with pytest.raises(FileNotFoundError, match="cannot resume: .* holds no checkpoint"):
+        tabular_trainer(tmp_path, "empty", iterations=2).train(resume=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eta": 0}, "eta must be a finite number > 0, got 0"),
+        ({"loss": "ppo"}, "loss='ppo' is not supported; expected one of rebel, rloo, ppo_clip"),
+        ({"pairs": "some"}, "pairs='some' is not supported"),
+        ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
+        ({"minibatch_size": 0}, "minibatch_size must be an integer >= 1, got 0"),
+        ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0"),
+        ({"reward_normalization": "z"}, "reward_normalization='z' is not supported"),
+        ({"mixed_precision": "fp8"}, "mixed_precision='fp8' is not supported"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig(**overrides)
+
+
+def test_learning_rate_schedules(tmp_path):
+    rows = tabular_trainer(tmp_path, iterations=4, lr_schedule="linear", learning_rate=0.1).train()
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.075, 0.05, 0.025, 0.0])
+    rows = tabular_trainer(tmp_path, "warm", iterations=4, warmup_iterations=2, learning_rate=0.1).train()
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert rows[0]["iteration"] == 1
+
+
+def test_batch_reward_normalisation_rescales_the_target(tmp_path):
+    seen = []
+
+    class Spy(Sampler):
+        def collect(self, policy):
+            batch = RolloutBatch(
+                group=torch.tensor([0, 0, 1, 1]),
+                reward=torch.tensor([1.0, 3.0, 5.0, 11.0]),
+                mask=torch.ones(4, 1, dtype=torch.bool),
+                data={"states": torch.zeros(4, 1, dtype=torch.long), "actions": torch.tensor([[0], [1], [0], [1]])},
+            )
+            seen.append(batch)
+            return batch
+
+    policy, _ = make_tabular(TabularConfig(env="bandit", num_actions=2))
+    config = TrainerConfig(output_dir=str(tmp_path / "r"), iterations=1, reward_normalization="batch", **FAST)
+    row = Trainer(policy, Spy(), config).train()[0]
+    reward = torch.tensor([1.0, 3.0, 5.0, 11.0])
+    target = (reward - reward.mean()) / reward.std(unbiased=False)
+    # one epoch, one minibatch: the logged loss is the loss at theta_t, mean of squared normalised differences
+    assert row["loss"] == pytest.approx((((target[0] - target[1]) ** 2 + (target[2] - target[3]) ** 2) / 2).item(), rel=1e-5)
+    assert row["reward_mean"] == pytest.approx(5.0)  # metrics report the raw reward
+
+
+def test_policy_and_sampler_types_are_checked(tmp_path):
+    policy, sampler = make_tabular(TabularConfig())
+    with pytest.raises(TypeError, match="policy must be a rebel.Policy, got Linear"):
+        Trainer(torch.nn.Linear(2, 2), sampler, TrainerConfig(output_dir=str(tmp_path)))
+    with pytest.raises(TypeError, match="sampler must be a rebel.Sampler, got list"):
+        Trainer(policy, [], TrainerConfig(output_dir=str(tmp_path)))
