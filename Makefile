@@ -12,15 +12,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e .
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[control]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[test]"
 	touch $@
 
+# REBEL (trajectory variant) balances MuJoCo's InvertedPendulum-v5: about a minute on a laptop CPU.
 demo: $(VENV)/.installed-demo
-	$(BIN)/rebel train tabular --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/rebel train control --env InvertedPendulum-v5 --variant trajectory --total-steps 40000 \
+		--eval-every 5 --eval-episodes 5 --video --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -30,7 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebel", description="REBEL: reinforcement learning by regressing relative rewards.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a policy", description="Train with REBEL.")
-    train.add_argument("adapter", choices=list(ADAPTERS), metavar="{" + ",".join(ADAPTERS) + "}", help="; ".join(f"{k}: {v}" for k, v in ADAPTERS.items()))
+    train.add_argument(
+        "adapter", choices=list(ADAPTERS), metavar="{" + ",".join(ADAPTERS) + "}", help="; ".join(f"{k}: {v}" for k, v in ADAPTERS.items())
+    )
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run's newest checkpoint", description="Deterministic evaluation of a run (control runs)."
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default: 10)")
+    evaluate.add_argument("--seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
+    evaluate.add_argument("--video", action="store_true", help="also render an episode into RUN_DIR/videos/eval.gif")
     plot = commands.add_parser("plot", help="overlay learning curves of runs", description="Overlay one metric of several runs.")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--metric", default=None, help="metric to plot (default: eval_return if logged, else reward_mean)")
@@ -40,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in ADAPTERS:
         return _train(argv[1], argv[2:])
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _evaluate(args)
     if args.command == "plot":
         from rebel.runs import plot_runs
 
@@ -62,7 +73,10 @@ def _train(name: str, argv: list[str]) -> int:
             if error.name and error.name.startswith(f"rebel.{name}"):
                 print(f"rebel train {name}: this version of rebel-rl has no {name} adapter yet", file=sys.stderr)
             else:
-                print(f"rebel train {name}: missing dependency {error.name!r}; install it with pip install 'rebel-rl[{name}]'", file=sys.stderr)
+                print(
+                    f"rebel train {name}: missing dependency {error.name!r}; install it with pip install 'rebel-rl[{name}]'",
+                    file=sys.stderr,
+                )
             return 2
         add, run = module.add_arguments, module.run
     add(parser)
@@ -75,7 +89,24 @@ def _train(name: str, argv: list[str]) -> int:
     return 0
 
 
-def resolve_configs(args: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def _evaluate(args: argparse.Namespace) -> int:
+    from rebel.runs import read_config
+
+    try:
+        adapter = read_config(args.run_dir).get("adapter")
+        module = importlib.import_module(f"rebel.{adapter}.cli") if adapter in ADAPTERS and adapter != "tabular" else None
+        if module is None or not hasattr(module, "evaluate_run"):
+            raise ValueError(f"{args.run_dir} is a {adapter!r} run; rebel eval evaluates control runs")
+        module.evaluate_run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rebel eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve_configs(
+    args: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The configs of a ``rebel train`` command: the command's ``defaults`` for a new run, or
     each section of ``config.yaml`` when ``--resume`` names a run (its ``output_dir`` forced
     to that folder), with the options given on the command line on top."""

@@ -18,21 +18,36 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None, defaults: dict[str, Any] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls``; options left out
     of the command line stay absent from the parsed namespace. ``defaults`` only changes
     the default shown in the help (pass the same dict to :func:`from_args`)."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         kind, optional = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) in (list, tuple):
+            item = typing.get_args(kind)[0]
+            group.add_argument(
+                flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar=item.__name__.upper()
+            )
         elif kind in (int, float, str):
-            group.add_argument(flag, dest=f.name, type=_parser(kind, optional), default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper())
+            group.add_argument(
+                flag, dest=f.name, type=_parser(kind, optional), default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper()
+            )
 
 
 def from_dict(cls: type[T], values: dict[str, Any], **overrides: Any) -> T:

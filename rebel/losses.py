@@ -80,8 +80,7 @@ def trajectory_log_prob(step_log_probs: Tensor, mask: Tensor) -> Tensor:
     """
     if step_log_probs.shape != mask.shape:
         raise ValueError(
-            f"step_log_probs has shape {tuple(step_log_probs.shape)} but mask has shape "
-            f"{tuple(mask.shape)}; they must match ([B, T])"
+            f"step_log_probs has shape {tuple(step_log_probs.shape)} but mask has shape {tuple(mask.shape)}; they must match ([B, T])"
         )
     mask = mask.to(torch.bool)
     return torch.where(mask, step_log_probs, torch.zeros_like(step_log_probs)).sum(-1)

@@ -48,7 +48,9 @@ class TrainerConfig:
     """Settings of the REBEL iteration shared by every adapter."""
 
     output_dir: str = option("runs/rebel", "run folder: config, metrics, TensorBoard, checkpoints, plots")
-    iterations: int = option(100, "number of REBEL iterations (collect, then regress)")
+    iterations: int | None = option(100, "number of REBEL iterations (collect, then regress); none: until the budget")
+    budget: float | None = option(None, "also stop once the running total budget_counter reaches this (e.g. env steps)")
+    budget_counter: str = option("env_steps", "the counter budget limits (a key of the sampler's batch.counts, or samples)")
     loss: str = option("rebel", "rebel | rloo | ppo_clip (the baselines use the same adapters)")
     eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
     pairs: str = option("all", "which pairs of a group are regressed: all | adjacent | best_worst")
@@ -74,7 +76,10 @@ class TrainerConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _positive_int("iterations", self.iterations)
+        if self.iterations is None and self.budget is None:
+            raise ValueError("iterations=None needs a budget: set iterations or budget")
+        if self.iterations is not None:
+            _positive_int("iterations", self.iterations)
         _positive_int("epochs", self.epochs)
         _positive_int("checkpoint_every", self.checkpoint_every)
         _positive_int("keep_checkpoints", self.keep_checkpoints)
@@ -86,6 +91,8 @@ class TrainerConfig:
             _positive_float(name, getattr(self, name))
         if self.max_grad_norm is not None:
             _positive_float("max_grad_norm", self.max_grad_norm)
+        if self.budget is not None:
+            _positive_float("budget", self.budget)
         for name, choices in (
             ("loss", LOSSES),
             ("pairs", PAIRINGS),
@@ -142,13 +149,15 @@ class Trainer:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
-        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self._lr_factor)
-        self.normalizer = RewardNormalizer(config.reward_normalization)
-        self.run = RunDir(config.output_dir, is_main=self.accelerator.is_main_process)
-        self.run_config = {"trainer": dataclasses.asdict(config), **(run_config or {})}
         self.iteration = 0  # completed iterations
         self.totals: dict[str, float] = {}  # cumulative counters (samples, env_steps, ...)
+        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self._lr_factor
+        )
+        self.normalizer = RewardNormalizer(config.reward_normalization)
+        self.run = RunDir(config.output_dir, is_main=self.accelerator.is_main_process)
+        self.run_config = dict(run_config or {})
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self._stop_requested = False
         self._rng_at_iteration_start: dict[str, Any] | None = None
@@ -162,6 +171,12 @@ class Trainer:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def finishing(self) -> bool:
+        """True in the callbacks of the run's last iteration (iterations or budget reached,
+        or a stop requested): the place for a final evaluation."""
+        return self._done() or self._stop_requested
 
     def request_stop(self) -> None:
         """Finish the current iteration, write a checkpoint and return from :meth:`train`."""
@@ -180,27 +195,28 @@ class Trainer:
                 raise FileNotFoundError(f"cannot resume: {self.run.checkpoints} holds no checkpoint")
             self.load_checkpoint(checkpoint)
             self.run.truncate_metrics(self.iteration)
-        else:
+        elif self.iteration == 0:
             if self.run.latest_checkpoint() is not None:
                 raise FileExistsError(
                     f"{self.config.output_dir} already holds a run; resume it (resume=True / --resume) or choose another output_dir"
                 )
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
-        self.run.write_config(self.run_config)
+        # else: a later call on the same trainer continues in-process (raise iterations or budget first)
+        self.run.write_config({**self.run_config, "trainer": dataclasses.asdict(self.config)})
         if self.config.tensorboard:
-            self.run.open_tensorboard(purge_step=self.iteration + 1 if resume else None)
+            self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
         rows: list[dict[str, Any]] = []
+        self._stop_requested = False
         progress = self._progress_bar()
         restore_sigint = self._install_sigint()
         try:
-            while self.iteration < self.config.iterations and not self._should_stop():
+            while not self._done() and not self._should_stop():
                 row = self._iteration()
                 rows.append(row)
-                progress.update(1)
-                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "loss") if k in row})
-                last = self.iteration >= self.config.iterations
-                if last or self._stop_requested or self.iteration % self.config.checkpoint_every == 0:
+                progress.update(self._progress_position() - progress.n)
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "episode_return", "eval_return", "loss") if k in row})
+                if self.finishing or self.iteration % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             restore_sigint()
@@ -256,7 +272,6 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach().item())
-        self.scheduler.step()
         self.iteration += 1
 
         logp_new = None
@@ -264,6 +279,7 @@ class Trainer:
             steps = self._score(first_epoch)
             logp_new = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(steps, first_epoch)], len(batch))
         metrics = self._metrics(batch, raw_reward, logp_new, losses, grad_norms, start_log_ratio)
+        self.scheduler.step()  # after the counters moved: the schedule follows the run's progress
         metrics["collect_time"] = collect_time
         metrics["iteration_time"] = time.perf_counter() - start
         metrics["samples_per_second"] = len(batch) * self.accelerator.num_processes / metrics["iteration_time"]
@@ -320,7 +336,9 @@ class Trainer:
             local["log_ratio_max_abs"] = delta.abs().max().item()
             # KL(pi_t || pi_theta) from samples of pi_t: E[r - 1 - log r], r = pi_theta / pi_t (>= 0, unbiased)
             local["kl"] = (torch.expm1(delta) - delta).mean().item()
-            local["explained_variance"] = explained_variance(logp_new, batch.logp_old, batch.reward, batch.group, eta=config.eta, pairs=config.pairs)
+            local["explained_variance"] = explained_variance(
+                logp_new, batch.logp_old, batch.reward, batch.group, eta=config.eta, pairs=config.pairs
+            )
         local.update({k: float(v) for k, v in batch.stats.items()})
         metrics = self._mean_over_processes(local) if n_procs > 1 else local
         counts = {"samples": float(len(batch)), **{k: float(v) for k, v in batch.counts.items()}}
@@ -330,7 +348,7 @@ class Trainer:
             self.totals[key] = self.totals.get(key, 0.0) + value
         row: dict[str, Any] = {"iteration": self.iteration}
         row.update({k: int(v) if float(v).is_integer() else v for k, v in self.totals.items()})
-        row["learning_rate"] = self.scheduler.get_last_lr()[0]
+        row["learning_rate"] = self.scheduler.get_last_lr()[0]  # the rate this iteration used
         row.update(metrics)
         return row
 
@@ -394,14 +412,31 @@ class Trainer:
         _set_rng_state(own["rng"], self.generator)
 
     # ----------------------------------------------------------------- helpers
-    def _lr_factor(self, iteration: int) -> float:
+    def _done(self) -> bool:
         config = self.config
+        if config.budget is not None and self.totals.get(config.budget_counter, 0.0) >= config.budget:
+            return True
+        return config.iterations is not None and self.iteration >= config.iterations
+
+    def _progress_position(self) -> float:
+        if self.config.budget is not None:
+            return min(self.totals.get(self.config.budget_counter, 0.0), self.config.budget)
+        return self.iteration
+
+    def _lr_factor(self, _: int) -> float:
+        """Warm-up over the first iterations, then the schedule over the run's progress
+        (the larger of the iteration and budget fractions)."""
+        config = self.config
+        iteration = self.iteration
         if iteration < config.warmup_iterations:
             return (iteration + 1) / config.warmup_iterations
         if config.lr_schedule == "constant":
             return 1.0
-        span = max(1, config.iterations - config.warmup_iterations)
-        progress = min(1.0, (iteration - config.warmup_iterations) / span)
+        progress = 0.0
+        if config.iterations is not None:
+            progress = min(1.0, (iteration - config.warmup_iterations) / max(1, config.iterations - config.warmup_iterations))
+        if config.budget is not None:
+            progress = max(progress, min(1.0, self.totals.get(config.budget_counter, 0.0) / config.budget))
         if config.lr_schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -430,11 +465,13 @@ class Trainer:
     def _progress_bar(self) -> Any:
         from tqdm.auto import tqdm
 
+        budget = self.config.budget
         return tqdm(
-            total=self.config.iterations,
-            initial=self.iteration,
+            total=budget if budget is not None else self.config.iterations,
+            initial=self._progress_position(),
             desc="rebel",
-            unit="it",
+            unit=self.config.budget_counter if budget is not None else "it",
+            unit_scale=budget is not None,
             disable=not (self.config.progress and self.accelerator.is_main_process),
         )
 

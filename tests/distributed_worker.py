@@ -20,8 +20,13 @@ out = Path(sys.argv[1])
 torch.manual_seed(0)
 policy, sampler = make_tabular(TabularConfig())
 sampler = RecordingSampler(sampler.mdp)
-config = TrainerConfig(output_dir=str(out / "run"), iterations=3, learning_rate=0.1, epochs=2, minibatch_size=32, progress=False, tensorboard=False, plot=False)
+config = TrainerConfig(
+    output_dir=str(out / "run"), iterations=3, learning_rate=0.1, epochs=2, minibatch_size=32, progress=False, tensorboard=False, plot=False
+)
 trainer = Trainer(policy, sampler, config)
 rows = trainer.train()
 rank = trainer.accelerator.process_index
-torch.save({"logits": trainer.policy.logits.detach(), "contexts": sampler.contexts, "rows": rows, "world": trainer.accelerator.num_processes}, out / f"rank{rank}.pt")
+torch.save(
+    {"logits": trainer.policy.logits.detach(), "contexts": sampler.contexts, "rows": rows, "world": trainer.accelerator.num_processes},
+    out / f"rank{rank}.pt",
+)

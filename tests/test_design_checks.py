@@ -1,6 +1,5 @@
 """The three checks of DESIGN.md that any REBEL implementation must pass."""
 
-import pytest
 import torch
 
 from envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
@@ -52,7 +51,17 @@ def test_check1_through_the_trainer(tmp_path):
     """The real trainer, run to convergence on each iteration, follows exact mirror descent."""
     eta = 1.5
     policy = TabularSoftmaxPolicy(1, 5, 1)
-    config = TrainerConfig(output_dir=str(tmp_path), iterations=2, eta=eta, epochs=400, learning_rate=0.05, max_grad_norm=None, progress=False, tensorboard=False, plot=False)
+    config = TrainerConfig(
+        output_dir=str(tmp_path),
+        iterations=2,
+        eta=eta,
+        epochs=400,
+        learning_rate=0.05,
+        max_grad_norm=None,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+    )
     pi_0 = policy.probs()[0, 0].detach().double()
     Trainer(policy, AllArmsSampler(ARM_REWARDS), config).train()
     pi_2 = mirror_descent_step(mirror_descent_step(pi_0, ARM_REWARDS, eta), ARM_REWARDS, eta)

@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-SNIPPETS = [(path.name, k, code) for path in sorted(DOCS.glob("*.md")) for k, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))]
+SNIPPETS = [
+    (path.name, k, code)
+    for path in sorted(DOCS.glob("*.md"))
+    for k, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
+]
 
 
 @pytest.mark.parametrize(("doc", "index", "code"), SNIPPETS, ids=[f"{d}-{k}" for d, k, _ in SNIPPETS])

@@ -29,9 +29,7 @@ def explicit_pairs(group, pairs, reward):
 
 
 def explicit_loss(logp, logp_old, reward, pairs_list, eta):
-    return torch.stack(
-        [((logp[i] - logp_old[i] - logp[j] + logp_old[j]) / eta - (reward[i] - reward[j])) ** 2 for i, j in pairs_list]
-    )
+    return torch.stack([((logp[i] - logp_old[i] - logp[j] + logp_old[j]) / eta - (reward[i] - reward[j])) ** 2 for i, j in pairs_list])
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The REBEL iteration: exact start, learning, metrics, run folder, checkpoints and resume."""
 
-import json
 import os
 import signal
 
@@ -76,7 +75,9 @@ def test_run_folder_layout(tmp_path):
     assert {"policy", "optimizer", "scheduler", "normalizer", "iteration"} <= set(state)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"minibatch_size": 24, "epochs": 3, "reward_normalization": "per_context", "lr_schedule": "cosine"}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"minibatch_size": 24, "epochs": 3, "reward_normalization": "per_context", "lr_schedule": "cosine"}]
+)
 def test_resume_is_bit_identical(tmp_path, overrides):
     """2N iterations straight == N, stop, resume, N more."""
     n = 4
@@ -170,9 +171,9 @@ def test_bad_config_values_are_named(overrides, message):
 
 def test_learning_rate_schedules(tmp_path):
     rows = tabular_trainer(tmp_path, iterations=4, lr_schedule="linear", learning_rate=0.1).train()
-    assert [r["learning_rate"] for r in rows] == pytest.approx([0.075, 0.05, 0.025, 0.0])
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.1, 0.075, 0.05, 0.025])  # the rate each iteration used
     rows = tabular_trainer(tmp_path, "warm", iterations=4, warmup_iterations=2, learning_rate=0.1).train()
-    assert [r["learning_rate"] for r in rows] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.05, 0.1, 0.1, 0.1])
     assert rows[0]["iteration"] == 1
 
 
@@ -206,3 +207,19 @@ def test_policy_and_sampler_types_are_checked(tmp_path):
         Trainer(torch.nn.Linear(2, 2), sampler, TrainerConfig(output_dir=str(tmp_path)))
     with pytest.raises(TypeError, match="sampler must be a rebel.Sampler, got list"):
         Trainer(policy, [], TrainerConfig(output_dir=str(tmp_path)))
+
+
+def test_budget_stops_within_one_iteration_and_drives_the_schedule(tmp_path):
+    rows = tabular_trainer(tmp_path, iterations=1000, budget=3000, lr_schedule="linear", learning_rate=0.1).train()
+    steps = [r["env_steps"] for r in rows]
+    assert steps[-1] >= 3000 and steps[-2] < 3000  # never more than one iteration past the budget
+    assert rows[1]["learning_rate"] == pytest.approx(0.1 * (1 - steps[0] / 3000))  # progress = env_steps / budget
+
+
+def test_a_second_train_call_continues_in_process(tmp_path):
+    trainer = tabular_trainer(tmp_path, iterations=2)
+    trainer.train()
+    trainer.config.iterations = 4
+    rows = trainer.train()
+    assert [r["iteration"] for r in rows] == [3, 4]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]

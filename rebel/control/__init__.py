@@ -1,21 +1,34 @@
-"""gymnasium + MuJoCo adapter for REBEL."""
+"""gymnasium + MuJoCo adapter for REBEL.
 
-from rebel.control.distributions import (
-    ATANH_EPS,
-    ActionDistribution,
-    Categorical,
-    ClippedGaussian,
-    SquashedGaussian,
-)
+``Rebel`` trains, evaluates, saves and loads agents (Stable-Baselines3's shape); the
+variants are samplers: ``TrajectorySampler`` (rollouts from one start state),
+``MonteCarloSampler`` (Monte-Carlo reset estimates of Q(s, a)) and ``CriticSampler``
+(twin Q critics on a replay buffer).
+"""
+
+from rebel.control.agent import ControlConfig, Rebel
+from rebel.control.distributions import ATANH_EPS, ActionDistribution, Categorical, ClippedGaussian, SquashedGaussian
+from rebel.control.envs import EnvPool, make_env
+from rebel.control.evaluation import evaluate, record_video
+from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import frozen_normalizers, restore, snapshot
+from rebel.control.trajectory import TrajectorySampler
 
 __all__ = [
     "ATANH_EPS",
     "ActionDistribution",
     "Categorical",
     "ClippedGaussian",
+    "ControlConfig",
+    "EnvPool",
+    "MLPPolicy",
+    "Rebel",
     "SquashedGaussian",
+    "TrajectorySampler",
+    "evaluate",
     "frozen_normalizers",
+    "make_env",
+    "record_video",
     "restore",
     "snapshot",
 ]

@@ -1,0 +1,319 @@
+"""``Rebel``: the control adapter in Stable-Baselines3's shape.
+
+agent = Rebel("HalfCheetah-v5", variant="trajectory", seed=0)
+agent.learn(1_000_000)
+action, _ = agent.predict(obs, deterministic=True)
+agent.save("cheetah.pt"); agent = Rebel.load("cheetah.pt")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from rebel.config import from_dict, option
+from rebel.control.envs import EnvSource, make_env
+from rebel.control.evaluation import evaluate, record_video
+from rebel.control.policy import MLPPolicy
+from rebel.runs import latest_checkpoint, load_file, read_config
+from rebel.sampler import Sampler
+from rebel.trainer import Trainer, TrainerConfig
+
+VARIANTS = ("trajectory", "mc", "critic")
+AGENT_FORMAT = "rebel-control-agent-1"
+
+# Settings each variant starts from (measured: docs/control.md); explicit options win.
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "trajectory": {
+        "hidden_sizes": [64, 64],
+        "activation": "tanh",
+        "state_dependent_std": False,
+        "normalize_observations": True,
+        "num_groups": 8,
+    },
+    "mc": {"hidden_sizes": [64, 64], "activation": "tanh", "state_dependent_std": False, "normalize_observations": True, "num_groups": 32},
+    "critic": {
+        "hidden_sizes": [256, 256],
+        "activation": "relu",
+        "state_dependent_std": True,
+        "normalize_observations": False,
+        "num_groups": 256,
+    },
+}
+VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "trajectory": {
+        "eta": 0.5,
+        "learning_rate": 3e-4,
+        "epochs": 10,
+        "minibatch_size": 4,
+        "reward_normalization": "batch",
+        "max_grad_norm": 0.5,
+    },
+    "mc": {"eta": 0.5, "learning_rate": 3e-4, "epochs": 10, "minibatch_size": 16, "reward_normalization": "batch", "max_grad_norm": 0.5},
+    "critic": {"eta": 0.5, "learning_rate": 3e-4, "epochs": 1, "reward_normalization": "batch", "max_grad_norm": 1.0},
+}
+
+
+@dataclass
+class ControlConfig:
+    """The control task and the variant that forms REBEL's regression."""
+
+    env: str = option("HalfCheetah-v5", "gymnasium environment id")
+    variant: str = option(
+        "trajectory", "trajectory | mc | critic: what a pair compares (rollouts from one start, or two actions at one state)"
+    )
+    total_steps: int = option(1_000_000, "environment-step budget; every step counts, reset and branch rollouts included")
+    seed: int = option(0, "random seed")
+    hidden_sizes: list[int] | None = option(None, "policy MLP sizes (default: 64 64; critic: 256 256)")
+    activation: str | None = option(None, "tanh | relu | elu | silu (default: tanh; critic: relu)")
+    squash: bool = option(True, "tanh-squash Gaussian actions into the bounds (else clip them for the env only)")
+    state_dependent_std: bool | None = option(None, "standard deviation from a head rather than a learned vector (default: critic only)")
+    log_std_init: float = option(-0.5, "initial log standard deviation")
+    normalize_observations: bool | None = option(None, "running observation normalisation, saved with the policy (default: not for critic)")
+    gamma: float = option(0.99, "discount of returns and Q values")
+    num_groups: int | None = option(None, "contexts per iteration: start states (trajectory), states (mc, critic)")
+    group_size: int = option(2, "samples compared per context: rollouts (trajectory) or actions (mc, critic)")
+    segment_length: int = option(200, "trajectory: steps per rollout (the next segment starts where the group's first rollout stopped)")
+    horizon: int = option(100, "mc: steps of a Q rollout after the branching action")
+    rollouts_per_action: int = option(1, "mc: rollouts averaged per Q(s, a) (common random numbers across the actions)")
+    steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
+    learning_starts: int = option(5000, "critic: uniformly random steps before learning")
+    buffer_size: int = option(1_000_000, "critic: replay buffer size")
+    critic_batch_size: int = option(256, "critic: TD minibatch size")
+    updates_per_step: float = option(1.0, "critic: TD updates per environment step")
+    critic_lr: float = option(3e-4, "critic: learning rate")
+    critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")
+    tau: float = option(0.005, "critic: target-network averaging rate")
+    alpha: float = option(0.0, "critic: entropy bonus in the TD target (0: REBEL's KL step regularises instead)")
+    eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
+    eval_episodes: int = option(10, "episodes per evaluation")
+    video: bool = option(False, "render the final evaluation into videos/eval.gif")
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not supported; expected one of {', '.join(VARIANTS)}")
+        for key, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, key) is None:
+                setattr(self, key, copy.copy(value))
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (REBEL compares samples of one context), got {self.group_size}")
+        if self.eval_episodes < 1 or self.eval_every < 0:
+            raise ValueError(f"eval_episodes must be >= 1 and eval_every >= 0, got {self.eval_episodes} and {self.eval_every}")
+
+
+def trainer_defaults(variant: str) -> dict[str, Any]:
+    """TrainerConfig settings a control variant starts from."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not supported; expected one of {', '.join(VARIANTS)}")
+    return dict(VARIANT_TRAINER_DEFAULTS[variant])
+
+
+class Rebel:
+    """Train, evaluate, save and load a REBEL control agent.
+
+    Args:
+        env: a gymnasium id, or an env made with ``gymnasium.make`` (copies are made from its spec).
+        variant: ``trajectory``, ``mc`` or ``critic``.
+        seed: random seed.
+        output_dir: the run folder (default ``runs/control/<env>-<variant>-s<seed>-<time>``).
+        **options: any :class:`ControlConfig` or :class:`~rebel.TrainerConfig` field.
+    """
+
+    def __init__(
+        self, env: EnvSource | gym.Env, variant: str = "trajectory", seed: int = 0, output_dir: str | None = None, **options: Any
+    ) -> None:
+        self.env_source = _env_source(env)
+        env_id = env if isinstance(env, str) else _env_id(env)
+        control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
+        trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+        unknown = sorted(set(options) - control_fields - trainer_fields)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; see ControlConfig and TrainerConfig")
+        self.config = from_dict(
+            ControlConfig, {k: v for k, v in options.items() if k in control_fields}, env=env_id, variant=variant, seed=seed
+        )
+        trainer_options = {**trainer_defaults(variant), **{k: v for k, v in options.items() if k in trainer_fields}}
+        trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        trainer_options.setdefault("budget", float(self.config.total_steps))
+        self.trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
+        probe = make_env(self.env_source)
+        torch.manual_seed(seed)
+        self.policy = self._make_policy(probe.observation_space, probe.action_space)
+        probe.close()
+        self.trainer: Trainer | None = None
+
+    # ---------------------------------------------------------------- building
+    def _make_policy(self, observation_space: gym.Space, action_space: gym.Space) -> MLPPolicy:
+        c = self.config
+        return MLPPolicy(
+            observation_space,
+            action_space,
+            hidden_sizes=tuple(c.hidden_sizes or ()),
+            activation=str(c.activation),
+            squash=c.squash,
+            state_dependent_std=bool(c.state_dependent_std),
+            log_std_init=c.log_std_init,
+            normalize_observations=bool(c.normalize_observations),
+        )
+
+    def _make_sampler(self) -> Sampler:
+        c, env = self.config, self.env_source
+        if c.variant == "trajectory":
+            from rebel.control.trajectory import TrajectorySampler
+
+            return TrajectorySampler(
+                env,
+                self.policy,
+                num_groups=int(c.num_groups or 1),
+                group_size=c.group_size,
+                segment_length=c.segment_length,
+                gamma=c.gamma,
+                seed=c.seed,
+            )
+        if c.variant == "mc":
+            from rebel.control.mc import MonteCarloSampler
+
+            return MonteCarloSampler(
+                env,
+                self.policy,
+                num_states=int(c.num_groups or 1),
+                actions_per_state=c.group_size,
+                rollouts_per_action=c.rollouts_per_action,
+                horizon=c.horizon,
+                gamma=c.gamma,
+                seed=c.seed,
+            )
+        from rebel.control.critic import CriticSampler
+
+        return CriticSampler(
+            env, self.policy, steps_per_iteration=c.steps_per_iteration, learning_starts=c.learning_starts, buffer_size=c.buffer_size,
+            critic_batch_size=c.critic_batch_size, updates_per_step=c.updates_per_step, critic_lr=c.critic_lr,
+            critic_hidden_sizes=tuple(c.critic_hidden_sizes), gamma=c.gamma, tau=c.tau, alpha=c.alpha,
+            num_states=int(c.num_groups or 1), actions_per_state=c.group_size, seed=c.seed,
+        )  # fmt: skip
+
+    def _make_trainer(self) -> Trainer:
+        run_config = {"adapter": "control", "control": dataclasses.asdict(self.config)}
+        return Trainer(self.policy, self._make_sampler(), self.trainer_config, run_config=run_config, callbacks=[self._evaluation_callback])
+
+    def _evaluation_callback(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        c = self.config
+        if trainer.finishing or (c.eval_every and trainer.iteration % c.eval_every == 0):
+            metrics.update(evaluate(self.policy, self.env_source, c.eval_episodes, seed=10_000 + c.seed))
+            if trainer.finishing and c.video and trainer.accelerator.is_main_process:
+                record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=10_000 + c.seed)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def env_steps(self) -> int:
+        return int(self.trainer.totals.get("env_steps", 0)) if self.trainer else 0
+
+    def learn(self, total_steps: int | None = None, resume: bool = False, progress: bool | None = None) -> Rebel:
+        """Train for ``total_steps`` more environment steps (default: ``config.total_steps``);
+        stops within one iteration of the budget. ``resume=True`` first loads the newest
+        checkpoint of the run folder."""
+        if self.trainer is None:
+            self.trainer = self._make_trainer()
+        steps = self.config.total_steps if total_steps is None else total_steps
+        if steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {steps}")
+        self.trainer.config.budget = float(steps if resume else self.env_steps + steps)
+        if progress is not None:
+            self.trainer.config.progress = progress
+        self.trainer.train(resume=resume)
+        return self
+
+    def predict(self, observation: Any, deterministic: bool = True) -> tuple[np.ndarray, None]:
+        """Action(s) for one observation or a batch, SB3-style ``(action, state)``."""
+        obs = np.asarray(observation)
+        single = obs.shape == self.policy.observation_space.shape
+        action = self.policy.predict(obs[None] if single else obs, deterministic=deterministic)
+        return (action[0] if single else action), None
+
+    def evaluate(self, episodes: int = 10, seed: int = 10_000) -> dict[str, float]:
+        """Deterministic evaluation: mean / std return and mean length."""
+        return evaluate(self.policy, self.env_source, episodes, seed=seed)
+
+    def record_video(self, path: str, episodes: int = 1, seed: int = 10_000) -> Path | None:
+        return record_video(self.policy, self.env_source, path, episodes=episodes, seed=seed)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the policy (weights and observation statistics) and configs to one file."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "format": AGENT_FORMAT,
+                "control": dataclasses.asdict(self.config),
+                "trainer": dataclasses.asdict(self.trainer_config),
+                "policy": self.policy.state_dict(),
+                "env_steps": self.env_steps,
+            },
+            out,
+        )
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, env: EnvSource | gym.Env | None = None, **options: Any) -> Rebel:
+        """An agent from :meth:`save` (``env`` defaults to the saved id); ``learn`` then
+        starts a new run from these weights."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != AGENT_FORMAT:
+            raise ValueError(f"{path} is not a rebel control agent (saved with Rebel.save)")
+        agent = cls._from_configs(state["control"], state["trainer"], env, options)
+        agent.policy.load_state_dict(state["policy"])
+        return agent
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, env: EnvSource | gym.Env | None = None, **options: Any) -> Rebel:
+        """The agent of a run folder, with the policy of its newest checkpoint (``options``
+        override the saved settings; ``learn(resume=True)`` continues the run exactly)."""
+        config = read_config(run_dir)
+        if config.get("adapter") != "control":
+            raise ValueError(f"{run_dir} is a {config.get('adapter')!r} run, not a control run")
+        trainer = {**config["trainer"], "output_dir": str(run_dir)}
+        agent = cls._from_configs(config["control"], trainer, env, options)
+        state = load_file(_checkpoint(run_dir) / "trainer.pt")
+        agent.policy.load_state_dict(state["policy"], strict=False)
+        return agent
+
+    @classmethod
+    def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
+        control = dict(control)
+        trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
+        env = env if env is not None else control.pop("env")
+        control.pop("env", None)
+        variant, seed = control.pop("variant"), control.pop("seed")
+        return cls(env, variant=variant, seed=seed, **{**control, **trainer, **options})
+
+
+def _env_source(env: EnvSource | gym.Env) -> EnvSource:
+    if isinstance(env, gym.Env):
+        if env.spec is None:
+            raise ValueError(f"{type(env.unwrapped).__name__} was not made with gymnasium.make: pass its id or a function that makes it")
+        spec = env.spec
+        return lambda: gym.make(spec)
+    return env
+
+
+def _env_id(env: Any) -> str:
+    if isinstance(env, gym.Env) and env.spec is not None:
+        return env.spec.id
+    return getattr(env, "__name__", type(env).__name__)
+
+
+def _checkpoint(run_dir: str | Path) -> Path:
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
+    return found

@@ -1,0 +1,68 @@
+"""``rebel train control`` and ``rebel eval`` for control runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rebel.config import add_arguments as add_config_arguments
+
+TRAINER_ONLY_IN_CONTROL = ("seed", "iterations", "budget", "budget_counter")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``rebel train control``: every ControlConfig and TrainerConfig field."""
+    from rebel.control.agent import ControlConfig
+    from rebel.trainer import TrainerConfig
+
+    add_config_arguments(parser, ControlConfig, "control task")
+    add_config_arguments(
+        parser, TrainerConfig, "trainer (defaults depend on --variant: see docs/control.md)", exclude=TRAINER_ONLY_IN_CONTROL
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from rebel.control.agent import Rebel
+
+    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "resume"}
+    if args.resume:
+        if "output_dir" in options and options["output_dir"] != args.resume:
+            raise ValueError(f"--output-dir {options['output_dir']} conflicts with --resume {args.resume}; give only --resume")
+        options.pop("output_dir", None)
+        agent = Rebel.from_run(args.resume, **options)
+        agent.learn(resume=True)
+    else:
+        env = options.pop("env", "HalfCheetah-v5")
+        agent = Rebel(
+            env,
+            variant=options.pop("variant", "trajectory"),
+            seed=options.pop("seed", 0),
+            output_dir=options.pop("output_dir", None),
+            **options,
+        )
+        agent.learn()
+    assert agent.trainer is not None
+    if agent.trainer.accelerator.is_main_process:
+        from rebel.runs import read_metrics
+
+        rows = read_metrics(agent.trainer.run.path)
+        evals = [r for r in rows if "eval_return" in r]
+        line = f"{agent.config.env} ({agent.config.variant}): {agent.env_steps} env steps"
+        if evals:
+            line += f", eval return {evals[0]['eval_return']:.1f} at {evals[0]['env_steps']} steps -> {evals[-1]['eval_return']:.1f}"
+        print(f"{line}; run folder {agent.trainer.run.path}")
+
+
+def evaluate_run(args: argparse.Namespace) -> None:
+    """``rebel eval RUN_DIR --episodes N [--video]``: deterministic evaluation of the run's newest checkpoint."""
+    from rebel.control.agent import Rebel
+
+    agent = Rebel.from_run(args.run_dir)
+    result = {"run": str(args.run_dir), "episodes": args.episodes, **agent.evaluate(args.episodes, seed=args.seed)}
+    if args.video:
+        video = agent.record_video(str(Path(args.run_dir) / "videos" / "eval.gif"), episodes=1, seed=args.seed)
+        result["video"] = str(video) if video else None
+    (Path(args.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))

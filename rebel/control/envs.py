@@ -1,0 +1,88 @@
+"""Making environments, and a pool of them that steps only the live ones."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rebel.control.policy import check_spaces
+from rebel.control.snapshots import restore, snapshot
+
+EnvSource = str | Callable[[], gym.Env]
+
+
+def make_env(env: EnvSource, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make(env, **kwargs)`` for an id (a clear error naming close ids when it is
+    unknown), or ``env()`` for a factory; checks the spaces are supported."""
+    if isinstance(env, str):
+        try:
+            made = gym.make(env, **kwargs)
+        except gym.error.Error as error:
+            close = difflib.get_close_matches(env, list(gym.registry), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"cannot make environment {env!r}: {error}{hint}") from error
+        name = env
+    elif callable(env):
+        made = env()
+        name = made.spec.id if made.spec is not None else type(made.unwrapped).__name__
+    else:
+        raise TypeError(f"env must be a gymnasium id or a function returning an env, got {type(env).__name__}")
+    check_spaces(made.observation_space, made.action_space, name)
+    return made
+
+
+def env_name(env: EnvSource) -> str:
+    if isinstance(env, str):
+        return env
+    return getattr(env, "__name__", type(env).__name__)
+
+
+class EnvPool:
+    """``n`` copies of one environment stepped together, only those still running.
+
+    Unlike ``gymnasium.vector`` it never resets behind the caller's back: the samplers
+    decide when a copy restarts (from a seed or a snapshot) and step copies whose
+    episodes have ended no further, so that no environment step is wasted.
+    """
+
+    def __init__(self, env: EnvSource, n: int, **kwargs: Any) -> None:
+        self.envs = [make_env(env, **kwargs) for _ in range(n)]
+        self.observation_space = self.envs[0].observation_space
+        self.action_space = self.envs[0].action_space
+        self.obs = np.zeros((n, *self.observation_space.shape), dtype=self.observation_space.dtype)
+        self.steps = 0  # environment steps taken, all copies together
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def reset(self, index: Sequence[int], seeds: Sequence[int | None]) -> None:
+        for i, seed in zip(index, seeds):
+            self.obs[i], _ = self.envs[i].reset(seed=seed)
+
+    def step(self, index: Sequence[int], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step copies ``index`` with ``actions``; returns their rewards, terminated, truncated."""
+        rewards = np.zeros(len(index))
+        terminated = np.zeros(len(index), dtype=bool)
+        truncated = np.zeros(len(index), dtype=bool)
+        for k, (i, action) in enumerate(zip(index, actions)):
+            self.obs[i], rewards[k], terminated[k], truncated[k], _ = self.envs[i].step(action)
+        self.steps += len(index)
+        return rewards, terminated, truncated
+
+    def snapshot(self, i: int) -> tuple[dict[str, Any], np.ndarray]:
+        """Copy ``i``'s exact state and its current observation."""
+        return snapshot(self.envs[i]), self.obs[i].copy()
+
+    def restore(self, i: int, state: tuple[dict[str, Any], np.ndarray]) -> None:
+        """Put copy ``i`` in a state from :meth:`snapshot` (of any copy)."""
+        env_state, obs = state
+        restore(self.envs[i], env_state)
+        self.obs[i] = obs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()

@@ -1,0 +1,87 @@
+"""Deterministic evaluation and videos of evaluation episodes."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rebel.control.envs import EnvSource, make_env
+from rebel.control.policy import MLPPolicy
+
+
+def evaluate(
+    policy: MLPPolicy, env: EnvSource, episodes: int = 10, seed: int = 10_000, deterministic: bool = True, **env_kwargs: Any
+) -> dict[str, float]:
+    """Mean and std of the undiscounted return of ``episodes`` episodes (reset seeds
+    ``seed, seed + 1, ...``), all run side by side."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    envs = [make_env(env, **env_kwargs) for _ in range(episodes)]
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
+    returns, lengths = np.zeros(episodes), np.zeros(episodes, dtype=int)
+    alive = np.ones(episodes, dtype=bool)
+    while alive.any():
+        live = np.flatnonzero(alive)
+        actions = policy.predict(obs[live], deterministic=deterministic)
+        for k, i in enumerate(live):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(actions[k])
+            returns[i] += reward
+            lengths[i] += 1
+            alive[i] = not (terminated or truncated)
+    for e in envs:
+        e.close()
+    return {"eval_return": float(returns.mean()), "eval_return_std": float(returns.std()), "eval_length": float(lengths.mean())}
+
+
+def record_video(
+    policy: MLPPolicy,
+    env: EnvSource,
+    path: str | os.PathLike,
+    episodes: int = 1,
+    seed: int = 10_000,
+    fps: int = 30,
+    max_frames: int = 1000,
+    size: tuple[int, int] = (320, 240),
+    **env_kwargs: Any,
+) -> Path | None:
+    """Render deterministic episodes into an animated GIF at ``path``. MuJoCo renders
+    offscreen (``MUJOCO_GL=egl`` unless set); returns None with a warning when no GL is
+    available or the env cannot render."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    width, height = size
+    try:
+        try:
+            render_env = make_env(env, render_mode="rgb_array", width=width, height=height, **env_kwargs)
+        except TypeError:  # envs without width/height arguments
+            render_env = make_env(env, render_mode="rgb_array", **env_kwargs)
+        frames = []
+        for episode in range(episodes):
+            obs, _ = render_env.reset(seed=seed + episode)
+            frames.append(render_env.render())
+            done = False
+            while not done and len(frames) < max_frames:
+                obs, _, terminated, truncated, _ = render_env.step(policy.predict(obs[None])[0])
+                frames.append(render_env.render())
+                done = terminated or truncated
+        render_env.close()
+    except Exception as error:  # noqa: BLE001 - any GL / rendering failure means: no video
+        warnings.warn(
+            f"no video of {env!r}: rendering failed ({type(error).__name__}: {error}). "
+            "MuJoCo needs an OpenGL backend: install EGL (libegl1) or OSMesa and set MUJOCO_GL=egl or MUJOCO_GL=osmesa.",
+            stacklevel=2,
+        )
+        return None
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(f)) for f in frames if f is not None]
+    if not images:
+        warnings.warn(f"no video of {env!r}: the env rendered no frames", stacklevel=2)
+        return None
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return out

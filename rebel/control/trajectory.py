@@ -1,0 +1,106 @@
+"""The trajectory variant: groups of rollouts that start from one shared state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rebel.batch import RolloutBatch
+from rebel.control.envs import EnvPool, EnvSource
+from rebel.control.policy import MLPPolicy
+from rebel.control.rollouts import rollout
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+
+
+class TrajectorySampler(Sampler):
+    """Each iteration, ``num_groups`` groups of ``group_size`` rollouts of ``segment_length``
+    steps; the rollouts of a group start from one exact environment state (a snapshot)
+    and their rewards are their discounted returns.
+
+    A group's start state walks along an on-policy episode: the next segment starts
+    where the group's first rollout (its *leader*) stopped, and a new episode starts
+    (reset with a fresh seed) when the leader's episode ends. ``episode_return`` in the
+    metrics is the mean undiscounted return of the leaders' finished episodes.
+    """
+
+    def __init__(
+        self,
+        env: EnvSource,
+        policy: MLPPolicy,
+        num_groups: int = 8,
+        group_size: int = 2,
+        segment_length: int = 200,
+        gamma: float = 0.99,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (rollouts compared per start state), got {group_size}")
+        for name, value in (("num_groups", num_groups), ("segment_length", segment_length)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma
+        self.pool = EnvPool(env, num_groups * group_size, **(env_kwargs or {}))
+        self.policy = policy
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.seeds = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.starts: list[Any] = [None] * self.num_groups
+        self.leader_return = np.zeros(self.num_groups)
+
+    def collect(self, policy: Policy) -> RolloutBatch:
+        assert isinstance(policy, MLPPolicy)
+        n, pool = self.group_size, self.pool
+        for g in range(self.num_groups):
+            leader = g * n
+            if self.starts[g] is None:  # a new episode for this group
+                pool.reset([leader], [int(self.seeds.integers(2**31))])
+                self.starts[g] = pool.snapshot(leader)
+                self.leader_return[g] = 0.0
+            for member in range(leader, leader + n):
+                pool.restore(member, self.starts[g])
+        steps_before = pool.steps
+        out = rollout(pool, policy, range(len(pool)), self.segment_length, self.gamma, self.generator)
+        finished = []
+        for g in range(self.num_groups):
+            leader = g * n
+            self.leader_return[g] += out.reward_sum[leader]
+            if out.terminated[leader] or out.truncated[leader]:
+                finished.append(self.leader_return[g])
+                self.starts[g] = None
+            else:
+                self.starts[g] = pool.snapshot(leader)
+        policy.update_observation_stats(out.raw_observations)
+        stats = {"segment_return": float(out.reward_sum.mean()), "segment_length": float(out.mask.sum(1).float().mean())}
+        if finished:
+            stats["episode_return"] = float(np.mean(finished))
+            stats["episodes"] = float(len(finished))
+        return RolloutBatch(
+            group=torch.arange(self.num_groups).repeat_interleave(n),
+            reward=torch.as_tensor(out.discounted_return, dtype=torch.float32),
+            mask=out.mask,
+            data={"inputs": out.inputs, "raw_actions": out.raw_actions},
+            counts={"env_steps": float(pool.steps - steps_before)},
+            stats=stats,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seeds": self.seeds.bit_generator.state,
+            "generator": self.generator.get_state(),
+            "starts": list(self.starts),
+            "leader_return": self.leader_return.copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seeds.bit_generator.state = state["seeds"]
+        self.generator.set_state(state["generator"])
+        self.starts = list(state["starts"])
+        self.leader_return = np.array(state["leader_return"])

@@ -1,0 +1,124 @@
+"""The SB3-shaped agent: learning, budget, save/load, resume, errors, command line."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rebel.cli import main
+from rebel.control.agent import Rebel
+from rebel.runs import read_metrics
+
+FAST = {"progress": False, "tensorboard": False, "plot": False}
+# InvertedPendulum-v5 (MuJoCo): the trajectory variant balances it within ~20k steps
+PENDULUM = {
+    "eta": 0.1,
+    "learning_rate": 1e-3,
+    "epochs": 4,
+    "minibatch_size": None,
+    "reward_normalization": "none",
+    "eval_every": 5,
+    "eval_episodes": 3,
+}
+
+
+def test_trajectory_variant_learns_inverted_pendulum_within_the_budget(tmp_path):
+    agent = Rebel("InvertedPendulum-v5", variant="trajectory", seed=0, output_dir=str(tmp_path / "run"), **PENDULUM, **FAST)
+    agent.learn(25_000)
+    rows = read_metrics(tmp_path / "run")
+    evals = [r["eval_return"] for r in rows if "eval_return" in r]
+    assert evals[0] < 100 and evals[-1] > 500
+    assert "eval_return" in rows[-1]  # the final evaluation is in the last row
+    assert all(r["start_log_ratio_max"] == 0.0 for r in rows)
+    steps = [r["env_steps"] for r in rows]
+    assert steps[-1] >= 25_000 and steps[-2] < 25_000  # the budget is overshot by at most one iteration
+    assert agent.env_steps == steps[-1]
+
+
+def test_save_load_round_trip_and_predict(tmp_path):
+    agent = Rebel("Pendulum-v1", seed=3, output_dir=str(tmp_path / "run"), num_groups=2, segment_length=20, eval_episodes=1, **FAST)
+    agent.learn(200)
+    path = agent.save(tmp_path / "agent.pt")
+    loaded = Rebel.load(path, output_dir=str(tmp_path / "again"))
+    obs = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    assert np.array_equal(agent.predict(obs)[0], loaded.predict(obs)[0])
+    single, state = loaded.predict(obs[0])
+    assert single.shape == (1,) and state is None
+    for a, b in zip(agent.policy.state_dict().values(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.evaluate(2) == agent.evaluate(2)
+    with pytest.raises(ValueError, match="is not a rebel control agent"):
+        torch.save({"x": 1}, tmp_path / "bad.pt")
+        Rebel.load(tmp_path / "bad.pt")
+
+
+def test_resume_of_a_control_run_is_bit_identical(tmp_path):
+    options = {"num_groups": 2, "segment_length": 25, "eval_every": 2, "eval_episodes": 1, "epochs": 2, "minibatch_size": 2, **FAST}
+    straight = Rebel("Hopper-v5", seed=1, output_dir=str(tmp_path / "a"), total_steps=1000, **options)
+    straight.learn()
+    first = Rebel("Hopper-v5", seed=1, output_dir=str(tmp_path / "b"), total_steps=1000, **options)
+    first.learn(500)
+    resumed = Rebel.from_run(tmp_path / "b")
+    resumed.learn(resume=True)
+    for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+
+
+def test_env_objects_and_bad_inputs(tmp_path):
+    agent = Rebel(gym.make("CartPole-v1"), output_dir=str(tmp_path / "r"), **FAST)
+    assert agent.config.env == "CartPole-v1" and agent.policy.discrete
+    with pytest.raises(ValueError, match="cannot make environment 'HalfCheetah-v99'.*did you mean HalfCheetah-v5"):
+        Rebel("HalfCheetah-v99")
+    with pytest.raises(ValueError, match="variant='ppo' is not supported; expected one of trajectory, mc, critic"):
+        Rebel("CartPole-v1", variant="ppo")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['hidden'\]"):
+        Rebel("CartPole-v1", hidden=[3])
+    with pytest.raises(ValueError, match="supports Box \\(continuous\\) and Discrete actions"):
+        Rebel(_MultiDiscreteEnv)
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        agent.learn(0)
+
+
+class _MultiDiscreteEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (2,))
+    action_space = gym.spaces.MultiDiscrete([2, 2])
+
+
+def test_command_line_train_eval_and_resume(tmp_path, capsys):
+    run = tmp_path / "cli"
+    args = [
+        "train",
+        "control",
+        "--env",
+        "CartPole-v1",
+        "--total-steps",
+        "1500",
+        "--seed",
+        "2",
+        "--output-dir",
+        str(run),
+        "--num-groups",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-episodes",
+        "2",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    assert main(args) == 0
+    assert "CartPole-v1 (trajectory)" in capsys.readouterr().out
+    config = (run / "config.yaml").read_text()
+    assert "variant: trajectory" in config and "budget: 1500.0" in config
+    assert main(["train", "control", "--resume", str(run), "--total-steps", "3000", "--no-progress"]) == 0
+    assert read_metrics(run)[-1]["env_steps"] >= 3000
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["episodes"] == 2 and result["eval_return"] > 0
+    assert json.loads((run / "eval.json").read_text())["eval_return"] == result["eval_return"]
+    assert main(["train", "control", "--env", "NoSuchEnv-v0", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "cannot make environment 'NoSuchEnv-v0'" in capsys.readouterr().err

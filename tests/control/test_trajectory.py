@@ -1,0 +1,83 @@
+"""The trajectory variant's sampler: shared starts, exact returns, every step counted."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rebel.control.policy import MLPPolicy
+from rebel.control.snapshots import restore
+from rebel.control.trajectory import TrajectorySampler
+
+
+def make(env_id="Hopper-v5", **kwargs):
+    torch.manual_seed(0)
+    probe = gym.make(env_id)
+    policy = MLPPolicy(probe.observation_space, probe.action_space, log_std_init=0.5)
+    return policy, TrajectorySampler(env_id, policy, **{"num_groups": 3, "group_size": 3, "segment_length": 40, "seed": 1, **kwargs})
+
+
+def test_a_group_starts_from_one_state_and_rewards_are_exact_discounted_returns():
+    policy, sampler = make(gamma=0.97, segment_length=8)
+    sampler.collect(policy)
+    starts = list(sampler.starts)  # where each group's leader stopped: the next segment's start
+    batch = sampler.collect(policy)
+    assert batch.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    first = batch.data["inputs"][:, 0]
+    for g in range(3):
+        assert torch.equal(first[3 * g], first[3 * g + 1]) and torch.equal(first[3 * g], first[3 * g + 2])
+    assert not torch.equal(first[0], first[3])  # groups follow different episodes
+    assert not torch.equal(batch.data["raw_actions"][0, 0], batch.data["raw_actions"][1, 0])  # members act independently
+    g, member = next((g, 3 * g + 1) for g in range(3) if starts[g] is not None)
+    env_state, obs = starts[g]
+    env = gym.make("Hopper-v5")
+    env.reset(seed=0)
+    restore(env, env_state)  # replay the member's actions from the group's start in a fresh env
+    ret = 0.0
+    for h in range(int(batch.mask[member].sum())):
+        _, reward, *_ = env.step(policy.env_action(batch.data["raw_actions"][member, h]).numpy())
+        ret += 0.97**h * reward
+    assert np.float32(ret) == batch.reward[member].item()
+
+
+def test_every_environment_step_is_counted():
+    policy, sampler = make()
+    calls = 0
+    for env in sampler.pool.envs:
+        step = env.step
+
+        def counted(action, step=step):
+            nonlocal calls
+            calls += 1
+            return step(action)
+
+        env.step = counted
+    b1 = sampler.collect(policy)
+    assert b1.counts["env_steps"] == calls == int(b1.mask.sum())
+    b2 = sampler.collect(policy)
+    assert b1.counts["env_steps"] + b2.counts["env_steps"] == calls
+
+
+def test_state_dict_round_trip_reproduces_the_next_batch():
+    policy, sampler = make("Pendulum-v1")
+    sampler.collect(policy)
+    state, policy_state = sampler.state_dict(), {k: v.clone() for k, v in policy.state_dict().items()}
+    a = sampler.collect(policy)
+    _, other = make("Pendulum-v1")
+    other.load_state_dict(state)
+    policy.load_state_dict(policy_state)  # observation statistics as they were
+    b = other.collect(policy)
+    assert torch.equal(a.reward, b.reward) and torch.equal(a.data["raw_actions"], b.data["raw_actions"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"group_size": 1}, "group_size must be >= 2"),
+        ({"segment_length": 0}, "segment_length must be >= 1"),
+        ({"gamma": 1.5}, "gamma must be in"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make("Pendulum-v1", **kwargs)
