@@ -151,6 +151,7 @@ class Trainer:
         )
         self.iteration = 0  # completed iterations
         self.totals: dict[str, float] = {}  # cumulative counters (samples, env_steps, ...)
+        self.wall_time = 0.0  # seconds spent in iterations, over resumes
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self._lr_factor
@@ -282,6 +283,8 @@ class Trainer:
         self.scheduler.step()  # after the counters moved: the schedule follows the run's progress
         metrics["collect_time"] = collect_time
         metrics["iteration_time"] = time.perf_counter() - start
+        self.wall_time += metrics["iteration_time"]
+        metrics["wall_time"] = self.wall_time
         metrics["samples_per_second"] = len(batch) * self.accelerator.num_processes / metrics["iteration_time"]
         for callback in self.callbacks:
             callback(self, metrics)
@@ -376,6 +379,7 @@ class Trainer:
             state = {
                 "iteration": self.iteration,
                 "totals": dict(self.totals),
+                "wall_time": self.wall_time,
                 "policy": self.policy.checkpoint_state(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -407,6 +411,7 @@ class Trainer:
         self.normalizer.load_state_dict(state["normalizer"])
         self.iteration = int(state["iteration"])
         self.totals = dict(state["totals"])
+        self.wall_time = float(state.get("wall_time", 0.0))
         own = load_file(path / f"process_{self.accelerator.process_index}.pt")
         self.sampler.load_state_dict(own["sampler"])
         _set_rng_state(own["rng"], self.generator)

@@ -50,7 +50,7 @@ def test_metrics_rows_hold_the_documented_keys(tmp_path):
     keys = {
         "iteration", "samples", "env_steps", "learning_rate", "loss", "reward_mean", "reward_std", "explained_variance",
         "log_ratio_mean", "log_ratio_std", "log_ratio_max_abs", "kl", "grad_norm", "samples_per_second",
-        "iteration_time", "collect_time", "start_log_ratio_max", "episode_return",
+        "iteration_time", "collect_time", "wall_time", "start_log_ratio_max", "episode_return",
     }  # fmt: skip
     assert keys <= set(rows[0])
     assert [r["iteration"] for r in rows] == [1, 2]
