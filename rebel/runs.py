@@ -88,13 +88,23 @@ class RunDir:
             self._writer.close()
             self._writer = None
 
-    def truncate_metrics(self, iteration: int) -> None:
-        """Drop rows past ``iteration`` (written after the checkpoint a resume starts from)."""
-        if not self.is_main or not self.metrics_path.exists():
+    def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Append rows (each with an ``iteration`` key) to ``name`` in the run folder, as
+        ``metrics.jsonl`` is; a resume trims them like the metrics."""
+        if self.is_main and rows:
+            with open(self.path / name, "a") as f:
+                f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
+
+    def truncate_logs(self, iteration: int) -> None:
+        """Drop rows past ``iteration`` from every ``*.jsonl`` of the run folder (rows written
+        after the checkpoint a resume starts from)."""
+        if not self.is_main:
             return
-        rows = read_metrics(self.path)
-        kept = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows if r.get("iteration", 0) <= iteration)
-        _atomic_write_text(self.metrics_path, kept)
+        for path in sorted(self.path.glob("*.jsonl")):
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+            if len(kept) != len(lines):
+                _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:

@@ -195,7 +195,7 @@ class Trainer:
             if checkpoint is None:
                 raise FileNotFoundError(f"cannot resume: {self.run.checkpoints} holds no checkpoint")
             self.load_checkpoint(checkpoint)
-            self.run.truncate_metrics(self.iteration)
+            self.run.truncate_logs(self.iteration)
         elif self.iteration == 0:
             if self.run.latest_checkpoint() is not None:
                 raise FileExistsError(
@@ -285,7 +285,8 @@ class Trainer:
         metrics["iteration_time"] = time.perf_counter() - start
         self.wall_time += metrics["iteration_time"]
         metrics["wall_time"] = self.wall_time
-        metrics["samples_per_second"] = len(batch) * self.accelerator.num_processes / metrics["iteration_time"]
+        for key, value in self._iteration_counts.items():  # samples_per_second, env_steps_per_second, ...
+            metrics[f"{key}_per_second"] = value / metrics["iteration_time"]
         for callback in self.callbacks:
             callback(self, metrics)
         self.run.log_metrics(metrics)
@@ -342,6 +343,9 @@ class Trainer:
             local["explained_variance"] = explained_variance(
                 logp_new, batch.logp_old, batch.reward, batch.group, eta=config.eta, pairs=config.pairs
             )
+        clashes = sorted(set(batch.stats) & set(local))
+        if clashes:
+            raise ValueError(f"the sampler's stats {clashes} would overwrite the trainer's metrics of the same name; rename them")
         local.update({k: float(v) for k, v in batch.stats.items()})
         metrics = self._mean_over_processes(local) if n_procs > 1 else local
         counts = {"samples": float(len(batch)), **{k: float(v) for k, v in batch.counts.items()}}
@@ -349,6 +353,7 @@ class Trainer:
             counts = {k: v * n_procs for k, v in self._mean_over_processes(counts).items()}
         for key, value in counts.items():
             self.totals[key] = self.totals.get(key, 0.0) + value
+        self._iteration_counts = counts
         row: dict[str, Any] = {"iteration": self.iteration}
         row.update({k: int(v) if float(v).is_integer() else v for k, v in self.totals.items()})
         row["learning_rate"] = self.scheduler.get_last_lr()[0]  # the rate this iteration used

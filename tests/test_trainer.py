@@ -1,5 +1,6 @@
 """The REBEL iteration: exact start, learning, metrics, run folder, checkpoints and resume."""
 
+import json
 import os
 import signal
 
@@ -50,7 +51,7 @@ def test_metrics_rows_hold_the_documented_keys(tmp_path):
     keys = {
         "iteration", "samples", "env_steps", "learning_rate", "loss", "reward_mean", "reward_std", "explained_variance",
         "log_ratio_mean", "log_ratio_std", "log_ratio_max_abs", "kl", "grad_norm", "samples_per_second",
-        "iteration_time", "collect_time", "wall_time", "start_log_ratio_max", "episode_return",
+        "iteration_time", "collect_time", "wall_time", "env_steps_per_second", "start_log_ratio_max", "episode_return",
     }  # fmt: skip
     assert keys <= set(rows[0])
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -223,3 +224,33 @@ def test_a_second_train_call_continues_in_process(tmp_path):
     rows = trainer.train()
     assert [r["iteration"] for r in rows] == [3, 4]
     assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_sampler_stats_may_not_overwrite_trainer_metrics(tmp_path):
+    policy, sampler = make_tabular(TabularConfig())
+    collect = sampler.collect
+
+    def clashing(policy):
+        batch = collect(policy)
+        batch.stats["kl"] = 123.0
+        return batch
+
+    sampler.collect = clashing
+    trainer = Trainer(policy, sampler, TrainerConfig(output_dir=str(tmp_path / "r"), iterations=1, **FAST))
+    with pytest.raises(ValueError, match=r"the sampler's stats \['kl'\] would overwrite the trainer's metrics"):
+        trainer.train()
+
+
+def test_resume_trims_every_per_iteration_log(tmp_path):
+    def log_extra(trainer, metrics):
+        trainer.run.append_jsonl("extra.jsonl", [{"iteration": trainer.iteration, "x": 1}])
+        if trainer.iteration == 3:
+            trainer.request_stop()
+
+    tabular_trainer(tmp_path, iterations=6, checkpoint_every=2, callbacks=[log_extra]).train()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "iter_000003").rename(run / "checkpoints" / "gone")  # as if the run died before writing it
+    (run / "checkpoints" / "latest").write_text("iter_000002\n")
+    tabular_trainer(tmp_path, iterations=2).train(resume=True)
+    assert [r["iteration"] for r in read_metrics(run)] == [1, 2]
+    assert [json.loads(line)["iteration"] for line in (run / "extra.jsonl").read_text().splitlines()] == [1, 2]

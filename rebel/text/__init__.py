@@ -1,0 +1,26 @@
+"""Causal language models with REBEL (transformers, peft): tokens are the steps.
+
+* :class:`CausalLMPolicy`: any ``AutoModelForCausalLM`` as a :class:`rebel.Policy`.
+* :class:`TextSampler`: groups of sampled completions per prompt, scored by reward functions.
+* :class:`TextConfig`, :class:`TextTrainer`: the TRL-like front end.
+
+transformers and peft load when a model is built, not on import.
+"""
+
+from rebel.text.data import PromptDataset, render_prompt
+from rebel.text.policy import CausalLMPolicy
+from rebel.text.rewards import RewardFunctionError, RewardModel
+from rebel.text.sampler import TextSampler, completion_mask
+from rebel.text.trainer import TextConfig, TextTrainer
+
+__all__ = [
+    "CausalLMPolicy",
+    "PromptDataset",
+    "RewardFunctionError",
+    "RewardModel",
+    "TextConfig",
+    "TextSampler",
+    "TextTrainer",
+    "completion_mask",
+    "render_prompt",
+]

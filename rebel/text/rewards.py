@@ -1,0 +1,128 @@
+"""Reward functions for text: TRL's signature, reward models, weights and checks.
+
+A reward function is called as ``fn(prompts, completions, **columns)`` with one entry
+per completion (prompts repeated for each of their completions) and every other column
+of the dataset as a keyword list; it returns one float per completion. For
+conversational prompts (lists of messages) a completion is ``[{"role": "assistant",
+"content": text}]``, as in TRL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+RewardFunc = Callable[..., Sequence[float]]
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised, returned the wrong number of values, or a non-finite one."""
+
+
+class RewardModel:
+    """A sequence-classification model with one label as a reward function.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` object, a folder or a hub id.
+        tokenizer: its own tokenizer (default: loaded from the model's source).
+        batch_size: completions scored per forward pass.
+        max_length: truncation length of prompt + completion.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 16, max_length: int | None = None) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        source = model if isinstance(model, (str, Path)) else model.config._name_or_path
+        if isinstance(model, (str, Path)):
+            model = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=1)
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"a reward model must have one label (num_labels=1), {source} has {model.config.num_labels}")
+        tokenizer = tokenizer if tokenizer is not None else source
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = Path(str(source)).name or "reward_model"
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            ).to(device)
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+    def to(self, device: torch.device | str) -> RewardModel:
+        self.model.to(device)
+        return self
+
+    def _text(self, prompt: Any, completion: Any) -> str:
+        if isinstance(prompt, str):
+            return prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+        return self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+
+
+def as_reward_funcs(reward_funcs: Any, processing_classes: Sequence[Any] | None = None) -> list[RewardFunc]:
+    """Normalise ``reward_funcs`` (one or a list of callables, reward-model objects,
+    folders or hub ids) into callables; ``processing_classes[k]`` is the tokenizer of
+    the k-th entry when it is a reward model."""
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: give at least one reward function or reward model")
+    out: list[RewardFunc] = []
+    for k, fn in enumerate(funcs):
+        tokenizer = processing_classes[k] if processing_classes is not None and k < len(processing_classes) else None
+        if isinstance(fn, (str, Path)) or _is_sequence_classifier(fn):
+            out.append(RewardModel(fn, tokenizer))
+        elif callable(fn):
+            out.append(fn)
+        else:
+            raise TypeError(f"reward_funcs[{k}] is a {type(fn).__name__}; expected a callable, a reward model, a folder or a hub id")
+    return out
+
+
+def reward_name(fn: Any) -> str:
+    """The name metrics and errors use for a reward function."""
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
+
+
+def call_reward(fn: RewardFunc, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]) -> Tensor:
+    """``fn``'s rewards as a float64 tensor; errors name the function."""
+    name = reward_name(fn)
+    try:
+        values = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as error:
+        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError) as error:
+        raise RewardFunctionError(f"reward function {name!r} must return a list of floats: {error}") from error
+    if len(values) != len(completions):
+        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardFunctionError(f"reward function {name!r} returned non-finite values (nan or inf) for completions {bad[:10]}")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _is_sequence_classifier(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith("ForSequenceClassification")

@@ -1,0 +1,269 @@
+"""Sampling completions and scoring them: the text adapter's :class:`rebel.Sampler`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rebel.batch import RolloutBatch
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+from rebel.text.data import PromptDataset, is_conversation, render_prompt
+from rebel.text.policy import CausalLMPolicy
+from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward, reward_name
+
+
+class TextSampler(Sampler):
+    """Each iteration takes ``prompts_per_iteration`` prompts (per process) from the
+    dataset and samples ``num_generations`` completions of each (one group per prompt).
+
+    Args:
+        dataset: prompts (see :class:`~rebel.text.data.PromptDataset`).
+        reward_funcs: callables ``fn(prompts, completions, **columns) -> list[float]`` or
+            reward models; their weighted sum is the reward.
+        reward_weights: one weight per function (default 1 each).
+        num_generations: completions per prompt (>= 2).
+        prompts_per_iteration: prompts per iteration and process.
+        max_new_tokens: completion length limit.
+        top_p, top_k: nucleus / top-k truncation of sampling (``top_k=0``: none). The
+            policy scores the untruncated distribution at its temperature.
+        generation_kwargs: more ``GenerationConfig`` fields.
+        generation_batch_size: sequences per ``generate`` call (default: all at once).
+        max_prompt_length: prompts are cut to their last ``max_prompt_length`` tokens.
+        missing_eos_penalty: subtracted from the reward of a completion without EOS.
+        kl_coef: ``kl_coef * (log pi(y|x) - log pi_ref(y|x))`` is subtracted from the reward.
+        reference_model: the frozen reference for ``kl_coef`` (default: the policy with
+            its LoRA adapter disabled).
+        data_seed: seed of the prompt order (the same on every process; processes take
+            disjoint slices of it).
+        shuffle: reshuffle the prompts every pass over the dataset.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        reward_funcs: Any,
+        *,
+        reward_weights: Sequence[float] | None = None,
+        reward_processing_classes: Sequence[Any] | None = None,
+        num_generations: int = 2,
+        prompts_per_iteration: int = 8,
+        max_new_tokens: int = 64,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generation_kwargs: dict[str, Any] | None = None,
+        generation_batch_size: int | None = None,
+        max_prompt_length: int | None = None,
+        missing_eos_penalty: float | None = None,
+        kl_coef: float = 0.0,
+        reference_model: Any = None,
+        data_seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (REBEL compares completions of a prompt), got {num_generations}")
+        for name, value in (("prompts_per_iteration", prompts_per_iteration), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.dataset = PromptDataset(dataset)
+        self.reward_funcs: list[RewardFunc] = as_reward_funcs(reward_funcs, reward_processing_classes)
+        weights = [1.0] * len(self.reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = weights
+        self.num_generations = num_generations
+        self.prompts_per_iteration = prompts_per_iteration
+        self.max_new_tokens = max_new_tokens
+        self.top_p, self.top_k = top_p, top_k
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.generation_batch_size = generation_batch_size
+        self.max_prompt_length = max_prompt_length
+        self.missing_eos_penalty = missing_eos_penalty
+        self.kl_coef = kl_coef
+        self.reference_model = reference_model.eval().requires_grad_(False) if reference_model is not None else None
+        self.data_seed, self.shuffle = data_seed, shuffle
+        self.epoch, self.position = 0, 0  # the data cursor over the global prompt order
+        self.generator = torch.Generator().manual_seed(data_seed)
+        self.last_samples: list[dict[str, Any]] = []  # the last batch, for logging
+
+    # ------------------------------------------------------------- state
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+
+    # ----------------------------------------------------------- collect
+    def collect(self, policy: Policy) -> RolloutBatch:
+        if not isinstance(policy, CausalLMPolicy):
+            raise TypeError(f"TextSampler samples from a CausalLMPolicy, got {type(policy).__name__}")
+        tokenizer, device = policy.tokenizer, next(policy.parameters()).device
+        records = [self.dataset[i] for i in self.next_indices()]
+        prompts = [r["prompt"] for r in records]
+        texts = [render_prompt(p, tokenizer) for p in prompts]
+        g = self.num_generations
+        conversational = is_conversation(prompts[0])
+        enc = self._tokenize(tokenizer, texts, add_special_tokens=not conversational)
+        prompt_ids = enc["input_ids"].repeat_interleave(g, 0).to(device)
+        prompt_mask = enc["attention_mask"].repeat_interleave(g, 0).to(device)
+        completion = self._generate(policy, prompt_ids, prompt_mask)
+        mask = completion_mask(completion, policy.eos_token_ids)
+        length = int(mask.sum(1).max().clamp_min(1))
+        completion, mask = completion[:, :length], mask[:, :length]
+        completion = torch.where(mask, completion, torch.full_like(completion, tokenizer.pad_token_id))
+        has_eos = torch.isin(completion, torch.tensor(policy.eos_token_ids, device=device)).any(1)
+        input_ids = torch.cat([prompt_ids, completion], 1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+
+        content = (mask.sum(1) - has_eos.long()).tolist()  # tokens before the EOS
+        texts_out = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion.tolist(), content)]
+        completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts_out] if conversational else texts_out
+        rep = [k for k in range(len(records)) for _ in range(g)]
+        columns = {key: [records[k].get(key) for k in rep] for key in records[0] if key != "prompt"}
+        scores = {}
+        reward = torch.zeros(len(rep), dtype=torch.float64)
+        for fn, weight in zip(self.reward_funcs, self.reward_weights):
+            if hasattr(fn, "to"):
+                fn.to(device)
+            values = call_reward(fn, [prompts[k] for k in rep], completions, columns)
+            scores[reward_name(fn)] = values
+            reward += weight * values
+        stats = {f"rewards/{name}": v.mean().item() for name, v in scores.items()}
+        stats["score_mean"] = reward.mean().item()
+        if self.missing_eos_penalty is not None:
+            reward -= self.missing_eos_penalty * (~has_eos).double().cpu()
+        if self.kl_coef > 0:
+            ref_kl = self._reference_kl(policy, input_ids, attention_mask, mask)
+            reward -= self.kl_coef * ref_kl
+            stats["ref_kl"] = ref_kl.mean().item()
+        lengths = mask.sum(1).float()
+        stats.update(
+            completion_length=lengths.mean().item(),
+            completion_length_max=lengths.max().item(),
+            eos_fraction=has_eos.float().mean().item(),
+        )
+        self.last_samples = [
+            {
+                "prompt": texts[k],
+                "completion": texts_out[n],
+                "reward": reward[n].item(),
+                **{name: v[n].item() for name, v in scores.items()},
+            }
+            for n, k in enumerate(rep)
+        ]
+        return RolloutBatch(
+            group=torch.tensor(rep),
+            reward=reward.float(),
+            mask=mask.cpu(),
+            data={"input_ids": input_ids.cpu(), "attention_mask": attention_mask.cpu()},
+            context=[texts[k] for k in rep],
+            counts={"tokens": float(mask.sum()), "prompts": float(len(records))},
+            stats=stats,
+        )
+
+    def next_indices(self) -> list[int]:
+        """This process's prompts of the next iteration: a slice of the global prompt order
+        (an epoch-seeded permutation), so processes never share a prompt in an iteration."""
+        rank, world = _rank_and_world()
+        k, n = self.prompts_per_iteration, len(self.dataset)
+        taken: list[int] = []
+        while len(taken) < k * world:
+            order = self._order(self.epoch, n)
+            step = min(k * world - len(taken), n - self.position)
+            taken += order[self.position : self.position + step]
+            self.position += step
+            if self.position == n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return taken[rank * k : (rank + 1) * k]
+
+    # ---------------------------------------------------------- helpers
+    def _order(self, epoch: int, n: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)).tolist()
+
+    def _tokenize(self, tokenizer: Any, texts: list[str], add_special_tokens: bool) -> dict[str, Tensor]:
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        finally:
+            tokenizer.padding_side = side
+        if self.max_prompt_length is not None:
+            enc = {k: v[:, -self.max_prompt_length :] for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _generate(self, policy: CausalLMPolicy, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """``[N, max_new_tokens]`` sampled tokens (pad after an early stop), drawn with the
+        sampler's own generator so that a resumed run draws the same completions."""
+        from transformers import GenerationConfig
+
+        tokenizer = policy.tokenizer
+        config = GenerationConfig(
+            **{
+                "do_sample": True,
+                "temperature": policy.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens,
+                "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": policy.eos_token_ids,
+                **self.generation_kwargs,
+            }
+        )
+        size = self.generation_batch_size or len(prompt_ids)
+        device = prompt_ids.device
+        chunks = []
+        with policy.generation_mode() as model:
+            for start in range(0, len(prompt_ids), size):
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+                devices = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    out = model.generate(
+                        input_ids=prompt_ids[start : start + size],
+                        attention_mask=prompt_mask[start : start + size],
+                        generation_config=config,
+                    )
+                new = out[:, prompt_ids.shape[1] :]
+                pad = torch.full((len(new), self.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=new.dtype, device=device)
+                chunks.append(torch.cat([new, pad], 1))
+        return torch.cat(chunks)
+
+    def _reference_kl(self, policy: CausalLMPolicy, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+        """``log pi(y|x) - log pi_ref(y|x)`` of each completion (float64, on the CPU)."""
+        t = mask.shape[1]
+        logp = policy.token_log_probs(input_ids, attention_mask, t)
+        if self.reference_model is not None:
+            self.reference_model.to(input_ids.device)
+            ref = policy.token_log_probs(input_ids, attention_mask, t, model=self.reference_model)
+        else:
+            with policy.adapter_disabled():
+                ref = policy.token_log_probs(input_ids, attention_mask, t)
+        return ((logp - ref) * mask).sum(1).double().cpu()
+
+
+def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """``[N, T]`` bool: each completion's tokens up to and including its first EOS."""
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device))
+    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # EOS tokens strictly before each position
+    return before == 0
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

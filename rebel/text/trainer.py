@@ -1,0 +1,245 @@
+"""``TextConfig`` and ``TextTrainer``: REBEL for causal language models, TRL-style.
+
+    trainer = TextTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", reward_funcs=[my_reward],
+                          train_dataset=dataset, config=TextConfig(output_dir="runs/lm"))
+    trainer.train()
+
+builds a :class:`CausalLMPolicy` and a :class:`TextSampler` and runs :class:`rebel.Trainer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebel.config import option
+from rebel.text.policy import CausalLMPolicy
+from rebel.text.sampler import TextSampler
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class TextConfig:
+    """Settings of a REBEL run on a causal language model (maps onto ``TrainerConfig``)."""
+
+    output_dir: str = option("runs/text", "run folder: config, metrics, completions, checkpoints, final model")
+    iterations: int = option(100, "REBEL iterations (sample, then regress)")
+    prompts_per_iteration: int = option(8, "prompts per iteration and process")
+    num_generations: int = option(2, "completions per prompt (>= 2; one group per prompt)")
+    max_new_tokens: int = option(64, "longest completion")
+    max_prompt_length: int | None = option(None, "prompts are cut to their last N tokens; none: no limit")
+    temperature: float = option(1.0, "sampling temperature; log-probs use logits / temperature")
+    top_p: float = option(1.0, "nucleus sampling (1: the full distribution, which the policy scores)")
+    top_k: int = option(0, "top-k sampling (0: none)")
+    generation_batch_size: int | None = option(None, "sequences per generate call; none: all at once")
+    eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
+    loss: str = option("rebel", "rebel | rloo | ppo_clip")
+    pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
+    learning_rate: float = option(1e-6, "AdamW learning rate")
+    lr_schedule: str = option("constant", "constant | linear | cosine")
+    warmup_iterations: int = option(0, "iterations of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
+    epochs: int = option(1, "passes over each iteration's completions")
+    minibatch_size: int | None = option(None, "completions per optimizer step (whole groups); none: the whole batch")
+    reward_normalization: str = option("none", "none | batch | per_context (running statistics per prompt)")
+    missing_eos_penalty: float | None = option(None, "subtracted from the reward of a completion without EOS; none: off")
+    kl_coef: float = option(0.0, "weight of the KL to the reference policy folded into the reward (0: off)")
+    seed: int = option(0, "random seed (each process adds its rank; the prompt order uses it as is)")
+    shuffle: bool = option(True, "reshuffle the prompts every pass over the dataset")
+    use_lora: bool = option(False, "train a LoRA adapter (when no peft_config is given)")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_target_modules: str = option("all-linear", "LoRA target modules: all-linear or comma-separated names")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    mixed_precision: str = option("no", "no | bf16 | fp16 (autocast; TRL's bf16=True is mixed_precision='bf16')")
+    dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
+    save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
+    log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
+    checkpoint_every: int = option(10, "iterations between checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk")
+    stats_forward: bool = option(True, "one extra forward after each update for kl and explained_variance")
+    tensorboard: bool = option(True, "write TensorBoard events")
+    plot: bool = option(True, "draw curves.png at the end")
+    progress: bool = option(True, "show a progress bar")
+    reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
+    generation_kwargs: dict[str, Any] = option({}, "more transformers GenerationConfig fields")  # noqa: RUF009 - option() builds a field
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (REBEL compares completions of a prompt), got {self.num_generations}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.trainer_config()  # validates the shared fields
+
+    def trainer_config(self) -> Any:
+        """The :class:`rebel.TrainerConfig` of these settings."""
+        from rebel.trainer import TrainerConfig
+
+        names = {f.name for f in dataclasses.fields(TrainerConfig)}
+        return TrainerConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def lora_config(self) -> Any:
+        """A ``peft.LoraConfig`` from the ``lora_*`` fields (dropout 0: REBEL scores deterministically)."""
+        from peft import LoraConfig
+
+        targets = (
+            self.lora_target_modules
+            if self.lora_target_modules == "all-linear"
+            else [m.strip() for m in self.lora_target_modules.split(",")]
+        )
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+
+
+class TextTrainer:
+    """REBEL for a causal language model, with TRL's argument names.
+
+    Args:
+        model: a folder, a hub id or an ``AutoModelForCausalLM`` object.
+        reward_funcs: a callable ``fn(prompts, completions, **columns) -> list[float]``,
+            a reward model (object, folder or hub id), or a list of them.
+        train_dataset: prompt strings, records with a ``prompt``, or a ``datasets.Dataset``.
+        config: the run's settings.
+        peft_config: a ``peft`` config; only the adapter is trained.
+        processing_class: the tokenizer (default: loaded with the model).
+        reward_processing_classes: tokenizers of the reward models, in order.
+        callbacks: ``fn(trainer, metrics)`` after each iteration (see :class:`rebel.Trainer`).
+        model_kwargs: more ``from_pretrained`` arguments (``gguf_file``, ...).
+        reference_model: frozen reference for ``kl_coef`` without LoRA (default: a copy
+            of the starting model).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any,
+        train_dataset: Any,
+        config: TextConfig | None = None,
+        *,
+        peft_config: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Sequence[Any] | None = None,
+        callbacks: Sequence[Any] = (),
+        model_kwargs: dict[str, Any] | None = None,
+        reference_model: Any = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        from rebel.trainer import Trainer
+
+        self.config = config = config or TextConfig()
+        if peft_config is None and config.use_lora:
+            peft_config = config.lora_config()
+        kwargs = dict(model_kwargs or {})
+        if config.dtype != "auto" and isinstance(model, (str, Path)):
+            import transformers
+
+            key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            kwargs.setdefault(key, getattr(torch, config.dtype))
+        self.policy = CausalLMPolicy(
+            model,
+            processing_class,
+            temperature=config.temperature,
+            peft_config=peft_config,
+            gradient_checkpointing=config.gradient_checkpointing,
+            model_kwargs=kwargs,
+        )
+        if config.kl_coef > 0 and reference_model is None and not self.policy.is_peft:
+            reference_model = copy.deepcopy(self.policy.model)
+        self.sampler = TextSampler(
+            train_dataset,
+            reward_funcs,
+            reward_weights=config.reward_weights,
+            reward_processing_classes=reward_processing_classes,
+            num_generations=config.num_generations,
+            prompts_per_iteration=config.prompts_per_iteration,
+            max_new_tokens=config.max_new_tokens,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            generation_kwargs=config.generation_kwargs,
+            generation_batch_size=config.generation_batch_size,
+            max_prompt_length=config.max_prompt_length,
+            missing_eos_penalty=config.missing_eos_penalty,
+            kl_coef=config.kl_coef,
+            reference_model=reference_model,
+            data_seed=config.seed,
+            shuffle=config.shuffle,
+        )
+        self.completion_logger = CompletionLogger(self.sampler, config.log_completions)
+        self.trainer = Trainer(
+            self.policy,
+            self.sampler,
+            config.trainer_config(),
+            run_config={"adapter": "text", "text": dataclasses.asdict(config), **(run_config or {})},
+            callbacks=[self.completion_logger, *callbacks],
+        )
+
+    @property
+    def model(self) -> Any:
+        """The trained transformers model (a ``PeftModel`` under LoRA)."""
+        return self.trainer.policy.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.policy.tokenizer
+
+    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Run the REBEL iterations (``resume=True`` continues the run in ``output_dir``),
+        then save the model; returns this call's metric rows."""
+        rows = self.trainer.train(resume=resume)
+        self.save_model()
+        return rows
+
+    def save_model(self, path: str | Path | None = None) -> Path:
+        """Write the model and tokenizer with ``save_pretrained`` (default: ``<run>/model``;
+        with LoRA the adapter there, and the merged model in ``<run>/model_merged`` when
+        ``save_merged``). Only the main process writes."""
+        path = Path(path) if path is not None else Path(self.config.output_dir) / "model"
+        accelerator = self.trainer.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
+            policy.save_pretrained(path)
+            if policy.is_peft and self.config.save_merged:
+                policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True)
+        accelerator.wait_for_everyone()
+        return path
+
+
+class CompletionLogger:
+    """Trainer callback: a few completions of each iteration in ``completions.jsonl``
+    (and TensorBoard text). The trainer reports ``tokens_per_second`` from the counts."""
+
+    def __init__(self, sampler: TextSampler, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        acc = trainer.accelerator
+        if self.count <= 0:
+            return
+        samples = self.sampler.last_samples[: self.count]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            samples = gather_object([samples])
+            samples = [s for part in samples for s in part]
+        if not acc.is_main_process:
+            return
+        iteration = int(metrics["iteration"])
+        trainer.run.append_jsonl("completions.jsonl", [{"iteration": iteration, **sample} for sample in samples])
+        table = "| prompt | completion | reward |\n| --- | --- | --- |\n" + "\n".join(
+            f"| {_cell(s['prompt'])} | {_cell(s['completion'])} | {s['reward']:.4g} |" for s in samples
+        )
+        trainer.run.log_text("completions", table, iteration)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")[:500]

@@ -1,0 +1,148 @@
+"""TextTrainer: exact start of each iteration, learning on the embedded task, run folder,
+saved model, LoRA, reward errors, resume, command line."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from envs.text_tasks import sorted_digits_reward, sorting_dataset
+from rebel.runs import latest_checkpoint, read_metrics
+from rebel.text import RewardFunctionError, TextConfig, TextTrainer
+
+FAST = {"progress": False, "tensorboard": False, "plot": False}
+DATA = sorting_dataset(200, seed=0)
+
+
+def config(tmp_path, name="run", **overrides):
+    values = {"output_dir": str(tmp_path / name), "iterations": 3, "prompts_per_iteration": 8, "num_generations": 2,
+              "max_new_tokens": 8, "learning_rate": 1e-3, "checkpoint_every": 100, **FAST, **overrides}  # fmt: skip
+    return TextConfig(**values)
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
+
+
+def test_log_ratio_is_exactly_zero_at_the_start_of_every_iteration(tiny_lm, tmp_path):
+    trainer = TextTrainer(
+        tiny_lm, sorted_digits_reward, DATA, config(tmp_path, iterations=4, epochs=2, minibatch_size=6, num_generations=3, temperature=0.9)
+    )
+    rows = trainer.train()
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0] * 4
+    assert all(r["log_ratio_max_abs"] > 0 for r in rows)  # and the updates moved the policy
+
+
+def test_rebel_improves_the_embedded_sorting_task(sorting_lm, tmp_path):
+    cfg = config(tmp_path, iterations=40, prompts_per_iteration=32, num_generations=4, missing_eos_penalty=1.0, tensorboard=True)
+    rows = TextTrainer(sorting_lm, sorted_digits_reward, sorting_dataset(2000, seed=0), cfg).train()
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert 0.3 < first < 0.6  # the warmed-up model sorts only part of the time
+    assert last > first + 0.15, (first, last)
+    row = rows[-1]
+    assert {"reward_mean", "kl", "completion_length", "tokens", "tokens_per_second", "eos_fraction", "rewards/sorted_digits_reward"} <= set(
+        row
+    )
+    assert row["tokens"] == sum(r["completion_length"] for r in rows) * 32 * 4  # running total of completion tokens
+    assert row["tokens_per_second"] > 0 and 1 <= row["completion_length"] <= 8
+    run = tmp_path / "run"
+    logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 40 * 8 and logged[-1]["iteration"] == 40
+    assert {"prompt", "completion", "reward", "sorted_digits_reward"} <= set(logged[0])
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+
+
+def test_the_saved_model_loads_in_plain_transformers(tiny_lm, tmp_path):
+    trainer = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, iterations=2))
+    trainer.train()
+    folder = tmp_path / "run" / "model"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(["1234:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trainer.model(ids).logits)
+        assert not torch.equal(model(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_lm)(ids).logits)  # it trained
+
+
+def test_lora_trains_only_the_adapter_and_saves_it(tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    cfg = config(tmp_path, iterations=2, use_lora=True, lora_r=4, lora_target_modules="c_attn,c_fc", kl_coef=0.1)
+    trainer = TextTrainer(tiny_lm, sorted_digits_reward, DATA, cfg)
+    rows = trainer.train()
+    assert rows[0]["ref_kl"] == 0.0  # the adapter starts at zero: policy == reference (adapter disabled)
+    assert rows[1]["ref_kl"] != 0.0 and rows[1]["start_log_ratio_max"] == 0.0
+    saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=False)["policy"]
+    assert saved and all("lora_" in k for k in saved)  # only the adapter is checkpointed
+    ids = torch.tensor([[5, 6, 7, 12]])
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "run" / "model")
+        assert torch.allclose(adapter(input_ids=ids).logits, expected, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model_merged")
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_a_failing_reward_function_stops_the_run_and_keeps_the_last_iteration(tiny_lm, tmp_path):
+    calls = []
+
+    def flaky_reward(prompts, completions, answer, **columns):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ZeroDivisionError("division by zero")
+        return sorted_digits_reward(prompts, completions, answer)
+
+    trainer = TextTrainer(tiny_lm, flaky_reward, DATA, config(tmp_path, iterations=5))
+    with pytest.raises(RewardFunctionError, match="reward function 'flaky_reward' raised ZeroDivisionError: division by zero"):
+        trainer.train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "iter_000002"
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=False)["policy"]
+    current = trainer.trainer.policy.checkpoint_state()
+    assert saved.keys() == current.keys() and all(torch.equal(saved[k], current[k]) for k in saved)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"epochs": 2, "minibatch_size": 8, "reward_normalization": "per_context", "kl_coef": 0.05}])
+def test_resume_is_bit_identical(tiny_lm, tmp_path, overrides):
+    """4 iterations straight == 2, stop, resume, 2 more."""
+    straight = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "straight", iterations=4, **overrides))
+    rows_straight = straight.train()
+
+    def stop_at_2(trainer, metrics):
+        if trainer.iteration == 2:
+            trainer.request_stop()
+
+    rows_first = TextTrainer(
+        tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "split", iterations=4, **overrides), callbacks=[stop_at_2]
+    ).train()
+    resumed = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "split", iterations=4, **overrides))
+    rows_second = resumed.train(resume=True)
+    assert len(rows_first) == 2 and len(rows_second) == 2
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert strip_times(rows_first + rows_second) == strip_times(rows_straight)
+    assert strip_times(read_metrics(tmp_path / "split")) == strip_times(rows_straight)
+    logged = lambda name: [json.loads(line) for line in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+    assert logged("split") == logged("straight")
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_lm, tmp_path):
+    plain = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "plain", iterations=2))
+    plain.train()
+    checkpointed = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "ckpt", iterations=2, gradient_checkpointing=True))
+    rows = checkpointed.train()
+    assert rows[-1]["start_log_ratio_max"] == 0.0
+    for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_text_config_maps_onto_the_trainer_config_and_checks_values():
+    trainer_config = TextConfig(output_dir="x", eta=0.5, epochs=3, learning_rate=2e-5, mixed_precision="bf16").trainer_config()
+    assert (trainer_config.output_dir, trainer_config.eta, trainer_config.epochs, trainer_config.learning_rate) == ("x", 0.5, 3, 2e-5)
+    assert trainer_config.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        TextConfig(num_generations=1)
+    with pytest.raises(ValueError, match="eta must be a finite number > 0"):
+        TextConfig(eta=0.0)
