@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
 from rebel.runs import latest_checkpoint, load_file, read_config
 from rebel.sampler import Sampler
-from rebel.trainer import Trainer, TrainerConfig
+from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
@@ -126,12 +127,20 @@ class Rebel:
         variant: ``trajectory``, ``mc`` or ``critic``.
         seed: random seed.
         output_dir: the run folder (default ``runs/control/<env>-<variant>-s<seed>-<time>``).
+        callbacks: extra ``fn(trainer, metrics)`` called after each iteration (see :class:`~rebel.Trainer`).
         **options: any :class:`ControlConfig` or :class:`~rebel.TrainerConfig` field.
     """
 
     def __init__(
-        self, env: EnvSource | gym.Env, variant: str = "trajectory", seed: int = 0, output_dir: str | None = None, **options: Any
+        self,
+        env: EnvSource | gym.Env,
+        variant: str = "trajectory",
+        seed: int = 0,
+        output_dir: str | None = None,
+        callbacks: Sequence[Callback] = (),
+        **options: Any,
     ) -> None:
+        self.callbacks = list(callbacks)
         self.env_source = _env_source(env)
         env_id = env if isinstance(env, str) else _env_id(env)
         control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
@@ -204,7 +213,7 @@ class Rebel:
 
     def _make_trainer(self) -> Trainer:
         run_config = {"adapter": "control", "control": dataclasses.asdict(self.config)}
-        return Trainer(self.policy, self._make_sampler(), self.trainer_config, run_config=run_config, callbacks=[self._evaluation_callback])
+        return Trainer(self.policy, self._make_sampler(), self.trainer_config, run_config=run_config, callbacks=[self._evaluation_callback, *self.callbacks])
 
     def _evaluation_callback(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         c = self.config

@@ -1,0 +1,159 @@
+"""REBEL's control variants against Stable-Baselines3 PPO and SAC, side by side.
+
+Every algorithm gets the same environment-step budget and seeds, in one run on one
+machine. Reported: final deterministic evaluation return (10 episodes, reset seeds
+10000...), environment steps per second of training (evaluation time excluded), and
+learning curves. Writes ``<out>/results.json``, ``<out>/control.md`` and ``<out>/control.png``.
+
+    pip install -e ".[bench]"
+    python benchmarks/control_vs_sb3.py --envs HalfCheetah-v5 Hopper-v5 Walker2d-v5 \\
+        --steps 1000000 --seeds 0 1 2 --out docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rebel.control import Rebel, evaluate
+from rebel.runs import read_metrics
+
+ALGORITHMS = ("rebel-trajectory", "rebel-mc", "rebel-critic", "sb3-ppo", "sb3-sac")
+
+
+def run_rebel(env_id: str, variant: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"{env_id}-rebel-{variant}-s{seed}"
+    next_eval = eval_every_steps
+
+    def periodic_eval(trainer: Any, metrics: dict[str, Any]) -> None:
+        nonlocal next_eval
+        if metrics["env_steps"] >= next_eval and "eval_return" not in metrics:
+            metrics.update(agent.evaluate(episodes))
+            next_eval += eval_every_steps
+
+    agent = Rebel(
+        env_id, variant=variant, seed=seed, output_dir=str(out), callbacks=[periodic_eval],
+        progress=False, tensorboard=False, plot=False, eval_episodes=episodes, eval_every=0,
+    )  # fmt: skip
+    agent.learn(steps)
+    rows = read_metrics(out)
+    curve = [(r["env_steps"], r["eval_return"]) for r in rows if "eval_return" in r]
+    # wall_time sums the iterations (collection and update), evaluations excluded
+    return {"final_return": rows[-1]["eval_return"], "final_return_std": rows[-1]["eval_return_std"], "env_steps": rows[-1]["env_steps"], "train_seconds": rows[-1]["wall_time"], "curve": curve}
+
+
+def run_sb3(env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int, episodes: int) -> dict[str, Any]:
+    import gymnasium as gym
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Actor:
+        def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+            return model.predict(obs, deterministic=deterministic)[0]
+
+    class PeriodicEval(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.curve: list[tuple[int, float]] = []
+            self.eval_seconds = 0.0
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps % eval_every_steps == 0:
+                start = time.perf_counter()
+                self.curve.append((self.num_timesteps, evaluate(Actor(), env_id, episodes)["eval_return"]))  # type: ignore[arg-type]
+                self.eval_seconds += time.perf_counter() - start
+            return True
+
+    cls = PPO if algo == "sb3-ppo" else SAC
+    model = cls("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, device="cpu")
+    callback = PeriodicEval()
+    start = time.perf_counter()
+    model.learn(steps, callback=callback)
+    train_seconds = time.perf_counter() - start - callback.eval_seconds
+    final = evaluate(Actor(), env_id, episodes)  # type: ignore[arg-type]
+    curve = [*callback.curve, (steps, final["eval_return"])]
+    return {"final_return": final["eval_return"], "final_return_std": final["eval_return_std"], "env_steps": steps, "train_seconds": train_seconds, "curve": curve}
+
+
+def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
+    lines = [
+        "# Control: REBEL against Stable-Baselines3",
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads; budget {args.steps} env steps, seeds {args.seeds}, "
+        f"final deterministic evaluation over {args.episodes} episodes.",
+        "",
+        "| env | algorithm | final eval return (mean ± std over seeds) | env steps / s (training) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for env_id in args.envs:
+        for algo in args.algorithms:
+            runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
+            if not runs:
+                continue
+            returns = [r["final_return"] for r in runs]
+            speed = [r["env_steps"] / r["train_seconds"] for r in runs]
+            lines.append(f"| {env_id} | {algo} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | {np.mean(speed):.0f} |")
+    lines += ["", "![learning curves](control.png)", ""]
+    (out / "control.md").write_text("\n".join(lines))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(args.envs), 3.6))
+    axes = fig.subplots(1, len(args.envs), squeeze=False)[0]
+    for ax, env_id in zip(axes, args.envs):
+        for algo in args.algorithms:
+            runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
+            for k, r in enumerate(runs):
+                xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+                ax.plot(xs, ys, color=f"C{args.algorithms.index(algo)}", alpha=0.8, label=algo if k == 0 else None)
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("eval return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "control.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=50_000, help="env steps between evaluations of the curves")
+    parser.add_argument("--out", default="docs/benchmarks")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = out / "runs"
+    results = []
+    for env_id in args.envs:
+        for algo in args.algorithms:
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                if algo.startswith("rebel-"):
+                    result = run_rebel(env_id, algo.removeprefix("rebel-"), args.steps, seed, args.eval_every, args.episodes, workdir)
+                else:
+                    result = run_sb3(env_id, algo, args.steps, seed, args.eval_every, args.episodes)
+                results.append({"env": env_id, "algorithm": algo, "seed": seed, **result})
+                print(f"{env_id} {algo} seed {seed}: return {result['final_return']:.1f}, {result['env_steps'] / result['train_seconds']:.0f} steps/s", flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, args, out)
+
+
+if __name__ == "__main__":
+    main()
