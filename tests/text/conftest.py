@@ -36,14 +36,3 @@ def sorting_lm(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster, and much faster on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
