@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-REWARD_NORMALIZATIONS = ("none", "batch", "per_context")
+REWARD_NORMALIZATIONS = ("none", "batch", "within_group", "per_context")
 
 
 class RunningMeanStd:
@@ -50,6 +50,10 @@ class RewardNormalizer:
 
     * ``"none"``: unchanged.
     * ``"batch"``: ``(r - mean) / std`` over the iteration's batch.
+    * ``"within_group"``: ``(r - mean_g) / s`` with ``mean_g`` the reward mean of the
+      trajectory's group and ``s`` the root-mean-square of ``r - mean_g`` over the batch:
+      the scale of the differences REBEL regresses on is 1, whatever the spread between
+      contexts (Q values of different states, say), and relative sizes across groups stay.
     * ``"per_context"``: ``(r - mean_c) / std_c`` with running statistics of each context key
       (a prompt, a start state); contexts seen fewer than ``min_count`` times use the batch's.
     Subtracting a per-context constant never changes a REBEL pair's target; dividing by a
@@ -62,9 +66,16 @@ class RewardNormalizer:
         self.kind, self.min_count, self.eps = kind, min_count, eps
         self.per_context: dict[Hashable, RunningMeanStd] = {}
 
-    def __call__(self, reward: Tensor, context: Sequence[Hashable] | None = None) -> Tensor:
+    def __call__(self, reward: Tensor, context: Sequence[Hashable] | None = None, group: Tensor | None = None) -> Tensor:
         if self.kind == "none":
             return reward
+        if self.kind == "within_group":
+            if group is None:
+                raise ValueError("reward_normalization='within_group' needs the batch's group ids")
+            _, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
+            sums = torch.zeros(len(counts), dtype=reward.dtype, device=reward.device).index_add(0, index, reward)
+            centred = reward - (sums / counts.to(reward.dtype))[index]
+            return centred / (centred.pow(2).mean().sqrt() + self.eps)
         batch_mean, batch_std = reward.mean(), reward.std(unbiased=False)
         if self.kind == "batch":
             return (reward - batch_mean) / (batch_std + self.eps)

@@ -65,7 +65,7 @@ class TrainerConfig:
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
-    reward_normalization: str = option("none", "none | batch | per_context (running statistics per context)")
+    reward_normalization: str = option("none", "none | batch | within_group | per_context (running statistics per context)")
     seed: int = option(0, "random seed (each process adds its rank)")
     mixed_precision: str = option("no", "no | bf16 | fp16 (accelerate autocast)")
     checkpoint_every: int = option(10, "iterations between checkpoints (one is always written at the end)")
@@ -244,7 +244,7 @@ class Trainer:
         batch = batch.to(self.device)
         collect_time = time.perf_counter() - start
         raw_reward = batch.reward
-        batch.reward = self.normalizer(raw_reward, batch.context).to(raw_reward.dtype)
+        batch.reward = self.normalizer(raw_reward, batch.context, batch.group).to(raw_reward.dtype)
         # logp_old: the training forward itself, no grad, on the first epoch's minibatches
         # (same inputs, same kernels), so each log-ratio is exactly 0 when training starts.
         partition = batch.minibatch_indices(config.minibatch_size, self.generator)

@@ -78,3 +78,14 @@ def test_per_context_normalisation_uses_each_contexts_running_statistics():
         norm(torch.zeros(2), None)
     with pytest.raises(ValueError, match="reward_normalization='x' is not supported"):
         RewardNormalizer("x")
+
+
+def test_within_group_normalisation_centres_groups_and_scales_differences_to_one():
+    reward = torch.tensor([100.0, 102.0, -5.0, -1.0, 7.0, 7.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = RewardNormalizer("within_group")(reward, None, group)
+    centred = torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0, 0.0])
+    assert torch.allclose(out, centred / centred.pow(2).mean().sqrt(), atol=1e-5)
+    assert torch.allclose(out[3] - out[2], 2 * (out[1] - out[0]), atol=1e-5)  # relative sizes across groups kept
+    with pytest.raises(ValueError, match="needs the batch's group ids"):
+        RewardNormalizer("within_group")(reward)

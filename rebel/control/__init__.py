@@ -12,6 +12,7 @@ from rebel.control.envs import EnvPool, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import frozen_normalizers, restore, snapshot
+from rebel.control.mc import MonteCarloSampler
 from rebel.control.trajectory import TrajectorySampler
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "ControlConfig",
     "EnvPool",
     "MLPPolicy",
+    "MonteCarloSampler",
     "Rebel",
     "SquashedGaussian",
     "TrajectorySampler",

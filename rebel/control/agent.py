@@ -58,7 +58,7 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
         "reward_normalization": "batch",
         "max_grad_norm": 0.5,
     },
-    "mc": {"eta": 0.5, "learning_rate": 3e-4, "epochs": 10, "minibatch_size": 16, "reward_normalization": "batch", "max_grad_norm": 0.5},
+    "mc": {"eta": 0.1, "learning_rate": 1e-3, "epochs": 10, "minibatch_size": 16, "reward_normalization": "none", "max_grad_norm": 0.5},
     "critic": {"eta": 0.5, "learning_rate": 3e-4, "epochs": 1, "reward_normalization": "batch", "max_grad_norm": 1.0},
 }
 
@@ -83,7 +83,7 @@ class ControlConfig:
     num_groups: int | None = option(None, "contexts per iteration: start states (trajectory), states (mc, critic)")
     group_size: int = option(2, "samples compared per context: rollouts (trajectory) or actions (mc, critic)")
     segment_length: int = option(200, "trajectory: steps per rollout (the next segment starts where the group's first rollout stopped)")
-    horizon: int = option(100, "mc: steps of a Q rollout after the branching action")
+    horizon: int = option(50, "mc: steps of a Q rollout after the branching action")
     rollouts_per_action: int = option(1, "mc: rollouts averaged per Q(s, a) (common random numbers across the actions)")
     steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
     learning_starts: int = option(5000, "critic: uniformly random steps before learning")

@@ -1,0 +1,229 @@
+"""The Monte-Carlo reset variant: Q(s, a) from branch rollouts restored from a snapshot of s.
+
+For a state ``s`` and actions ``a_1..a_n ~ pi_t(.|s)``::
+
+    Q(s, a) ~ (1/m) sum_j [ sum_{h<H} gamma^h r_h  (+ gamma^H V(s_H) if the branch is still running) ]
+
+where branch ``j`` restores the simulator to ``s``, takes ``a`` and then follows pi_t. REBEL
+regresses ``(Delta(a_i) - Delta(a_k)) / eta`` on ``Q(s, a_i) - Q(s, a_k)`` with one-step
+log-ratios (DESIGN.md, "Q-critic variant").
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rebel.batch import RolloutBatch
+from rebel.control.envs import EnvPool, EnvSource
+from rebel.control.policy import MLPPolicy
+from rebel.control.rollouts import rollout
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+
+Bootstrap = Callable[[np.ndarray], np.ndarray]
+Snapshot = tuple[dict[str, Any], np.ndarray]  # what EnvPool.snapshot returns
+
+
+class MonteCarloSampler(Sampler):
+    """Each iteration, ``num_states`` states with ``actions_per_state`` actions each; an
+    action's reward is its Monte-Carlo reset estimate of Q(s, a).
+
+    **States.** ``num_states`` *walkers* follow their own on-policy episodes (a walker whose
+    episode ends is reset at once with a fresh seed). Each iteration every walker first
+    advances a random number of steps drawn uniformly from ``1..state_stride`` (the
+    random stride spreads the walkers over the episode's time steps and makes consecutive
+    iterations visit different states), then the state it stands in is snapshotted.
+
+    **Q estimates.** At each state ``n = actions_per_state`` raw actions are drawn from
+    pi_t. Each (state, action) gets ``m = rollouts_per_action`` branches: restore the
+    snapshot, take the action, follow pi_t for ``horizon - 1`` more steps or until the
+    episode terminates or is truncated, sum the discounted rewards; ``bootstrap(obs)``
+    (raw observations ``[k, *obs_shape]`` -> values ``[k]``), when given, adds
+    ``gamma**horizon * V(s_H)`` to branches still running after ``horizon`` steps.
+    Q(s, a) is the mean of the ``m`` branch returns. All branches of an iteration run in
+    one batched rollout (one policy forward per step for all of them).
+
+    **Common random numbers.** Branch ``j`` of every action of a state uses the same
+    policy sampling noise and, restored from the same snapshot, the same env RNG, so
+    ``Q(s, a) - Q(s, a')`` is not blurred by independent continuation noise.
+    ``common_random_numbers=False`` draws independent noise per branch (for ablations).
+
+    **Counting and statistics.** ``env_steps`` counts every step: walker steps plus
+    branch steps. ``episode_return`` is the mean undiscounted return of the walker
+    episodes that ended this iteration. Walker episodes span many iterations (about
+    ``episode_length / ((state_stride + 1) / 2)``), so this curve lags the policy;
+    ``q_mean`` follows the current policy. The policy's observation statistics are
+    updated with the observations the walkers met (see :meth:`collect`).
+    """
+
+    def __init__(
+        self,
+        env: EnvSource,
+        policy: MLPPolicy,
+        num_states: int = 32,
+        actions_per_state: int = 2,
+        rollouts_per_action: int = 1,
+        horizon: int = 100,
+        gamma: float = 0.99,
+        bootstrap: Bootstrap | None = None,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+        state_stride: int = 10,
+        common_random_numbers: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("num_states", num_states, 1),
+            ("actions_per_state", actions_per_state, 2),
+            ("rollouts_per_action", rollouts_per_action, 1),
+            ("horizon", horizon, 1),
+            ("state_stride", state_stride, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                why = " (actions compared per state)" if name == "actions_per_state" else ""
+                raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if bootstrap is not None and not callable(bootstrap):
+            raise ValueError(f"bootstrap must be None or a callable obs -> values, got {type(bootstrap).__name__}")
+        self.num_states, self.actions_per_state, self.rollouts_per_action = num_states, actions_per_state, rollouts_per_action
+        self.horizon, self.gamma, self.bootstrap = horizon, gamma, bootstrap
+        self.state_stride, self.common_random_numbers = state_stride, common_random_numbers
+        self.policy = policy
+        self.walkers = EnvPool(env, num_states, **(env_kwargs or {}))
+        self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, **(env_kwargs or {}))
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)  # reset seeds and strides
+        self.generator = torch.Generator().manual_seed(seed)  # actions and branch noise
+        self.fresh = np.ones(self.num_states, dtype=bool)  # walkers not started yet
+        self.walker_return = np.zeros(self.num_states)  # undiscounted return of each walker's episode so far
+
+    # ---------------------------------------------------------------- collect
+    def collect(self, policy: Policy) -> RolloutBatch:
+        assert isinstance(policy, MLPPolicy)
+        n = self.actions_per_state
+        walker_steps, branch_steps = self.walkers.steps, self.branches.steps
+        walker_obs, finished = self._advance_walkers(policy)
+
+        states = [self.walkers.snapshot(i) for i in range(self.num_states)]
+        inputs = policy.preprocess(self.walkers.obs).repeat_interleave(n, dim=0)  # [S * n, obs_dim]
+        _, raw = policy.act(inputs, generator=self.generator)
+        raw_actions = raw.reshape(self.num_states, n, *raw.shape[1:])
+        q = self.q_values(policy, states, raw_actions, self._branch_noise(policy)).mean(-1)  # [S, n]
+
+        # The statistics come from the walkers' observations, after the batch inputs were
+        # built. The branch observations are on-policy too, but they repeat each state's
+        # neighbourhood n * m times; the walkers' are the states the regression is made on.
+        policy.update_observation_stats(walker_obs)
+        pairs = list(itertools.combinations(range(n), 2))
+        stats = {
+            "q_mean": float(q.mean()),
+            "q_std": float(q.std()),
+            "q_diff_abs": float(np.mean([np.abs(q[:, i] - q[:, k]).mean() for i, k in pairs])),
+        }
+        if finished:
+            stats["episode_return"] = float(np.mean(finished))
+            stats["episodes"] = float(len(finished))
+        batch_size = self.num_states * n
+        return RolloutBatch(
+            group=torch.arange(self.num_states).repeat_interleave(n),
+            reward=torch.as_tensor(q.reshape(-1), dtype=torch.float32),
+            mask=torch.ones(batch_size, 1, dtype=torch.bool),
+            data={"inputs": inputs[:, None], "raw_actions": raw[:, None]},
+            counts={"env_steps": float(self.walkers.steps - walker_steps + self.branches.steps - branch_steps)},
+            stats=stats,
+        )
+
+    def q_values(self, policy: MLPPolicy, states: list[Snapshot], raw_actions: Tensor, noise: Tensor | None = None) -> np.ndarray:
+        """Monte-Carlo reset estimates ``[S, n, m]``, one per branch, of Q(s, a).
+
+        Args:
+            states: ``S`` snapshots (from :meth:`EnvPool.snapshot`).
+            raw_actions: ``[S, n, ...]`` raw actions (as :meth:`MLPPolicy.act` returns them)
+                taken first in the branches of each state.
+            noise: ``[S, n, m, horizon, *policy.noise_shape()]`` sampling noise of each
+                branch's policy steps (step 0 is unused: the first action is given), or
+                None to sample with the sampler's generator.
+        """
+        s, n, m, horizon = len(states), raw_actions.shape[1], self.rollouts_per_action, self.horizon
+        b = s * n * m
+        if raw_actions.shape[0] != s or b > len(self.branches):
+            raise ValueError(
+                f"raw_actions has shape {tuple(raw_actions.shape)}; expected [{s}, n, ...] with {s} * n * {m} <= {len(self.branches)}"
+            )
+        for k in range(b):  # branch k = (state * n + action) * m + rollout
+            self.branches.restore(k, states[k // (n * m)])
+        first = raw_actions.repeat_interleave(m, dim=1).reshape(b, *raw_actions.shape[2:])
+        flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
+        out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
+        q = out.discounted_return.copy()
+        running = np.flatnonzero(~(out.terminated | out.truncated))  # took all `horizon` steps
+        if self.bootstrap is not None and len(running):
+            values = np.asarray(self.bootstrap(self.branches.obs[running].copy()), dtype=np.float64)
+            if values.shape != (len(running),):
+                raise ValueError(f"bootstrap returned shape {values.shape} for {len(running)} observations; expected ({len(running)},)")
+            q[running] += self.gamma**horizon * values
+        return q.reshape(s, n, m)
+
+    # ----------------------------------------------------------------- helpers
+    def _advance_walkers(self, policy: MLPPolicy) -> tuple[np.ndarray, list[float]]:
+        """Start fresh walkers, then step each a random ``1..state_stride`` steps with pi_t,
+        resetting those whose episode ends. Returns the observations the walkers acted on
+        and the returns of the episodes that ended."""
+        pool = self.walkers
+        for i in np.flatnonzero(self.fresh):
+            self._reset_walker(int(i))
+        self.fresh[:] = False
+        remaining = self.rng.integers(1, self.state_stride, size=self.num_states, endpoint=True)
+        seen: list[np.ndarray] = []
+        finished: list[float] = []
+        while (live := np.flatnonzero(remaining > 0)).size:
+            obs = pool.obs[live]
+            seen.append(obs.copy())
+            action, _ = policy.act(policy.preprocess(obs), generator=self.generator)
+            rewards, terminated, truncated = pool.step(live.tolist(), action.cpu().numpy())
+            self.walker_return[live] += rewards
+            remaining[live] -= 1
+            for i in live[terminated | truncated]:
+                finished.append(float(self.walker_return[i]))
+                self._reset_walker(int(i))
+        return np.concatenate(seen), finished
+
+    def _reset_walker(self, i: int) -> None:
+        self.walkers.reset([i], [int(self.rng.integers(2**31))])
+        self.walker_return[i] = 0.0
+
+    def _branch_noise(self, policy: MLPPolicy) -> Tensor:
+        """``[S, n, m, H, *noise_shape]``: shared by the actions of a state (common random
+        numbers) unless ``common_random_numbers=False``."""
+        n = self.actions_per_state
+        shape = (self.num_states, 1 if self.common_random_numbers else n, self.rollouts_per_action, self.horizon, *policy.noise_shape())
+        draw = torch.rand if policy.discrete else torch.randn  # uniform for Gumbel-max, normal for Gaussians
+        return draw(shape, generator=self.generator).expand(self.num_states, n, *shape[2:])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "generator": self.generator.get_state(),
+            "walkers": [None if self.fresh[i] else self.walkers.snapshot(i) for i in range(self.num_states)],
+            "walker_return": self.walker_return.copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["walkers"]) != self.num_states:
+            raise ValueError(f"the checkpoint holds {len(state['walkers'])} walkers but this sampler has num_states={self.num_states}")
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        for i, walker in enumerate(state["walkers"]):
+            self.fresh[i] = walker is None
+            if walker is not None:
+                self.walkers.restore(i, walker)
+        self.walker_return = np.array(state["walker_return"])

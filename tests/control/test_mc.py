@@ -1,0 +1,251 @@
+"""The Monte-Carlo reset variant: exact Q estimates, common random numbers, bootstrap,
+step accounting, learning through the trainer, exact resume."""
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rebel import Trainer, TrainerConfig
+from rebel.control.evaluation import evaluate
+from rebel.control.mc import MonteCarloSampler
+from rebel.control.policy import MLPPolicy
+from rebel.control.snapshots import restore
+from rebel.runs import read_metrics
+
+FAST = {"progress": False, "tensorboard": False, "plot": False}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny MLPs: intra-op threads only add synchronisation (8x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(env_id="Pendulum-v1", policy_class=MLPPolicy, **kwargs):
+    torch.manual_seed(0)
+    probe = gym.make(env_id)
+    policy = policy_class(probe.observation_space, probe.action_space, log_std_init=0.0)
+    options = {"num_states": 3, "actions_per_state": 2, "rollouts_per_action": 2, "horizon": 30, "seed": 1, **kwargs}
+    return policy, MonteCarloSampler(env_id, policy, **options)
+
+
+def record_q_values(sampler):
+    """Wrap ``sampler.q_values`` to keep its inputs (and the policy as it was) and outputs."""
+    calls = []
+    q_values = sampler.q_values
+
+    def recorded(policy, states, raw_actions, noise=None):
+        q = q_values(policy, states, raw_actions, noise)
+        calls.append({"policy": copy.deepcopy(policy), "states": states, "raw_actions": raw_actions, "noise": noise, "q": q})
+        return q
+
+    sampler.q_values = recorded
+    return calls
+
+
+def replay(env_id, policy, state, first_raw_action, noise, horizon, gamma):
+    """One branch by hand, in a fresh env: restore, take the action, follow pi_t with the given noise."""
+    env = gym.make(env_id)
+    env.reset(seed=123)  # whatever this reset did is overwritten by the snapshot
+    env_state, obs = state
+    restore(env, env_state)
+    ret, raw = 0.0, first_raw_action
+    for h in range(horizon):
+        if h > 0:
+            _, raw = policy.act(policy.preprocess(obs[None]), noise=noise[h][None])
+            raw = raw[0]
+        obs, reward, terminated, truncated, _ = env.step(policy.env_action(raw).numpy())
+        ret += gamma**h * reward
+        if terminated or truncated:
+            break
+    return ret
+
+
+@pytest.mark.parametrize(("env_id", "rel"), [("Pendulum-v1", 1e-6), ("CartPole-v1", 0.0)])
+def test_q_estimates_equal_branches_replayed_by_hand(env_id, rel):
+    """Exact up to float rounding: one-row forwards here, batched ones in the sampler (a
+    continuous action may differ in its last bits, a discrete one does not)."""
+    policy, sampler = make(env_id, gamma=0.97)
+    calls = record_q_values(sampler)
+    sampler.collect(policy)
+    batch = sampler.collect(policy)
+    call = calls[-1]
+    s, n, m = 3, 2, 2
+    assert call["q"].shape == (s, n, m)
+    assert batch.group.tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch.mask.shape == (s * n, 1) and bool(batch.mask.all())
+    assert torch.equal(batch.reward, torch.as_tensor(call["q"].mean(-1).reshape(-1), dtype=torch.float32))
+    # the inputs are those the policy acted on at the snapshotted states (statistics of then)
+    states_obs = np.stack([obs for _, obs in call["states"]])
+    assert torch.equal(batch.data["inputs"][:, 0], call["policy"].preprocess(states_obs).repeat_interleave(n, 0))
+    assert torch.equal(batch.data["raw_actions"][:, 0], call["raw_actions"].reshape(s * n, *call["raw_actions"].shape[2:]))
+    for i in range(s):
+        for a in range(n):
+            for j in range(m):
+                expected = replay(env_id, call["policy"], call["states"][i], call["raw_actions"][i, a], call["noise"][i, a, j], 30, 0.97)
+                assert call["q"][i, a, j] == pytest.approx(expected, rel=rel, abs=0.0)
+
+
+class SameActionPolicy(MLPPolicy):
+    """Every action drawn without explicit noise is the mode: all the actions of a state are
+    equal, while branch continuations (which get noise) stay random."""
+
+    def act(self, inputs, deterministic=False, generator=None, noise=None):
+        return super().act(inputs, deterministic=deterministic or noise is None, generator=generator, noise=noise)
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_common_random_numbers_make_equal_actions_score_equal(env_id):
+    policy, sampler = make(env_id, SameActionPolicy, horizon=20)
+    calls = record_q_values(sampler)
+    batch = sampler.collect(policy)
+    q = calls[-1]["q"]
+    assert np.array_equal(q[:, 0], q[:, 1])  # branch j of each action: the same noise, the same env RNG
+    assert batch.stats["q_diff_abs"] == 0.0
+    assert not np.array_equal(q[:, :, 0], q[:, :, 1])  # ... while the continuations are random
+
+    policy, sampler = make(env_id, SameActionPolicy, horizon=20, common_random_numbers=False)
+    assert sampler.collect(policy).stats["q_diff_abs"] > 0  # the check above fails without common random numbers
+
+
+def test_every_environment_step_is_counted():
+    policy, sampler = make("CartPole-v1", num_states=4, horizon=40, state_stride=5)
+    calls = {"walkers": 0, "branches": 0}
+    for name in calls:
+        for env in getattr(sampler, name).envs:
+
+            def counted(action, step=env.step, name=name):
+                calls[name] += 1
+                return step(action)
+
+            env.step = counted
+    total = 0.0
+    for _ in range(5):
+        batch = sampler.collect(policy)
+        total += batch.counts["env_steps"]
+    assert total == calls["walkers"] + calls["branches"]
+    assert 5 * 4 <= calls["walkers"] <= 5 * 4 * 5  # each walker moves 1..state_stride steps an iteration
+    assert calls["branches"] > 0
+
+
+def test_bootstrap_is_added_to_unfinished_branches_only():
+    seen = []
+
+    def value(obs):
+        seen.append(obs)
+        return 100.0 + obs[:, 0].astype(np.float64)
+
+    policy, sampler = make("CartPole-v1", num_states=8, rollouts_per_action=1, horizon=15, gamma=0.9)
+    calls = record_q_values(sampler)
+    sampler.collect(policy)
+    call = calls[-1]
+    with_value = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"])
+    sampler.bootstrap = value
+    assert seen == []
+    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    plain = with_value.reshape(-1)
+    added = np.flatnonzero(bootstrapped != plain)
+    assert len(seen) == 1 and 0 < len(added) < len(plain)  # some branches fell within the horizon, some did not
+    obs = seen[0]
+    assert obs.shape == (len(added), 4)
+    np.testing.assert_allclose(bootstrapped[added] - plain[added], 0.9**15 * (100.0 + obs[:, 0].astype(np.float64)), rtol=1e-12)
+    assert np.array_equal(obs, sampler.branches.obs[added])  # the branches' last observations
+
+
+def test_bootstrap_is_not_applied_to_truncated_branches():
+    def value(obs):
+        raise AssertionError("every branch is truncated: nothing to bootstrap")
+
+    policy, sampler = make("Pendulum-v1", horizon=30, bootstrap=value, env_kwargs={"max_episode_steps": 10})
+    batch = sampler.collect(policy)
+    assert torch.isfinite(batch.reward).all()
+
+
+def test_walkers_follow_on_policy_episodes_and_report_their_returns():
+    policy, sampler = make("CartPole-v1", num_states=4, horizon=5, state_stride=8)
+    first = sampler.collect(policy).data["inputs"]
+    episodes = []
+    for _ in range(20):
+        batch = sampler.collect(policy)
+        assert not torch.equal(batch.data["inputs"], first)
+        if "episode_return" in batch.stats:
+            episodes.append(batch.stats["episode_return"])
+    assert episodes and all(r >= 1 for r in episodes)  # CartPole: one point per step
+
+
+def test_learns_cartpole_through_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    probe = gym.make("CartPole-v1")
+    policy = MLPPolicy(probe.observation_space, probe.action_space)
+    sampler = MonteCarloSampler("CartPole-v1", policy, num_states=16, horizon=50)
+    before = evaluate(policy, "CartPole-v1", 10)["eval_return"]
+    config = TrainerConfig(
+        output_dir=str(tmp_path / "run"),
+        iterations=30,
+        eta=0.5,
+        learning_rate=3e-4,
+        epochs=10,
+        minibatch_size=16,
+        reward_normalization="batch",
+        max_grad_norm=0.5,
+        **FAST,
+    )
+    rows = Trainer(policy, sampler, config).train()
+    after = evaluate(policy, "CartPole-v1", 10)["eval_return"]
+    assert before < 50 and after > before + 100, (before, after)
+    assert all(r["start_log_ratio_max"] == 0.0 for r in rows)
+    assert {"q_mean", "q_std", "q_diff_abs", "env_steps"} <= set(rows[-1])
+    assert rows[-1]["env_steps"] > 20_000
+
+
+def mc_trainer(tmp_path, name, callbacks=()):
+    torch.manual_seed(0)
+    probe = gym.make("CartPole-v1")
+    policy = MLPPolicy(probe.observation_space, probe.action_space)
+    sampler = MonteCarloSampler("CartPole-v1", policy, num_states=4, rollouts_per_action=2, horizon=20)
+    config = TrainerConfig(output_dir=str(tmp_path / name), iterations=6, epochs=2, minibatch_size=4, checkpoint_every=100, **FAST)
+    return Trainer(policy, sampler, config, callbacks=callbacks)
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = mc_trainer(tmp_path, "straight")
+    rows_straight = straight.train()
+
+    def stop_at_3(trainer, metrics):
+        if trainer.iteration == 3:
+            trainer.request_stop()
+
+    assert len(mc_trainer(tmp_path, "split", [stop_at_3]).train()) == 3
+    second = mc_trainer(tmp_path, "split")
+    second.train(resume=True)
+    for (key, a), b in zip(second.policy.state_dict().items(), straight.policy.state_dict().values()):
+        assert torch.equal(a, b), key  # parameters and observation statistics
+    assert strip_times(read_metrics(tmp_path / "split")) == strip_times(rows_straight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_states": 0}, "num_states must be"),
+        ({"actions_per_state": 1}, "actions_per_state must be"),
+        ({"rollouts_per_action": 0}, "rollouts_per_action must be"),
+        ({"horizon": 0}, "horizon must be"),
+        ({"horizon": 2.5}, "horizon must be"),
+        ({"state_stride": 0}, "state_stride must be"),
+        ({"gamma": 1.5}, "gamma must be in"),
+        ({"bootstrap": 3.0}, "bootstrap must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
