@@ -184,7 +184,7 @@ class Trainer:
         self._stop_requested = True
 
     def train(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Run until ``config.iterations`` iterations are complete; return this call's metric rows.
+        """Run until ``config.iterations`` iterations are done or the ``budget`` is reached; return this call's metric rows.
 
         With ``resume=True`` the newest checkpoint of ``config.output_dir`` is loaded first
         and the run continues exactly where it stopped. Ctrl-C finishes the iteration,

@@ -160,6 +160,7 @@ class Rebel:
         self.policy = self._make_policy(probe.observation_space, probe.action_space)
         probe.close()
         self.trainer: Trainer | None = None
+        self._eval_envs: list[gym.Env] = []
 
     # ---------------------------------------------------------------- building
     def _make_policy(self, observation_space: gym.Space, action_space: gym.Space) -> MLPPolicy:
@@ -218,7 +219,7 @@ class Rebel:
     def _evaluation_callback(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         c = self.config
         if trainer.finishing or (c.eval_every and trainer.iteration % c.eval_every == 0):
-            metrics.update(evaluate(self.policy, self.env_source, c.eval_episodes, seed=10_000 + c.seed))
+            metrics.update(self.evaluate(c.eval_episodes, seed=10_000 + c.seed))
             if trainer.finishing and c.video and trainer.accelerator.is_main_process:
                 record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=10_000 + c.seed)
 
@@ -250,8 +251,11 @@ class Rebel:
         return (action[0] if single else action), None
 
     def evaluate(self, episodes: int = 10, seed: int = 10_000) -> dict[str, float]:
-        """Deterministic evaluation: mean / std return and mean length."""
-        return evaluate(self.policy, self.env_source, episodes, seed=seed)
+        """Deterministic evaluation: mean / std return and mean length (the evaluation
+        environments are made once and reused)."""
+        while len(self._eval_envs) < episodes:
+            self._eval_envs.append(make_env(self.env_source))
+        return evaluate(self.policy, self.env_source, episodes, seed=seed, envs=self._eval_envs)
 
     def record_video(self, path: str, episodes: int = 1, seed: int = 10_000) -> Path | None:
         return record_video(self.policy, self.env_source, path, episodes=episodes, seed=seed)

@@ -14,13 +14,23 @@ from rebel.control.policy import MLPPolicy
 
 
 def evaluate(
-    policy: MLPPolicy, env: EnvSource, episodes: int = 10, seed: int = 10_000, deterministic: bool = True, **env_kwargs: Any
+    policy: MLPPolicy,
+    env: EnvSource,
+    episodes: int = 10,
+    seed: int = 10_000,
+    deterministic: bool = True,
+    envs: list[Any] | None = None,
+    **env_kwargs: Any,
 ) -> dict[str, float]:
     """Mean and std of the undiscounted return of ``episodes`` episodes (reset seeds
-    ``seed, seed + 1, ...``), all run side by side."""
+    ``seed, seed + 1, ...``), all run side by side. ``envs`` reuses already made copies
+    (at least ``episodes`` of them; they are reset here)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    envs = [make_env(env, **env_kwargs) for _ in range(episodes)]
+    own = envs is None
+    envs = [make_env(env, **env_kwargs) for _ in range(episodes)] if envs is None else envs[:episodes]
+    if len(envs) < episodes:
+        raise ValueError(f"evaluate got {len(envs)} envs for {episodes} episodes")
     obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
     returns, lengths = np.zeros(episodes), np.zeros(episodes, dtype=int)
     alive = np.ones(episodes, dtype=bool)
@@ -32,8 +42,9 @@ def evaluate(
             returns[i] += reward
             lengths[i] += 1
             alive[i] = not (terminated or truncated)
-    for e in envs:
-        e.close()
+    if own:
+        for e in envs:
+            e.close()
     return {"eval_return": float(returns.mean()), "eval_return_std": float(returns.std()), "eval_length": float(lengths.mean())}
 
 
