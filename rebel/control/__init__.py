@@ -7,6 +7,7 @@ variants are samplers: ``TrajectorySampler`` (rollouts from one start state),
 """
 
 from rebel.control.agent import ControlConfig, Rebel
+from rebel.control.critic import CriticSampler
 from rebel.control.distributions import ATANH_EPS, ActionDistribution, Categorical, ClippedGaussian, SquashedGaussian
 from rebel.control.envs import EnvPool, make_env
 from rebel.control.evaluation import evaluate, record_video
@@ -21,6 +22,7 @@ __all__ = [
     "Categorical",
     "ClippedGaussian",
     "ControlConfig",
+    "CriticSampler",
     "EnvPool",
     "MLPPolicy",
     "MonteCarloSampler",

@@ -46,7 +46,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "activation": "relu",
         "state_dependent_std": True,
         "normalize_observations": False,
-        "num_groups": 256,
+        "num_groups": 4096,
     },
 }
 VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -59,7 +59,7 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 0.5,
     },
     "mc": {"eta": 0.1, "learning_rate": 1e-3, "epochs": 10, "minibatch_size": 16, "reward_normalization": "none", "max_grad_norm": 0.5},
-    "critic": {"eta": 0.5, "learning_rate": 3e-4, "epochs": 1, "reward_normalization": "batch", "max_grad_norm": 1.0},
+    "critic": {"eta": 2.0, "learning_rate": 1e-3, "epochs": 4, "minibatch_size": 1024, "reward_normalization": "none", "max_grad_norm": 1.0},
 }
 
 

@@ -18,15 +18,6 @@ from rebel.runs import read_metrics
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny MLPs: intra-op threads only add synchronisation (8x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(env_id="Pendulum-v1", policy_class=MLPPolicy, **kwargs):
     torch.manual_seed(0)
     probe = gym.make(env_id)

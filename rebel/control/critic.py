@@ -1,0 +1,310 @@
+"""The critic variant: REBEL's regression on Q(s, a) - Q(s, a') from twin Q critics trained
+off-policy on a replay buffer (SAC's critic, REBEL's actor update)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from rebel.batch import RolloutBatch
+from rebel.control.envs import EnvSource, make_env
+from rebel.control.policy import MLPPolicy
+from rebel.control.snapshots import restore, snapshot
+from rebel.estimators import ReplayBuffer, Transitions, TwinQCritic
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+
+
+class CriticSampler(Sampler):
+    """Each iteration: act, fit the critic, then compare actions at replay states.
+
+    1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv`` that resets an
+       ended episode in the same step) for ``steps_per_iteration`` environment steps in
+       all (rounded up to a multiple of ``num_envs``) with pi_t, or with uniformly random
+       actions while fewer than ``learning_starts`` steps were taken (as SAC). Every
+       transition goes to the replay buffer, with the true last observation of an ended
+       episode as ``next_obs`` and ``terminated`` apart from time-limit truncation (a
+       truncated transition still bootstraps).
+    2. **Fit the critic.** Once the buffer holds ``max(learning_starts, critic_batch_size)``
+       transitions, ``updates_per_step`` TD updates per step collected (fractions carry
+       over) of :class:`~rebel.estimators.TwinQCritic` towards Q of the current policy:
+       ``y = r + gamma (1 - terminated) (min Qtarg(s', a') - alpha log pi(a'|s'))``,
+       ``a' ~ pi_t(.|s')``, minibatches of ``critic_batch_size``.
+    3. **The REBEL batch.** ``num_states`` states drawn from the buffer, ``actions_per_state``
+       actions ``a ~ pi_t(.|s)`` each (one group per state, ``T = 1``) and reward
+       ``Q(s, a) = min(Q1, Q2)(s, a)`` of the online critics (:attr:`q_reduction`; SAC's
+       actor uses the min too). Until the critic has had its first update the rewards
+       are 0: the regression's target is then 0 and its gradient at pi_t exactly 0, so
+       the policy does not follow an untrained critic.
+
+    Observations are stored raw; the critic and the policy both see ``policy.preprocess``
+    of them. Use ``MLPPolicy(..., normalize_observations=False)``: the critic's inputs
+    must not drift. If the policy does normalise, its statistics are updated during the
+    uniformly random warm-up only (the first ``learning_starts`` steps) and frozen after.
+    ``Box`` actions reach the critic rescaled to ``[-1, 1]`` (``tanh`` of the raw sample
+    for a squashed policy); ``Discrete`` actions as indices into a Q head over actions.
+
+    Stats: ``episode_return`` and ``episode_length`` (means over the episodes finished this
+    iteration), ``critic_loss``, ``td_target_mean`` and ``critic_updates`` (when the critic
+    was updated), ``q_mean`` and ``q_diff_abs`` (mean ``|Q(s, a) - Q(s, a')|`` over the
+    pairs) of the REBEL batch, ``buffer_size``.
+    """
+
+    #: Which estimate of Q the REBEL batch uses: ``"min"`` or ``"mean"`` of the two critics.
+    q_reduction: str = "min"
+
+    def __init__(
+        self,
+        env: EnvSource,
+        policy: MLPPolicy,
+        num_envs: int = 1,
+        steps_per_iteration: int = 1000,
+        learning_starts: int = 5000,
+        buffer_size: int = 1_000_000,
+        critic_batch_size: int = 256,
+        updates_per_step: float = 1.0,
+        critic_lr: float = 3e-4,
+        critic_hidden_sizes: Sequence[int] = (256, 256),
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        alpha: float = 0.0,
+        num_states: int = 256,
+        actions_per_state: int = 2,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        for name, value, low in (
+            ("num_envs", num_envs, 1),
+            ("steps_per_iteration", steps_per_iteration, 1),
+            ("learning_starts", learning_starts, 0),
+            ("buffer_size", buffer_size, 1),
+            ("critic_batch_size", critic_batch_size, 1),
+            ("num_states", num_states, 1),
+            ("actions_per_state", actions_per_state, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(updates_per_step) and updates_per_step >= 0):
+            raise ValueError(f"updates_per_step must be a finite number >= 0, got {updates_per_step!r}")
+        if not (math.isfinite(critic_lr) and critic_lr > 0):
+            raise ValueError(f"critic_lr must be a finite number > 0, got {critic_lr!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not critic_hidden_sizes or any(int(h) < 1 for h in critic_hidden_sizes):
+            raise ValueError(f"critic_hidden_sizes must be a non-empty list of sizes >= 1, got {critic_hidden_sizes!r}")
+        if not isinstance(policy, MLPPolicy):
+            raise TypeError(f"policy must be a rebel.control.MLPPolicy, got {type(policy).__name__}")
+        self.num_envs, self.steps_per_iteration, self.learning_starts = num_envs, steps_per_iteration, learning_starts
+        self.critic_batch_size, self.updates_per_step = critic_batch_size, float(updates_per_step)
+        self.gamma, self.alpha = gamma, alpha
+        self.num_states, self.actions_per_state = num_states, actions_per_state
+
+        factory = functools.partial(make_env, env, **(env_kwargs or {}))
+        self.envs = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        if obs_space != policy.observation_space or action_space != policy.action_space:
+            raise ValueError(
+                f"the policy was built for spaces {policy.observation_space} -> {policy.action_space}, "
+                f"but the env has {obs_space} -> {action_space}"
+            )
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        if not self.discrete:
+            low, high = action_space.low, action_space.high
+            self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
+            self.action_low = torch.as_tensor(low, dtype=torch.float32)
+            self.action_high = torch.as_tensor(high, dtype=torch.float32)
+        discrete_obs = isinstance(obs_space, gym.spaces.Discrete)
+        self.buffer = ReplayBuffer(
+            buffer_size,
+            obs_shape=obs_space.shape,
+            action_shape=() if self.discrete else action_space.shape,
+            obs_dtype=np.int64 if discrete_obs else np.float32,
+            action_dtype=np.int64 if self.discrete else np.float32,
+        )
+        with torch.random.fork_rng(devices=[]):  # the critic's initialisation depends on `seed` only
+            torch.manual_seed(seed)
+            self.critic = TwinQCritic(
+                policy.obs_dim,
+                policy.act_dim,
+                tuple(int(h) for h in critic_hidden_sizes),
+                discrete=self.discrete,
+                lr=critic_lr,
+                tau=tau,
+            )
+        self.total_steps = 0  # environment steps taken by this sampler
+        self.critic_updates = 0  # TD updates done
+        self.update_credit = 0.0  # fractional TD updates carried over
+        self.seed(seed)
+
+    # ----------------------------------------------------------------- public
+    def seed(self, seed: int) -> None:
+        """Reseed the action and replay generators and start new episodes (reset seeds
+        ``seed, seed + 1, ...``); the buffer and the critic are kept."""
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.episode_return = np.zeros(self.num_envs)
+        self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
+
+    def collect(self, policy: Policy) -> RolloutBatch:
+        if not isinstance(policy, MLPPolicy):
+            raise TypeError(f"CriticSampler needs a rebel.control.MLPPolicy, got {type(policy).__name__}")
+        device = policy.obs_mean.device
+        self.critic.to(device)
+        steps, finished = self._act(policy)
+        stats: dict[str, float] = {"buffer_size": float(len(self.buffer))}
+        stats.update(self._fit_critic(policy, steps))
+        batch = self._rebel_batch(policy)
+        if finished:
+            returns, lengths = zip(*finished)
+            stats.update(episode_return=float(np.mean(returns)), episode_length=float(np.mean(lengths)), episodes=float(len(finished)))
+        batch.counts = {"env_steps": float(steps)}
+        batch.stats = {**stats, **batch.stats}
+        return batch
+
+    # ------------------------------------------------------------------ steps
+    def _act(self, policy: MLPPolicy) -> tuple[int, list[tuple[float, int]]]:
+        """Step the envs for one iteration; returns the steps taken and the (return, length)
+        of the episodes that ended."""
+        finished: list[tuple[float, int]] = []
+        steps = 0
+        for _ in range(-(-self.steps_per_iteration // self.num_envs)):
+            if self.total_steps < self.learning_starts:
+                policy.update_observation_stats(self.obs)  # a no-op without normalisation
+                env_actions = self._random_actions()
+            else:
+                env_actions, _ = policy.act(policy.preprocess(self.obs), generator=self.generator)
+            env_actions = env_actions.cpu()
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(env_actions.numpy())
+            ended = np.flatnonzero(terminated | truncated)
+            true_next = next_obs.copy()
+            for i in ended:
+                true_next[i] = infos["final_obs"][i]
+            self.buffer.add(Transitions(self.obs, self._critic_actions(env_actions).numpy(), rewards, true_next, terminated))
+            self.episode_return += rewards
+            self.episode_length += 1
+            finished.extend(zip(self.episode_return[ended].tolist(), self.episode_length[ended].tolist()))
+            self.episode_return[ended] = 0.0
+            self.episode_length[ended] = 0
+            self.obs = next_obs
+            self.total_steps += self.num_envs
+            steps += self.num_envs
+        return steps, finished
+
+    def _random_actions(self) -> Tensor:
+        """Uniform actions from the sampler's own generator (``action_space.sample`` has an RNG
+        that snapshots do not capture); an unbounded Box draws a standard normal."""
+        if self.discrete:
+            return torch.as_tensor(self.rng.integers(self.envs.single_action_space.n, size=self.num_envs))
+        shape = (self.num_envs, *self.action_low.shape)
+        if self.bounded:
+            return torch.as_tensor(self.rng.uniform(self.action_low.numpy(), self.action_high.numpy(), size=shape), dtype=torch.float32)
+        return torch.as_tensor(self.rng.standard_normal(shape), dtype=torch.float32)
+
+    def _critic_actions(self, env_actions: Tensor) -> Tensor:
+        """Actions as the critic takes them: indices, or a bounded Box rescaled to [-1, 1]."""
+        if self.discrete or not self.bounded:
+            return env_actions
+        low, high = self.action_low.to(env_actions.device), self.action_high.to(env_actions.device)
+        return 2 * (env_actions - low) / (high - low) - 1
+
+    # ----------------------------------------------------------------- critic
+    def _fit_critic(self, policy: MLPPolicy, steps: int) -> dict[str, float]:
+        if len(self.buffer) < max(self.learning_starts, self.critic_batch_size):
+            return {}
+        self.update_credit += self.updates_per_step * steps
+        n = int(self.update_credit)
+        self.update_credit -= n
+        if n == 0:
+            return {}
+
+        def next_actions(next_inputs: Tensor) -> tuple[Tensor, Tensor]:
+            env_actions, raw = policy.act(next_inputs, generator=self.generator)
+            logp = policy.distribution(next_inputs).log_prob(raw, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
+            return self._critic_actions(env_actions), logp
+
+        results = []
+        for _ in range(n):
+            batch = self._tensors(policy, self.buffer.sample(self.critic_batch_size, self.rng))
+            results.append(self.critic.td_update(batch, next_actions, self.gamma, self.alpha))
+        self.critic_updates += n
+        return {
+            "critic_loss": float(np.mean([r["critic_loss"] for r in results])),
+            "td_target_mean": float(np.mean([r["target_mean"] for r in results])),
+            "critic_updates": float(n),
+        }
+
+    def _tensors(self, policy: MLPPolicy, t: Transitions) -> Transitions:
+        device = policy.obs_mean.device
+        actions = torch.as_tensor(t.actions, device=device)
+        return Transitions(
+            obs=policy.preprocess(t.obs),
+            actions=actions,
+            rewards=torch.as_tensor(t.rewards, device=device),
+            next_obs=policy.preprocess(t.next_obs),
+            terminated=torch.as_tensor(t.terminated, device=device),
+        )
+
+    # ------------------------------------------------------------ REBEL batch
+    def _rebel_batch(self, policy: MLPPolicy) -> RolloutBatch:
+        k = self.actions_per_state
+        states = self.buffer.sample(self.num_states, self.rng).obs
+        inputs = policy.preprocess(states).repeat_interleave(k, dim=0)
+        env_actions, raw = policy.act(inputs, generator=self.generator)
+        if self.critic_updates:
+            q = self.critic.value(inputs, self._critic_actions(env_actions), self.q_reduction).float()
+        else:  # an untrained critic: no signal, and the policy stays where it is
+            q = torch.zeros(len(inputs), device=inputs.device)
+        per_state = q.view(self.num_states, k)
+        pair_gaps = (per_state[:, :, None] - per_state[:, None, :]).abs().sum() / (self.num_states * k * (k - 1))
+        return RolloutBatch(
+            group=torch.arange(self.num_states, device=inputs.device).repeat_interleave(k),
+            reward=q,
+            mask=torch.ones(len(q), 1, dtype=torch.bool, device=inputs.device),
+            data={"inputs": inputs[:, None], "raw_actions": raw[:, None]},
+            stats={"q_mean": q.mean().item(), "q_diff_abs": pair_gaps.item()},
+        )
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "generator": self.generator.get_state(),
+            "envs": snapshot(self.envs),
+            "obs": self.obs.copy(),
+            "episode_return": self.episode_return.copy(),
+            "episode_length": self.episode_length.copy(),
+            "total_steps": self.total_steps,
+            "critic_updates": self.critic_updates,
+            "update_credit": self.update_credit,
+            "critic": self.critic.checkpoint_state(),
+            "buffer": self.buffer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.generator.set_state(state["generator"])
+        restore(self.envs, state["envs"])
+        self.obs = np.array(state["obs"])
+        self.episode_return = np.array(state["episode_return"])
+        self.episode_length = np.array(state["episode_length"])
+        self.total_steps = int(state["total_steps"])
+        self.critic_updates = int(state["critic_updates"])
+        self.update_credit = float(state["update_credit"])
+        self.critic.load_checkpoint_state(state["critic"])
+        self.buffer.load_state_dict(state["buffer"])
+
+    def close(self) -> None:
+        self.envs.close()
