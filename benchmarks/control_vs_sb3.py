@@ -49,7 +49,13 @@ def run_rebel(env_id: str, variant: str, steps: int, seed: int, eval_every_steps
     rows = read_metrics(out)
     curve = [(r["env_steps"], r["eval_return"]) for r in rows if "eval_return" in r]
     # wall_time sums the iterations (collection and update), evaluations excluded
-    return {"final_return": rows[-1]["eval_return"], "final_return_std": rows[-1]["eval_return_std"], "env_steps": rows[-1]["env_steps"], "train_seconds": rows[-1]["wall_time"], "curve": curve}
+    return {
+        "final_return": rows[-1]["eval_return"],
+        "final_return_std": rows[-1]["eval_return_std"],
+        "env_steps": rows[-1]["env_steps"],
+        "train_seconds": rows[-1]["wall_time"],
+        "curve": curve,
+    }
 
 
 def run_sb3(env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int, episodes: int) -> dict[str, Any]:
@@ -82,7 +88,13 @@ def run_sb3(env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int
     train_seconds = time.perf_counter() - start - callback.eval_seconds
     final = evaluate(Actor(), env_id, episodes)  # type: ignore[arg-type]
     curve = [*callback.curve, (steps, final["eval_return"])]
-    return {"final_return": final["eval_return"], "final_return_std": final["eval_return_std"], "env_steps": steps, "train_seconds": train_seconds, "curve": curve}
+    return {
+        "final_return": final["eval_return"],
+        "final_return_std": final["eval_return_std"],
+        "env_steps": steps,
+        "train_seconds": train_seconds,
+        "curve": curve,
+    }
 
 
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
@@ -106,6 +118,13 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             returns = [r["final_return"] for r in runs]
             speed = [r["env_steps"] / r["train_seconds"] for r in runs]
             lines.append(f"| {env_id} | {algo} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | {np.mean(speed):.0f} |")
+    if args.steps < 1_000_000 or len(args.seeds) < 3:
+        lines += [
+            "",
+            f"**Smoke run, not the target comparison:** {args.steps} steps and {len(args.seeds)} seed(s), where the target is 1M steps and several seeds.",
+        ]
+    if args.note:
+        lines += ["", args.note]
     lines += ["", "![learning curves](control.png)", ""]
     (out / "control.md").write_text("\n".join(lines))
     from matplotlib.figure import Figure
@@ -136,10 +155,14 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=50_000, help="env steps between evaluations of the curves")
     parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--workdir", default="runs/benchmarks", help="where REBEL's run folders go")
+    parser.add_argument("--note", default="", help="a sentence added to the report (conditions of the run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    workdir = out / "runs"
+    workdir = Path(args.workdir)
     results = []
     for env_id in args.envs:
         for algo in args.algorithms:
@@ -150,7 +173,10 @@ def main() -> None:
                 else:
                     result = run_sb3(env_id, algo, args.steps, seed, args.eval_every, args.episodes)
                 results.append({"env": env_id, "algorithm": algo, "seed": seed, **result})
-                print(f"{env_id} {algo} seed {seed}: return {result['final_return']:.1f}, {result['env_steps'] / result['train_seconds']:.0f} steps/s", flush=True)
+                print(
+                    f"{env_id} {algo} seed {seed}: return {result['final_return']:.1f}, {result['env_steps'] / result['train_seconds']:.0f} steps/s",
+                    flush=True,
+                )
                 (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, args, out)
 
