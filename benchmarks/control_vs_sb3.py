@@ -3,7 +3,7 @@
 Every algorithm gets the same environment-step budget and seeds, in one run on one
 machine. Reported: final deterministic evaluation return (10 episodes, reset seeds
 10000...), environment steps per second of training (evaluation time excluded), and
-learning curves. Writes ``<out>/results.json``, ``<out>/control.md`` and ``<out>/control.png``.
+learning curves. Writes ``<out>/control.json``, ``<out>/control.md`` and ``<out>/control.png``.
 
     pip install -e ".[bench]"
     python benchmarks/control_vs_sb3.py --envs HalfCheetah-v5 Hopper-v5 Walker2d-v5 \\
@@ -177,7 +177,7 @@ def main() -> None:
                     f"{env_id} {algo} seed {seed}: return {result['final_return']:.1f}, {result['env_steps'] / result['train_seconds']:.0f} steps/s",
                     flush=True,
                 )
-                (out / "results.json").write_text(json.dumps(results, indent=1))
+                (out / "control.json").write_text(json.dumps(results, indent=1))
     write_report(results, args, out)
 
 
