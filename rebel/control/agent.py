@@ -69,7 +69,7 @@ class ControlConfig:
 
     env: str = option("HalfCheetah-v5", "gymnasium environment id")
     variant: str = option(
-        "trajectory", "trajectory | mc | critic: what a pair compares (rollouts from one start, or two actions at one state)"
+        "critic", "critic | trajectory | mc: what a pair compares (two actions at one state, or rollouts from one start)"
     )
     total_steps: int = option(1_000_000, "environment-step budget; every step counts, reset and branch rollouts included")
     seed: int = option(0, "random seed")
@@ -124,7 +124,7 @@ class Rebel:
 
     Args:
         env: a gymnasium id, or an env made with ``gymnasium.make`` (copies are made from its spec).
-        variant: ``trajectory``, ``mc`` or ``critic``.
+        variant: ``critic`` (the default: measured best on locomotion), ``trajectory`` or ``mc``.
         seed: random seed.
         output_dir: the run folder (default ``runs/control/<env>-<variant>-s<seed>-<time>``).
         callbacks: extra ``fn(trainer, metrics)`` called after each iteration (see :class:`~rebel.Trainer`).
@@ -134,7 +134,7 @@ class Rebel:
     def __init__(
         self,
         env: EnvSource | gym.Env,
-        variant: str = "trajectory",
+        variant: str = "critic",
         seed: int = 0,
         output_dir: str | None = None,
         callbacks: Sequence[Callback] = (),

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
         env = options.pop("env", "HalfCheetah-v5")
         agent = Rebel(
             env,
-            variant=options.pop("variant", "trajectory"),
+            variant=options.pop("variant", "critic"),
             seed=options.pop("seed", 0),
             output_dir=options.pop("output_dir", None),
             **options,

@@ -38,7 +38,7 @@ def test_trajectory_variant_learns_inverted_pendulum_within_the_budget(tmp_path)
 
 
 def test_save_load_round_trip_and_predict(tmp_path):
-    agent = Rebel("Pendulum-v1", seed=3, output_dir=str(tmp_path / "run"), num_groups=2, segment_length=20, eval_episodes=1, **FAST)
+    agent = Rebel("Pendulum-v1", variant="trajectory", seed=3, output_dir=str(tmp_path / "run"), num_groups=2, segment_length=20, eval_episodes=1, **FAST)
     agent.learn(200)
     path = agent.save(tmp_path / "agent.pt")
     loaded = Rebel.load(path, output_dir=str(tmp_path / "again"))
@@ -56,9 +56,9 @@ def test_save_load_round_trip_and_predict(tmp_path):
 
 def test_resume_of_a_control_run_is_bit_identical(tmp_path):
     options = {"num_groups": 2, "segment_length": 25, "eval_every": 2, "eval_episodes": 1, "epochs": 2, "minibatch_size": 2, **FAST}
-    straight = Rebel("Hopper-v5", seed=1, output_dir=str(tmp_path / "a"), total_steps=1000, **options)
+    straight = Rebel("Hopper-v5", variant="trajectory", seed=1, output_dir=str(tmp_path / "a"), total_steps=1000, **options)
     straight.learn()
-    first = Rebel("Hopper-v5", seed=1, output_dir=str(tmp_path / "b"), total_steps=1000, **options)
+    first = Rebel("Hopper-v5", variant="trajectory", seed=1, output_dir=str(tmp_path / "b"), total_steps=1000, **options)
     first.learn(500)
     resumed = Rebel.from_run(tmp_path / "b")
     resumed.learn(resume=True)
@@ -95,6 +95,8 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
         "control",
         "--env",
         "CartPole-v1",
+        "--variant",
+        "trajectory",
         "--total-steps",
         "1500",
         "--seed",
@@ -122,3 +124,10 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
     assert json.loads((run / "eval.json").read_text())["eval_return"] == result["eval_return"]
     assert main(["train", "control", "--env", "NoSuchEnv-v0", "--output-dir", str(tmp_path / "x")]) == 2
     assert "cannot make environment 'NoSuchEnv-v0'" in capsys.readouterr().err
+
+
+def test_critic_is_the_default_variant(tmp_path):
+    agent = Rebel("Pendulum-v1", output_dir=str(tmp_path / "r"), **FAST)
+    assert agent.config.variant == "critic" and agent.config.num_groups == 4096
+    assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "none"
+    assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
