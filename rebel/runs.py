@@ -167,6 +167,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def ensure_new_run(run_dir: str | os.PathLike) -> None:
+    """Refuse a folder that already holds a run (call it before any expensive set-up)."""
+    if latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True / --resume) or choose another output_dir")
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     checkpoints = Path(run_dir) / "checkpoints"

@@ -33,7 +33,7 @@ from rebel.config import option
 from rebel.losses import PAIRINGS, group_advantage, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
 from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
-from rebel.runs import RunDir, load_file, save_file
+from rebel.runs import RunDir, ensure_new_run, load_file, save_file
 from rebel.sampler import Sampler
 
 LOSSES = ("rebel", "rloo", "ppo_clip")
@@ -197,10 +197,7 @@ class Trainer:
             self.load_checkpoint(checkpoint)
             self.run.truncate_logs(self.iteration)
         elif self.iteration == 0:
-            if self.run.latest_checkpoint() is not None:
-                raise FileExistsError(
-                    f"{self.config.output_dir} already holds a run; resume it (resume=True / --resume) or choose another output_dir"
-                )
+            ensure_new_run(self.config.output_dir)
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)

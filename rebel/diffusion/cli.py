@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     from rebel.cli import resolve_configs
     from rebel.diffusion.rewards import brightness
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
-    from rebel.runs import latest_checkpoint, read_config
+    from rebel.runs import ensure_new_run, read_config
 
     new_model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
     defaults = {"diffusion": EMBEDDED_DEFAULTS} if new_model is None else {}
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> None:
     task: ShapesTaskConfig = configs["task"]
     if args.resume:
         config = dataclasses.replace(config, output_dir=str(args.resume))
-    elif latest_checkpoint(config.output_dir) is not None:
-        raise FileExistsError(f"{config.output_dir} already holds a run; resume it (--resume) or choose another --output-dir")
+    else:
+        ensure_new_run(config.output_dir)
 
     embedded = source.model is None
     if embedded:

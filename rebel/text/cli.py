@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     from envs.text_tasks import SortingTaskConfig
     from rebel.cli import resolve_configs
-    from rebel.runs import latest_checkpoint, read_config
+    from rebel.runs import ensure_new_run, read_config
     from rebel.text.trainer import TextConfig, TextTrainer
 
     new_model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> None:
     task: SortingTaskConfig = configs["task"]
     if args.resume:
         config = dataclasses.replace(config, output_dir=str(args.resume))
-    elif latest_checkpoint(config.output_dir) is not None:
-        raise FileExistsError(f"{config.output_dir} already holds a run; resume it (--resume) or choose another --output-dir")
+    else:
+        ensure_new_run(config.output_dir)
 
     embedded = source.model is None
     model, tokenizer, evaluation = _model(source, task, config, bool(args.resume))
