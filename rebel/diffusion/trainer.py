@@ -48,7 +48,7 @@ class DiffusionConfig:
     max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
     epochs: int = option(1, "passes over each iteration's images")
     minibatch_size: int | None = option(None, "images per optimizer step (whole groups); none: the whole batch")
-    reward_normalization: str = option("none", "none | batch | per_context (running statistics per prompt)")
+    reward_normalization: str = option("none", "none | batch | within_group (minus the prompt's mean, over the batch's within-prompt RMS) | per_context (running statistics per prompt)")
     seed: int = option(0, "random seed (each process adds its rank)")
     use_lora: bool = option(True, "train a LoRA adapter on the UNet's attention (otherwise the whole UNet)")
     lora_rank: int = option(4, "LoRA rank")

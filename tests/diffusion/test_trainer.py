@@ -60,30 +60,26 @@ def test_each_update_regresses_the_reward_differences(tiny_pipe, tmp_path):
 
 @pytest.mark.slow
 def test_rebel_makes_the_shapes_brighter(tmp_path):
+    """The embedded default of `rebel train diffusion` (its EMBEDDED_DEFAULTS): a visible gain.
+    Measured: 0.128 -> 0.189 on this evaluation (+47%; the evaluation's standard error is 0.016)."""
     from envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline, shape_prompts
+    from rebel.diffusion.cli import EMBEDDED_DEFAULTS
 
     make_shapes_pipeline(ShapesTaskConfig(), save_to=tmp_path / "base")
-    cfg = config(
-        tmp_path,
-        iterations=16,
-        prompts_per_iteration=8,
-        num_generations=4,
-        num_inference_steps=10,
-        guidance_scale=3.0,
-        eta=100.0,
-        learning_rate=3e-4,
-        lora_rank=4,
-    )
+    settings = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k != "output_dir"}
+    cfg = config(tmp_path, **{**settings, "lora_rank": 4, "log_images": 0})
     trainer = DiffusionTrainer(str(tmp_path / "base"), brightness, shape_prompts(), cfg)
     texts = [p for p in shape_prompts() for _ in range(4)]
 
     def evaluate():
-        images = trainer.policy.sample(texts, torch.Generator().manual_seed(7))["images"]
+        images = trainer.policy.sample(texts, torch.Generator().manual_seed(12_345))["images"]
         return sum(brightness(images, [])) / len(texts)
 
     before = evaluate()
-    trainer.train()
-    assert evaluate() > before + 0.01
+    rows = trainer.train()
+    after = evaluate()
+    assert all(r["start_log_ratio_max"] == 0.0 for r in rows)
+    assert after > 1.25 * before, (before, after)
 
 
 def test_log_ratio_is_exactly_zero_at_the_start_and_the_run_folder_is_complete(tiny_pipe, tmp_path):
