@@ -121,6 +121,27 @@ def resolve_configs(
     return {key: from_args(cls, args, saved.get(key)) for key, cls in sections.items()}
 
 
+def resolve_model_run(
+    args: argparse.Namespace, section: str, config_cls: type, source_cls: type, task_cls: type, embedded_defaults: dict[str, Any]
+) -> tuple[Any, Any, Any]:
+    """``(config, source, task)`` of an adapter command that trains its embedded task unless
+    ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
+    folder; a new run refuses a folder that already holds one, before any model is built."""
+    import dataclasses
+
+    from rebel.runs import ensure_new_run, read_config
+
+    model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
+    defaults = {section: embedded_defaults} if model is None else {}
+    configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
+    config = configs[section]
+    if args.resume:
+        config = dataclasses.replace(config, output_dir=str(args.resume))
+    else:
+        ensure_new_run(config.output_dir)
+    return config, configs["source"], configs["task"]
+
+
 # ---------------------------------------------------------------- tabular
 
 

@@ -73,21 +73,11 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
-    from rebel.cli import resolve_configs
+    from rebel.cli import resolve_model_run
     from rebel.diffusion.rewards import brightness
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
-    from rebel.runs import ensure_new_run, read_config
 
-    new_model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
-    defaults = {"diffusion": EMBEDDED_DEFAULTS} if new_model is None else {}
-    configs = resolve_configs(args, {"diffusion": DiffusionConfig, "source": DiffusionSource, "task": ShapesTaskConfig}, defaults)
-    config: DiffusionConfig = configs["diffusion"]
-    source: DiffusionSource = configs["source"]
-    task: ShapesTaskConfig = configs["task"]
-    if args.resume:
-        config = dataclasses.replace(config, output_dir=str(args.resume))
-    else:
-        ensure_new_run(config.output_dir)
+    config, source, task = resolve_model_run(args, "diffusion", DiffusionConfig, DiffusionSource, ShapesTaskConfig, EMBEDDED_DEFAULTS)
 
     embedded = source.model is None
     if embedded:

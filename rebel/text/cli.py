@@ -64,20 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     from envs.text_tasks import SortingTaskConfig
-    from rebel.cli import resolve_configs
-    from rebel.runs import ensure_new_run, read_config
+    from rebel.cli import resolve_model_run
     from rebel.text.trainer import TextConfig, TextTrainer
 
-    new_model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
-    defaults = {"text": EMBEDDED_DEFAULTS} if new_model is None else {}
-    configs = resolve_configs(args, {"text": TextConfig, "source": TextSource, "task": SortingTaskConfig}, defaults)
-    config: TextConfig = configs["text"]
-    source: TextSource = configs["source"]
-    task: SortingTaskConfig = configs["task"]
-    if args.resume:
-        config = dataclasses.replace(config, output_dir=str(args.resume))
-    else:
-        ensure_new_run(config.output_dir)
+    config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
 
     embedded = source.model is None
     model, tokenizer, evaluation = _model(source, task, config, bool(args.resume))
