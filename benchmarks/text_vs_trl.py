@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import PeakRSS, mean, mean_std, memory_gb, package_version  # noqa: E402
 
 ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo")  # rebel-rloo: rebel.text with loss="rloo" (a diagnostic, not run by default)
 LABELS = {
@@ -114,34 +115,6 @@ def held_out_eval(task: str, model: Any, tokenizer: Any, n: int) -> dict[str, fl
     cfg = SortingTaskConfig()
     records = sorting_dataset(n, cfg.min_digits, cfg.max_digits, seed=10_000)  # not among the training prompts' seed
     return evaluate_sorting(model, tokenizer, records, seed=0, temperature=1.0)
-
-
-# ----------------------------------------------------------------------------- memory
-class PeakRSS:
-    """Peak resident set size of this process, sampled by a thread (torch allocates outside
-    Python's allocator, so tracemalloc does not see it)."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        import psutil
-
-        self.process, self.interval = psutil.Process(), interval
-        self.start_rss = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -278,17 +251,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _pm(xs: list[float], fmt: str = ".3f") -> str:
-    """``mean ± std`` over seeds (just the value for one seed)."""
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(_mean(xs), fmt)} ± {format(statistics.pstdev(xs), fmt)}"
-
-
 def _window(iterations: int) -> int:
     return max(1, min(10, iterations // 4))
 
@@ -297,16 +259,16 @@ def summarize(runs: list[dict[str, Any]], iterations: int) -> dict[str, Any]:
     """Per-algorithm numbers of the table, each a list over seeds."""
     w = _window(iterations)
     return {
-        "mean_s": [_mean(r["seconds"]) for r in runs],
+        "mean_s": [mean(r["seconds"]) for r in runs],
         "median_s": [statistics.median(r["seconds"]) for r in runs],
         "total_s": [r["total_seconds"] for r in runs],
         "peak_mb": [r["rss_peak_mb"] for r in runs],
         "increase_mb": [r["rss_peak_mb"] - r["rss_before_mb"] for r in runs],
         "maxrss_mb": [r["ru_maxrss_mb"] for r in runs],
         "cuda_mb": [r["cuda_peak_mb"] for r in runs if r["cuda_peak_mb"] is not None],
-        "first": [_mean(r["reward"][:w]) for r in runs],
-        "last": [_mean(r["reward"][-w:]) for r in runs],
-        "auc": [_mean(r["reward"]) for r in runs],
+        "first": [mean(r["reward"][:w]) for r in runs],
+        "last": [mean(r["reward"][-w:]) for r in runs],
+        "auc": [mean(r["reward"]) for r in runs],
         "eval": [r["eval"]["reward"] for r in runs if r["eval"]],
         "exact": [r["eval"]["exact"] for r in runs if r["eval"]],
     }
@@ -338,24 +300,24 @@ def task_section(
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for algo, s in sums.items():
         cells = [
-            LABELS[algo], _pm(s["mean_s"]), _pm(s["median_s"]), _pm(s["total_s"], ".1f"),
-            _pm(s["peak_mb"], ".0f"), _pm(s["increase_mb"], ".0f"), _pm(s["maxrss_mb"], ".0f"),
+            LABELS[algo], mean_std(s["mean_s"]), mean_std(s["median_s"]), mean_std(s["total_s"], ".1f"),
+            mean_std(s["peak_mb"], ".0f"), mean_std(s["increase_mb"], ".0f"), mean_std(s["maxrss_mb"], ".0f"),
         ]  # fmt: skip
         if cuda:
-            cells.append(_pm(s["cuda_mb"], ".0f"))
-        cells += [_pm(s["first"]), _pm(s["last"]), _pm(s["auc"])]
+            cells.append(mean_std(s["cuda_mb"], ".0f"))
+        cells += [mean_std(s["first"]), mean_std(s["last"]), mean_std(s["auc"])]
         if held_out:
-            cells += [_pm(s["eval"]), _pm([100 * x for x in s["exact"]], ".1f") + "%"]
+            cells += [mean_std(s["eval"]), mean_std([100 * x for x in s["exact"]], ".1f") + "%"]
         lines.append("| " + " | ".join(cells) + " |")
     if "rebel" in sums and "trl-rloo" in sums:
         r, t = sums["rebel"], sums["trl-rloo"]
         lines += [
             "",
             "Against the target (REBEL no slower, no heavier, and learning at least as well as TRL RLOO at equal settings): "
-            f"time per iteration x{_mean(r['mean_s']) / _mean(t['mean_s']):.2f} of RLOO's, "
-            f"peak RSS x{_mean(r['peak_mb']) / _mean(t['peak_mb']):.2f} (increase during training x{_mean(r['increase_mb']) / max(_mean(t['increase_mb']), 1e-9):.2f}), "
-            f"mean reward over all iterations {_mean(r['auc']) - _mean(t['auc']):+.3f}, over the last {w} {_mean(r['last']) - _mean(t['last']):+.3f}"
-            + (f", held-out reward {_mean(r['eval']) - _mean(t['eval']):+.3f}" if held_out else "")
+            f"time per iteration x{mean(r['mean_s']) / mean(t['mean_s']):.2f} of RLOO's, "
+            f"peak RSS x{mean(r['peak_mb']) / mean(t['peak_mb']):.2f} (increase during training x{mean(r['increase_mb']) / max(mean(t['increase_mb']), 1e-9):.2f}), "
+            f"mean reward over all iterations {mean(r['auc']) - mean(t['auc']):+.3f}, over the last {w} {mean(r['last']) - mean(t['last']):+.3f}"
+            + (f", held-out reward {mean(r['eval']) - mean(t['eval']):+.3f}" if held_out else "")
             + (
                 " (differences between seed means; compare with the std over seeds)."
                 if len(settings["seeds"]) > 1
@@ -389,9 +351,9 @@ def write_report(
         "",
         f"```bash\n{command}\n```",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB RAM, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {_version('transformers')}, "
-        f"trl {_version('trl')}, accelerate {_version('accelerate')}, {args.threads} torch thread(s) per run, device {device}.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {package_version('transformers')}, "
+        f"trl {package_version('trl')}, accelerate {package_version('accelerate')}, {args.threads} torch thread(s) per run, device {device}.",
         "",
         "## Results",
         "",
@@ -503,9 +465,9 @@ def plot(all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]], ar
         window = max(1, min(5, iterations // 5))
         for k, (algo, runs) in enumerate(results.items()):
             curves = [r["reward"] for r in runs]
-            mean = [_mean(col) for col in zip(*curves)]
-            smooth = [_mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
-            clock = [_mean(col) for col in zip(*[_cumsum(r["seconds"]) for r in runs])]
+            mean = [mean(col) for col in zip(*curves)]
+            smooth = [mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
+            clock = [mean(col) for col in zip(*[_cumsum(r["seconds"]) for r in runs])]
             its = list(range(1, len(mean) + 1))
             for curve in curves:
                 ax_it.plot(its, curve, color=f"C{k}", alpha=0.15, linewidth=0.8)
@@ -534,24 +496,6 @@ def _cumsum(xs: list[float]) -> list[float]:
         total += x
         out.append(total)
     return out
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def _memory_gb() -> str:
-    try:
-        import psutil
-
-        return f"{psutil.virtual_memory().total / 2**30:.0f}"
-    except ImportError:
-        return "?"
 
 
 # ----------------------------------------------------------------------------- main
@@ -618,7 +562,7 @@ def run_all(task: str, epochs: int, model_dir: Path, args: argparse.Namespace, t
             results[algo].append(r)
             evaluation = f", held-out reward {r['eval']['reward']:.3f}" if r["eval"] else ""
             print(
-                f"[{task}, {epochs} epoch(s)] {algo} seed {seed}: {_mean(r['seconds']):.3f} s/iteration, peak RSS {r['rss_peak_mb']:.0f} MB, "
+                f"[{task}, {epochs} epoch(s)] {algo} seed {seed}: {mean(r['seconds']):.3f} s/iteration, peak RSS {r['rss_peak_mb']:.0f} MB, "
                 f"reward {r['reward'][0]:.3f} -> {r['reward'][-1]:.3f}{evaluation} ({time.perf_counter() - start:.0f} s in all)",
                 flush=True,
             )

@@ -138,6 +138,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         # Without CUDA, accelerate treats a torchrun launch as distributed only when told cpu=True.
         distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _allow_new_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=distributed_cpu)
         params = [p for p in policy.parameters() if p.requires_grad]
         if not params:
@@ -524,6 +525,16 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["trainer"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """accelerate keeps one mixed-precision setting per process and refuses an ``Accelerator``
+    with another; a new trainer may choose its own (the process group itself is kept)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _positive_int(name: str, value: Any) -> None:

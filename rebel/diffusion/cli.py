@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     embedded = source.model is None
     if embedded:
         torch.set_num_threads(min(2, torch.get_num_threads()))  # a ~1M-parameter model: more threads cost more than they give
-    reward = _reward(source) if source.reward is not None else brightness
+    reward = reward_from_source(source) if source.reward is not None else brightness
     pipeline = source.model if not embedded else _embedded_pipeline(task, config, bool(args.resume))
     prompts = source.prompts if source.prompts is not None else (shape_prompts() if embedded else "animals")
     trainer = DiffusionTrainer(
@@ -135,7 +135,7 @@ def _evaluate(trainer: Any, prompts: list[str], reward: Any, per_prompt: int = 4
     return call_reward(reward, images, texts).mean().item()
 
 
-def _reward(source: DiffusionSource) -> Any:
+def reward_from_source(source: DiffusionSource) -> Any:
     """The reward named by ``--reward``: a built-in name, ``module:function`` or ``file.py:function``."""
     from rebel.diffusion.rewards import REWARDS, AestheticScorer
 

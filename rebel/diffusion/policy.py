@@ -30,6 +30,7 @@ from rebel.diffusion.step import ddim_step_mean_std, ddim_step_with_log_prob
 from rebel.policy import Policy
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LOG_PROB_REDUCTIONS = ("sum", "mean")
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,6 +42,8 @@ class DiffusionPolicy(Policy):
         num_inference_steps: DDIM steps of a trajectory (T).
         guidance_scale: classifier-free guidance weight (<= 1: no guidance, one UNet pass).
         ddim_eta: DDIM noise scale (> 0: a stochastic policy).
+        log_prob_reduction: ``sum`` (default: the log-density of the whole latent) or ``mean``
+            over the latent's D dimensions (ddpo-pytorch's convention: every log-ratio / D).
         lora_rank: train a LoRA adapter of this rank on the UNet's attention projections;
             ``None``: fine-tune the whole UNet.
         lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
@@ -60,6 +63,7 @@ class DiffusionPolicy(Policy):
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         ddim_eta: float = 1.0,
+        log_prob_reduction: str = "sum",
         lora_rank: int | None = 4,
         lora_alpha: int | None = None,
         resolution: int | None = None,
@@ -74,6 +78,8 @@ class DiffusionPolicy(Policy):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if not ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (a deterministic DDIM chain has no log-probability), got {ddim_eta}")
+        if log_prob_reduction not in LOG_PROB_REDUCTIONS:
+            raise ValueError(f"log_prob_reduction={log_prob_reduction!r}; expected one of {', '.join(LOG_PROB_REDUCTIONS)}")
         if sample_precision not in AUTOCAST:
             raise ValueError(f"sample_precision={sample_precision!r}; expected one of {', '.join(AUTOCAST)}")
         pipe = load_pipeline(pipeline, pipeline_kwargs)
@@ -87,6 +93,7 @@ class DiffusionPolicy(Policy):
         self.scheduler.set_timesteps(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
         self.ddim_eta = float(ddim_eta)
+        self.log_prob_reduction = log_prob_reduction
         self.sample_precision = sample_precision
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
@@ -172,6 +179,8 @@ class DiffusionPolicy(Policy):
             x, t = latents[rows, h], timesteps[rows, h]
             model_output = self.guided_output(x, t, cond[rows], uncond[rows])
             _, logp = ddim_step_with_log_prob(self.scheduler, model_output, t, x, self.ddim_eta, prev_sample=latents[rows, h + 1])
+            if self.log_prob_reduction == "mean":
+                logp = logp / x[0].numel()
             out = out.index_put((rows, torch.full_like(rows, h)), logp)
         return out
 

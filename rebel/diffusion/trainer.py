@@ -34,13 +34,16 @@ class DiffusionConfig:
     num_inference_steps: int = option(50, "DDIM steps of a trajectory")
     guidance_scale: float = option(5.0, "classifier-free guidance weight (<= 1: none)")
     ddim_eta: float = option(1.0, "DDIM noise scale, > 0 (a stochastic policy); not REBEL's eta")
+    log_prob_reduction: str = option(
+        "sum", "sum | mean: each step's log-density over the latent's dimensions (mean is DDPO's convention: log-ratios / D)"
+    )
     timestep_fraction: float = option(1.0, "share of each chain's steps trained, chosen at random per image (1: all, exact)")
     resolution: int | None = option(None, "image side in pixels; none: the pipeline's default")
     sample_batch_size: int | None = option(None, "images per sampling pass; none: all at once")
     eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
     loss: str = option("rebel", "rebel | rloo | ppo_clip (ppo_clip with per-prompt advantages is DDPO's loss)")
     pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
-    clip_range: float = option(0.2, "per-step ratio clipping of the ppo_clip loss (log-probs summed over latent dims)")
+    clip_range: float = option(0.2, "per-step ratio clipping of the ppo_clip loss (DDPO: 1e-4 with log_prob_reduction mean)")
     learning_rate: float = option(3e-4, "AdamW learning rate")
     lr_schedule: str = option("constant", "constant | linear | cosine")
     warmup_iterations: int = option(0, "iterations of linear learning-rate warm-up")
@@ -68,6 +71,8 @@ class DiffusionConfig:
             raise ValueError(f"num_generations must be >= 2 (REBEL compares images of a prompt), got {self.num_generations}")
         if not self.ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (deterministic DDIM has no log-probability), got {self.ddim_eta}")
+        if self.log_prob_reduction not in ("sum", "mean"):
+            raise ValueError(f"log_prob_reduction={self.log_prob_reduction!r} is not supported; expected sum or mean")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank"):
@@ -116,6 +121,7 @@ class DiffusionTrainer:
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
             ddim_eta=config.ddim_eta,
+            log_prob_reduction=config.log_prob_reduction,
             lora_rank=config.lora_rank if config.use_lora else None,
             lora_alpha=config.lora_alpha,
             resolution=config.resolution,

@@ -38,6 +38,18 @@ def test_chain_is_stored_per_sample_and_scored_step_by_step(tiny_pipe):
     assert steps.shape == (4, 4) and torch.isfinite(steps).all()
 
 
+def test_mean_reduction_divides_each_step_by_the_latent_size(tiny_pipe):
+    """DDPO's convention: the step log-density averaged over the latent's D = 4*4*4 dimensions."""
+    summed, averaged = make(tiny_pipe), make(tiny_pipe, log_prob_reduction="mean")
+    sampler = DiffusionSampler(["a red circle"], brightness, prompts_per_iteration=2, num_generations=2)
+    sampler.seed(0)
+    batch = sampler.collect(summed)
+    with torch.no_grad():
+        torch.testing.assert_close(averaged.step_log_probs(batch), summed.step_log_probs(batch) / 64)
+    with pytest.raises(ValueError, match="log_prob_reduction='median'; expected one of sum, mean"):
+        make(tiny_pipe, log_prob_reduction="median")
+
+
 def test_timestep_fraction_trains_a_random_subset_of_steps(tiny_pipe):
     policy = make(tiny_pipe)
     sampler = DiffusionSampler(["a red circle"], brightness, prompts_per_iteration=3, timestep_fraction=0.5)

@@ -1,6 +1,7 @@
 """DiffusionTrainer end to end on a tiny random pipeline: learning, run folder, exactness, resume, errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,5 +137,14 @@ def test_config_checks():
         DiffusionConfig(ddim_eta=0.0)
     with pytest.raises(ValueError, match="timestep_fraction"):
         DiffusionConfig(timestep_fraction=0.0)
+    with pytest.raises(ValueError, match="log_prob_reduction='max' is not supported; expected sum or mean"):
+        DiffusionConfig(log_prob_reduction="max")
     with pytest.raises(ValueError, match="eta"):
         DiffusionConfig(eta=-1.0)
+
+
+def test_bf16_autocast_keeps_the_start_exact(tiny_pipe, tmp_path):
+    """The mixed-precision path (bf16 autocast of sampling and training), run on the CPU."""
+    rows = DiffusionTrainer(tiny_pipe, bright, PROMPTS, config(tmp_path, mixed_precision="bf16", epochs=2, minibatch_size=2)).train()
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0, 0.0]
+    assert all(r["log_ratio_max_abs"] > 0 and math.isfinite(r["loss"]) for r in rows)

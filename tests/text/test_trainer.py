@@ -146,3 +146,19 @@ def test_text_config_maps_onto_the_trainer_config_and_checks_values():
         TextConfig(num_generations=1)
     with pytest.raises(ValueError, match="eta must be a finite number > 0"):
         TextConfig(eta=0.0)
+
+def test_bf16_paths_run_on_cpu(tiny_lm, tmp_path):
+    """The code paths of bf16 training (checked here on the CPU; a GPU takes the same ones):
+    autocast keeps the start of every iteration exact, and bf16 weights load and train."""
+    rows = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "autocast", mixed_precision="bf16", epochs=2)).train()
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0] * 3
+    assert all(r["log_ratio_max_abs"] > 0 for r in rows)
+    trainer = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, "weights", dtype="bfloat16", learning_rate=1e-2))
+    before = [p.detach().clone() for p in trainer.policy.parameters() if p.requires_grad]
+    rows = trainer.train()
+    after = [p for p in trainer.policy.parameters() if p.requires_grad]
+    assert {p.dtype for p in after} == {torch.bfloat16}
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0] * 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "weights" / "model")
+    assert reloaded.dtype == torch.bfloat16

@@ -1,0 +1,67 @@
+"""The benchmark scripts' reports, from made-up measurements (the runs themselves are benchmarks, not tests)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_control_report_merges_runs_and_compares_with_ppo(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load("control_vs_sb3")
+
+    def run(algo, seed, ret, seconds):
+        return {"env": "Hopper-v5", "algorithm": algo, "seed": seed, "final_return": ret, "final_return_std": 0.0,
+                "env_steps": 1000, "train_seconds": seconds, "curve": [(500, ret / 2), (1000, ret)]}  # fmt: skip
+
+    first = [run("rebel-critic", 0, 100.0, 10.0), run("sb3-ppo", 0, 50.0, 1.0), run("sb3-ppo", 1, 70.0, 1.0)]
+    second = [run("rebel-critic", 0, 300.0, 5.0), run("rebel-critic", 1, 500.0, 5.0)]  # seed 0 again: replaces the first file's
+    paths = []
+    for k, runs in enumerate((first, second)):
+        paths.append(tmp_path / f"part{k}.json")
+        paths[-1].write_text(json.dumps(runs))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["control_vs_sb3.py", "--merge", *map(str, paths), "--steps", "1000", "--out", str(out)])
+    bench.main()
+    report = (out / "control.md").read_text()
+    assert "| Hopper-v5 | rebel-critic | 400.0 ± 100.0 | 300, 500 | 200 | 0.20 |" in report
+    assert "| Hopper-v5 | sb3-ppo | 60.0 ± 10.0 | 50, 70 | 1000 | 1.00 |" in report
+    assert "**Short budget:** 1000 env steps and 2 seed(s)" in report
+    assert len(json.loads((out / "control.json").read_text())) == 4 and (out / "control.png").is_file()
+
+
+def test_diffusion_report_compares_rebel_with_ddpo(tmp_path):
+    pytest.importorskip("diffusers")
+    bench = load("diffusion_vs_ddpo")
+    args = bench.parse_args(["--iterations", "4", "--seeds", "0", "1", "--out", str(tmp_path)])
+
+    def run(rewards, evaluation, seconds, peak):
+        return {"reward": rewards, "seconds": [seconds] * 4, "eval_reward": evaluation, "rss_peak_mb": peak,
+                "rss_before_mb": 100.0, "cuda_peak_mb": None}  # fmt: skip
+
+    results = {
+        "rebel": [run([0.1, 0.2, 0.3, 0.4], 0.30, 2.0, 500.0), run([0.1, 0.2, 0.3, 0.6], 0.40, 2.0, 500.0)],
+        "ddpo": [run([0.1, 0.1, 0.2, 0.2], 0.20, 4.0, 1000.0), run([0.1, 0.1, 0.2, 0.2], 0.20, 4.0, 1000.0)],
+    }
+    bench.write_report(results, 0.15, args, tmp_path, "python benchmarks/diffusion_vs_ddpo.py")
+    report = (tmp_path / "diffusion.md").read_text()
+    assert "| REBEL | 2.00 ± 0.00 | 500 ± 0 | 400 ± 0 | 0.1000 ± 0.0000 | 0.5000 ± 0.1000 | 0.2750 ± 0.0250 | 0.3500 ± 0.0500 |" in report
+    assert "fixed-seed evaluation +0.1500, mean training reward +0.1250, time per iteration x0.50 of DDPO's, peak RSS x0.50" in report
+    assert "4 iterations x 8 prompts x 4 images = 128 reward queries per run" in report
+    assert (tmp_path / "diffusion.png").is_file()
+    # the DDPO baseline is DDPO's loss: clipped per-step ratios of dimension-averaged log-densities
+    ddpo = bench.config_for("ddpo", 0, args, tmp_path / "run")
+    assert (ddpo.loss, ddpo.clip_range, ddpo.log_prob_reduction) == ("ppo_clip", 1e-4, "mean")
+    rebel = bench.config_for("rebel", 0, args, tmp_path / "run")
+    assert (rebel.loss, rebel.log_prob_reduction, rebel.learning_rate) == ("rebel", "sum", ddpo.learning_rate)
