@@ -58,7 +58,7 @@ LABELS = {
 # Settings of each task when not given on the command line.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"iterations": 60, "prompts": 32, "num_generations": 4, "max_new_tokens": 8, "learning_rate": 1e-3, "seeds": [0, 1, 2]},
-    "smollm2": {"iterations": 2, "prompts": 2, "num_generations": 4, "max_new_tokens": 16, "learning_rate": 1e-5, "seeds": [0]},
+    "smollm2": {"iterations": 12, "prompts": 2, "num_generations": 4, "max_new_tokens": 16, "learning_rate": 1e-5, "seeds": [0]},
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

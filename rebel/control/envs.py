@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ EnvSource = str | Callable[[], gym.Env]
 def make_env(env: EnvSource, **kwargs: Any) -> gym.Env:
     """``gymnasium.make(env, **kwargs)`` for an id (a clear error naming close ids when it is
     unknown), or ``env()`` for a factory; checks the spaces are supported."""
+    route_mujoco_warnings()
     if isinstance(env, str):
         try:
             made = gym.make(env, **kwargs)
@@ -33,6 +35,22 @@ def make_env(env: EnvSource, **kwargs: Any) -> gym.Env:
         raise TypeError(f"env must be a gymnasium id or a function returning an env, got {type(env).__name__}")
     check_spaces(made.observation_space, made.action_space, name)
     return made
+
+
+def route_mujoco_warnings() -> None:
+    """Send MuJoCo's C-level warnings to Python's ``warnings`` (so each is shown once, not at
+    every model load: MuJoCo 3.3+ warns about ``settotalmass`` in gymnasium's HalfCheetah and
+    Ant models). A handler the user installed is left in place."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
+def _mujoco_warning(message: str) -> None:
+    warnings.warn(f"MuJoCo: {message.strip()}", RuntimeWarning, stacklevel=2)
 
 
 def env_name(env: EnvSource) -> str:
