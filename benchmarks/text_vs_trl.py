@@ -465,10 +465,10 @@ def plot(all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]], ar
         window = max(1, min(5, iterations // 5))
         for k, (algo, runs) in enumerate(results.items()):
             curves = [r["reward"] for r in runs]
-            mean = [mean(col) for col in zip(*curves)]
-            smooth = [mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
+            average = [mean(col) for col in zip(*curves)]
+            smooth = [mean(average[max(0, i - window + 1) : i + 1]) for i in range(len(average))]
             clock = [mean(col) for col in zip(*[_cumsum(r["seconds"]) for r in runs])]
-            its = list(range(1, len(mean) + 1))
+            its = list(range(1, len(average) + 1))
             for curve in curves:
                 ax_it.plot(its, curve, color=f"C{k}", alpha=0.15, linewidth=0.8)
             ax_it.plot(its, smooth, color=f"C{k}", label=LABELS[algo])
@@ -523,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts scored after training (tiny task)")
     parser.add_argument("--out", default="docs/benchmarks", help="folder of text.md and text.png")
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--report-from", metavar="JSON", help="no runs: write the report from a --json file of an earlier run")
     # one algorithm, one task, one seed: the subprocesses
     parser.add_argument("--worker", choices=ALGORITHMS, help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), help=argparse.SUPPRESS)
@@ -569,6 +570,21 @@ def run_all(task: str, epochs: int, model_dir: Path, args: argparse.Namespace, t
     return results
 
 
+def report_from(path: Path, out: Path) -> None:
+    """Write the page of an earlier run from its ``--json`` file (with that run's command)."""
+    raw = json.loads(path.read_text())
+    args = argparse.Namespace(**raw["args"])
+    all_results = {}
+    for key, results in raw["results"].items():  # "tiny, 1 epochs"
+        task, epochs = key.split(", ")
+        all_results[(task, int(epochs.split()[0]))] = results
+    command = raw.get("command") or "python benchmarks/text_vs_trl.py " + " ".join(
+        ["--tasks", *args.tasks, "--epochs", *map(str, sorted({e for _, e in all_results}))]
+    )
+    write_report(all_results, raw["start_eval"], args, out, command)
+    print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
@@ -577,6 +593,9 @@ def main() -> None:
     command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_from:
+        report_from(Path(args.report_from), out)
+        return
     all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     start_evals: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="text-vs-trl-") as tmp:
@@ -596,7 +615,7 @@ def main() -> None:
                 all_results[(task, epochs)] = run_all(task, epochs, model_dir, args, Path(tmp))
     if args.json:
         raw = {f"{task}, {epochs} epochs": results for (task, epochs), results in all_results.items()}
-        Path(args.json).write_text(json.dumps({"args": vars(args), "start_eval": start_evals, "results": raw}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "command": command, "start_eval": start_evals, "results": raw}, indent=1))
     write_report(all_results, start_evals, args, out, command)
     print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 

@@ -65,3 +65,27 @@ def test_diffusion_report_compares_rebel_with_ddpo(tmp_path):
     assert (ddpo.loss, ddpo.clip_range, ddpo.log_prob_reduction) == ("ppo_clip", 1e-4, "mean")
     rebel = bench.config_for("rebel", 0, args, tmp_path / "run")
     assert (rebel.loss, rebel.log_prob_reduction, rebel.learning_rate) == ("rebel", "sum", ddpo.learning_rate)
+
+
+def test_text_report_rebuilt_from_a_json_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load("text_vs_trl")
+    args = vars(bench.parse_args(["--tasks", "tiny", "--seeds", "0", "1", "--iterations", "4"]))
+
+    def run(algo, rewards, seconds, peak):
+        return {"algorithm": algo, "reward": rewards, "seconds": [seconds] * 4, "total_seconds": 4 * seconds, "rss_before_mb": 100.0,
+                "rss_peak_mb": peak, "ru_maxrss_mb": peak, "cuda_peak_mb": None, "device": "cpu", "optimizer": "AdamW()",
+                "eval": {"reward": rewards[-1], "exact": 0.5}}  # fmt: skip
+
+    results = {
+        "rebel": [run("rebel", [0.4, 0.5, 0.6, 0.7], 0.1, 400.0), run("rebel", [0.4, 0.5, 0.6, 0.9], 0.1, 400.0)],
+        "trl-rloo": [run("trl-rloo", [0.4, 0.4, 0.5, 0.5], 0.2, 500.0), run("trl-rloo", [0.4, 0.4, 0.5, 0.5], 0.2, 500.0)],
+    }
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"args": args, "start_eval": {"tiny": {"reward": 0.3, "exact": 0.1}}, "results": {"tiny, 1 epochs": results}}))
+    monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(raw), "--out", str(tmp_path)])
+    bench.main()
+    report = (tmp_path / "text.md").read_text()
+    assert "| REBEL (rebel.text) | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.4 ± 0.0 | 400 ± 0 | 300 ± 0 | 400 ± 0 | 0.400 ± 0.000 | 0.800 ± 0.100 |" in report
+    assert "time per iteration x0.50 of RLOO's, peak RSS x0.80" in report
+    assert "held-out reward +0.300" in report and (tmp_path / "text.png").is_file()
