@@ -174,9 +174,9 @@ def build_pipeline(args: argparse.Namespace, folder: Path) -> str:
     """The starting pipeline's folder: the embedded shapes pipeline, warmed up and saved, or ``--model``."""
     if args.model is not None:
         return args.model
-    from envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline
-
     import torch
+
+    from envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline
 
     torch.set_num_threads(args.threads)
     make_shapes_pipeline(ShapesTaskConfig(), save_to=folder)

@@ -75,6 +75,12 @@ class TrainerConfig:
     plot: bool = option(True, "draw curves.png at the end")
     progress: bool = option(True, "show a progress bar")
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> TrainerConfig:
+        """The trainer's settings taken from an adapter's config dataclass (the fields both have)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dataclasses.asdict(settings).items() if k in names})
+
     def __post_init__(self) -> None:
         if self.iterations is None and self.budget is None:
             raise ValueError("iterations=None needs a budget: set iterations or budget")

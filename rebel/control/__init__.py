@@ -11,9 +11,9 @@ from rebel.control.critic import CriticSampler
 from rebel.control.distributions import ATANH_EPS, ActionDistribution, Categorical, ClippedGaussian, SquashedGaussian
 from rebel.control.envs import EnvPool, make_env
 from rebel.control.evaluation import evaluate, record_video
+from rebel.control.mc import MonteCarloSampler
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import frozen_normalizers, restore, snapshot
-from rebel.control.mc import MonteCarloSampler
 from rebel.control.trajectory import TrajectorySampler
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rebel.config import option
-from rebel.diffusion.policy import DiffusionPolicy
+from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
 
@@ -71,8 +71,8 @@ class DiffusionConfig:
             raise ValueError(f"num_generations must be >= 2 (REBEL compares images of a prompt), got {self.num_generations}")
         if not self.ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (deterministic DDIM has no log-probability), got {self.ddim_eta}")
-        if self.log_prob_reduction not in ("sum", "mean"):
-            raise ValueError(f"log_prob_reduction={self.log_prob_reduction!r} is not supported; expected sum or mean")
+        if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
+            raise ValueError(f"log_prob_reduction={self.log_prob_reduction!r} is not supported; expected {' or '.join(LOG_PROB_REDUCTIONS)}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank"):
@@ -84,8 +84,7 @@ class DiffusionConfig:
         """The :class:`rebel.TrainerConfig` of these settings."""
         from rebel.trainer import TrainerConfig
 
-        names = {f.name for f in dataclasses.fields(TrainerConfig)}
-        return TrainerConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return TrainerConfig.from_settings(self)
 
 
 class DiffusionTrainer:

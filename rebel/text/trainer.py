@@ -85,8 +85,7 @@ class TextConfig:
         """The :class:`rebel.TrainerConfig` of these settings."""
         from rebel.trainer import TrainerConfig
 
-        names = {f.name for f in dataclasses.fields(TrainerConfig)}
-        return TrainerConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return TrainerConfig.from_settings(self)
 
     def lora_config(self) -> Any:
         """A ``peft.LoraConfig`` from the ``lora_*`` fields (dropout 0: REBEL scores deterministically)."""
