@@ -74,7 +74,7 @@ def run_sb3(env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int
             self.eval_seconds = 0.0
 
         def _on_step(self) -> bool:
-            if self.num_timesteps % eval_every_steps == 0:
+            if self.num_timesteps % eval_every_steps == 0 and self.num_timesteps < steps:  # the final evaluation follows learn()
                 start = time.perf_counter()
                 self.curve.append((self.num_timesteps, evaluate(Actor(), env_id, episodes)["eval_return"]))  # type: ignore[arg-type]
                 self.eval_seconds += time.perf_counter() - start
@@ -144,7 +144,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         for algo in args.algorithms:
             runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
             for k, r in enumerate(runs):
-                xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+                points = dict(r["curve"])  # one point per step count: the final evaluation wins over a periodic one there
+                xs, ys = (tuple(points), tuple(points.values())) if points else ((), ())
                 ax.plot(xs, ys, color=f"C{args.algorithms.index(algo)}", alpha=0.8, label=algo if k == 0 else None)
         ax.set_title(env_id)
         ax.set_xlabel("env steps")

@@ -89,3 +89,37 @@ def test_text_report_rebuilt_from_a_json_file(tmp_path, monkeypatch):
     assert "| REBEL (rebel.text) | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.4 ± 0.0 | 400 ± 0 | 300 ± 0 | 400 ± 0 | 0.400 ± 0.000 | 0.800 ± 0.100 |" in report
     assert "time per iteration x0.50 of RLOO's, peak RSS x0.80" in report
     assert "held-out reward +0.300" in report and (tmp_path / "text.png").is_file()
+
+
+def test_text_reports_of_several_runs_merge_their_seeds(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load("text_vs_trl")
+
+    def raw_file(name, seeds, rewards, iterations=2):
+        args = vars(bench.parse_args(["--tasks", "tiny", "--seeds", *map(str, seeds), "--iterations", str(iterations)]))
+        run = {"algorithm": "rebel", "reward": rewards, "seconds": [0.1] * 2, "total_seconds": 0.2, "rss_before_mb": 100.0,
+               "rss_peak_mb": 400.0, "ru_maxrss_mb": 400.0, "cuda_peak_mb": None, "device": "cpu", "optimizer": "AdamW()", "eval": {}}  # fmt: skip
+        results = {"tiny, 1 epochs": {"rebel": [run] * len(seeds), "trl-rloo": [dict(run, algorithm="trl-rloo")] * len(seeds)}}
+        path = tmp_path / name
+        path.write_text(json.dumps({"args": args, "command": f"python run {name}", "start_eval": {}, "results": results}))
+        return path
+
+    first, second = raw_file("a.json", [0], [0.2, 0.4]), raw_file("b.json", [1, 2], [0.2, 0.7])
+    monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(first), str(second), "--out", str(tmp_path)])
+    bench.main()
+    report = (tmp_path / "text.md").read_text()
+    assert "seeds 0, 1, 2 (mean ± std over seeds)" in report
+    assert f"python run a.json\npython run b.json\npython benchmarks/text_vs_trl.py --report-from {first} {second}" in report
+    assert "| 0.600 ± 0.141 |" in report  # last-iteration rewards 0.4, 0.7, 0.7 over the three seeds
+    two_epochs = json.loads(first.read_text())
+    two_epochs["results"] = {"tiny, 2 epochs": two_epochs["results"]["tiny, 1 epochs"]}
+    (tmp_path / "e.json").write_text(json.dumps(two_epochs))
+    monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(first), str(second), str(tmp_path / "e.json"), "--out", str(tmp_path)])
+    bench.main()
+    report = (tmp_path / "text.md").read_text()
+    assert "2 epoch(s) per batch (4 optimizer steps), seeds 0." in report and "seeds 0, 1, 2 (mean" in report
+    for bad, message in ((raw_file("c.json", [1], [0.1, 0.2]), r"seeds \[1\] of 'tiny, 1 epochs' are already"),
+                         (raw_file("d.json", [5], [0.1, 0.2, 0.3], iterations=3), "settings of task 'tiny'")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(second), str(bad), "--out", str(tmp_path)])
+        with pytest.raises(ValueError, match=message):
+            bench.main()

@@ -93,7 +93,7 @@ class ControlConfig:
     critic_lr: float = option(3e-4, "critic: learning rate")
     critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")
     tau: float = option(0.005, "critic: target-network averaging rate")
-    alpha: float = option(0.0, "critic: entropy bonus in the TD target (0: REBEL's KL step regularises instead)")
+    alpha: float = option(0.0, "critic: entropy weight: soft TD target and actor reward Q - alpha log pi_t (0: REBEL's KL step regularises alone)")
     eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
     eval_episodes: int = option(10, "episodes per evaluation")
     video: bool = option(False, "render the final evaluation into videos/eval.gif")
@@ -155,6 +155,11 @@ class Rebel:
         trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         trainer_options.setdefault("budget", float(self.config.total_steps))
         self.trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
+        if variant == "critic" and self.config.alpha * self.trainer_config.eta > 1:
+            raise ValueError(
+                f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
+                f"got alpha={self.config.alpha} and eta={self.trainer_config.eta}"
+            )
         probe = make_env(self.env_source)
         torch.manual_seed(seed)
         self.policy = self._make_policy(probe.observation_space, probe.action_space)

@@ -43,7 +43,10 @@ class CriticSampler(Sampler):
        ``Q(s, a) = min(Q1, Q2)(s, a)`` of the online critics (:attr:`q_reduction`; SAC's
        actor uses the min too). Until the critic has had its first update the rewards
        are 0: the regression's target is then 0 and its gradient at pi_t exactly 0, so
-       the policy does not follow an untrained critic.
+       the policy does not follow an untrained critic. With ``alpha > 0`` (soft Q) the
+       reward is ``Q(s, a) - alpha log pi_t(a|s)``: REBEL's step
+       ``pi_{t+1} ~ pi_t^(1 - eta alpha) exp(eta Q)`` then has SAC's soft-optimal policy
+       ``exp(Q / alpha)`` as its fixed point (keep ``eta * alpha <= 1``).
 
     Observations are stored raw; the critic and the policy both see ``policy.preprocess``
     of them. Use ``MLPPolicy(..., normalize_observations=False)``: the critic's inputs
@@ -267,6 +270,11 @@ class CriticSampler(Sampler):
             q = self.critic.value(inputs, self._critic_actions(env_actions), self.q_reduction).float()
         else:  # an untrained critic: no signal, and the policy stays where it is
             q = torch.zeros(len(inputs), device=inputs.device)
+        stats = {"q_mean": q.mean().item()}
+        if self.alpha and self.critic_updates:  # the soft Q's own policy improvement: reward Q - alpha log pi_t
+            logp = policy.distribution(inputs).log_prob(env_actions, raw).float()
+            q = q - self.alpha * logp
+            stats["entropy"] = -logp.mean().item()
         per_state = q.view(self.num_states, k)
         pair_gaps = (per_state[:, :, None] - per_state[:, None, :]).abs().sum() / (self.num_states * k * (k - 1))
         return RolloutBatch(
@@ -274,7 +282,7 @@ class CriticSampler(Sampler):
             reward=q,
             mask=torch.ones(len(q), 1, dtype=torch.bool, device=inputs.device),
             data={"inputs": inputs[:, None], "raw_actions": raw[:, None]},
-            stats={"q_mean": q.mean().item(), "q_diff_abs": pair_gaps.item()},
+            stats={**stats, "q_diff_abs": pair_gaps.item()},
         )
 
     # ------------------------------------------------------------- checkpoint

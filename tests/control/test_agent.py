@@ -81,6 +81,8 @@ def test_env_objects_and_bad_inputs(tmp_path):
         Rebel(_MultiDiscreteEnv)
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         agent.learn(0)
+    with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.5 and eta=4.0"):
+        Rebel("Pendulum-v1", variant="critic", alpha=0.5, eta=4.0)
 
 
 class _MultiDiscreteEnv(gym.Env):

@@ -10,7 +10,7 @@ import torch
 from rebel import Trainer, TrainerConfig
 from rebel.control.critic import CriticSampler
 from rebel.control.evaluation import evaluate
-from rebel.control.policy import MLPPolicy
+from rebel.control.policy import LOG_STD_RANGE, MLPPolicy
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -80,6 +80,24 @@ def test_the_rebel_batch_compares_actions_at_replay_states_by_their_q_values():
     gaps = [abs(batch.reward[3 * g + i] - batch.reward[3 * g + j]).item() for g in range(6) for i in range(3) for j in range(3) if i != j]
     assert batch.stats["q_diff_abs"] == pytest.approx(np.mean(gaps), rel=1e-5)
     assert batch.stats["critic_updates"] == 50 and batch.counts == {"env_steps": 50.0}
+
+
+def test_with_alpha_the_reward_is_the_soft_q_of_the_sampled_action():
+    alpha = 0.3
+    policy, sampler = make(num_states=5, actions_per_state=2, learning_starts=100, alpha=alpha)
+    assert torch.equal(sampler.collect(policy).reward, torch.zeros(10))  # no critic yet: no entropy term either
+    batch = sampler.collect(policy)
+    inputs, raw = batch.data["inputs"][:, 0], batch.data["raw_actions"][:, 0]
+    q = torch.minimum(*sampler.critic.q(inputs, torch.tanh(raw)))
+    mean, log_std = policy.net(inputs).split(1, dim=-1)
+    dist = torch.distributions.Normal(mean, log_std.clamp(*LOG_STD_RANGE).exp())
+    squashed = torch.distributions.TransformedDistribution(
+        dist, [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(0.0, 2.0)]
+    )  # Pendulum's torque in [-2, 2]
+    logp = squashed.log_prob(2 * torch.tanh(raw)).sum(-1)
+    assert torch.allclose(batch.reward, q - alpha * logp, atol=1e-4)
+    assert batch.stats["entropy"] == pytest.approx(-logp.mean().item(), rel=1e-4)
+    assert batch.stats["q_mean"] == pytest.approx(q.mean().item(), rel=1e-5)
 
 
 def test_env_steps_and_updates_are_counted():
