@@ -57,8 +57,9 @@ class CriticSampler(Sampler):
 
     Stats: ``episode_return`` and ``episode_length`` (means over the episodes finished this
     iteration), ``critic_loss``, ``td_target_mean`` and ``critic_updates`` (when the critic
-    was updated), ``q_mean`` and ``q_diff_abs`` (mean ``|Q(s, a) - Q(s, a')|`` over the
-    pairs) of the REBEL batch, ``buffer_size``.
+    was updated), ``q_mean`` (of Q itself) and ``q_diff_abs`` (mean gap between the rewards of
+    a pair: ``|Q(s, a) - Q(s, a')|``, of the soft rewards when ``alpha > 0``) of the REBEL
+    batch, ``entropy`` (``-log pi_t`` of the sampled actions, when ``alpha > 0``), ``buffer_size``.
     """
 
     #: Which estimate of Q the REBEL batch uses: ``"min"`` or ``"mean"`` of the two critics.
