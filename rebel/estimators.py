@@ -12,6 +12,9 @@ Everything here is torch + numpy: inputs are float tensors (observation features
 actions as the critic sees them); an adapter converts its observations and actions
 (``rebel.control.critic.CriticSampler`` for gymnasium).
 
+:class:`ValueFunction` is a state-value network V(s) fit by regression on observed returns;
+the Monte-Carlo reset estimator uses it to bootstrap its rollouts at the horizon.
+
 The other estimator of the design, the Monte-Carlo reset estimator (restore the
 simulator to s, take a, follow pi_t, sum the discounted rewards), lives in
 ``rebel/control/mc.py``: it needs exact environment snapshots, so it belongs to the
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NextActionFn", "ReplayBuffer", "Transitions", "TwinQCritic"]
+__all__ = ["NextActionFn", "ReplayBuffer", "Transitions", "TwinQCritic", "ValueFunction"]
 
 #: ``next_obs [B, obs_dim] -> (actions, log_probs [B])``: a' ~ pi(.|s') as the critic takes
 #: it, and log pi(a'|s') (used only when ``alpha > 0``).
@@ -264,4 +267,84 @@ class TwinQCritic(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["networks"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class ValueFunction(nn.Module):
+    """A state-value network ``V(s)`` fit by least squares to observed returns.
+
+    :meth:`fit` runs ``epochs`` passes of Adam over ``(inputs, targets)`` in shuffled
+    minibatches, minimising ``mean (V(s) - G)^2``. The Monte-Carlo reset estimator fits it
+    each iteration to the returns-to-go of its branch rollouts (on-policy returns of pi_t
+    that are themselves bootstrapped with the previous V at the horizon: n-step TD targets)
+    and adds ``gamma^H V(s_H)`` to the branches still running at the horizon.
+
+    Args:
+        obs_dim: size of the observation features.
+        hidden_sizes: tanh MLP sizes.
+        lr: Adam learning rate.
+        epochs: passes over each :meth:`fit` call's data.
+        minibatch_size: samples per Adam step.
+    """
+
+    def __init__(
+        self, obs_dim: int, hidden_sizes: Sequence[int] = (64, 64), *, lr: float = 1e-3, epochs: int = 4, minibatch_size: int = 256
+    ) -> None:
+        super().__init__()
+        if obs_dim < 1:
+            raise ValueError(f"obs_dim must be >= 1, got {obs_dim}")
+        if not hidden_sizes or any(int(h) < 1 for h in hidden_sizes):
+            raise ValueError(f"value hidden_sizes must be a non-empty list of sizes >= 1, got {hidden_sizes!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"value lr must be a finite number > 0, got {lr!r}")
+        for name, value in (("epochs", epochs), ("minibatch_size", minibatch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"value {name} must be an integer >= 1, got {value!r}")
+        self.epochs, self.minibatch_size = epochs, minibatch_size
+        sizes = [obs_dim, *(int(h) for h in hidden_sizes)]
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """``[B]`` values of ``obs [B, obs_dim]``."""
+        return self.net(obs).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, obs: Tensor) -> np.ndarray:
+        """``[B]`` float64 values of ``obs`` (no gradient), on the CPU."""
+        return self.to(obs.device)(obs).double().cpu().numpy()
+
+    def fit(self, inputs: Tensor, targets: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        """Regress ``V(inputs)`` on ``targets [B]``; returns ``value_loss`` (mean squared error
+        before the fit) and ``value_explained_variance`` (of the targets by V, before the fit)."""
+        if inputs.shape[0] != targets.shape[0] or targets.dim() != 1:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be [B, obs_dim] and [B]")
+        targets = targets.to(inputs.device, torch.float32)
+        with torch.no_grad():
+            before = self(inputs)
+        variance = targets.var(unbiased=False)
+        stats = {
+            "value_loss": (before - targets).pow(2).mean().item(),
+            "value_explained_variance": (1 - (targets - before).var(unbiased=False) / variance).item() if variance > 0 else 0.0,
+        }
+        with torch.enable_grad():  # samplers run under the trainer's no_grad
+            for _ in range(self.epochs):
+                order = torch.randperm(len(targets), generator=generator).to(inputs.device)
+                for start in range(0, len(targets), self.minibatch_size):
+                    index = order[start : start + self.minibatch_size]
+                    loss = nn.functional.mse_loss(self(inputs[index]), targets[index])
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+        return stats
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Network and optimizer (a copy)."""
+        return copy.deepcopy({"network": self.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])

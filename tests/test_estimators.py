@@ -1,10 +1,10 @@
-"""The generic parts of the learned critic: replay buffer, TD targets, polyak averaging."""
+"""The generic parts of the learned critics: replay buffer, TD targets, polyak averaging, the value function."""
 
 import numpy as np
 import pytest
 import torch
 
-from rebel.estimators import ReplayBuffer, Transitions, TwinQCritic
+from rebel.estimators import ReplayBuffer, Transitions, TwinQCritic, ValueFunction
 
 
 def transitions(start, n, obs_dim=2):
@@ -167,3 +167,37 @@ def test_bad_critic_arguments(kwargs, message):
         TwinQCritic(**{"obs_dim": 2, "act_dim": 1, **kwargs})
     with pytest.raises(ValueError, match="reduction='max'"):
         TwinQCritic(2, 1).value(torch.zeros(1, 2), torch.zeros(1, 1), "max")
+
+
+def test_value_function_learns_a_regression_and_reports_its_fit_before():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 3)
+    y = 5.0 + x[:, 0] - 2.0 * x[:, 1] ** 2
+    value = ValueFunction(3, (32, 32), lr=3e-3, epochs=20, minibatch_size=128)
+    with torch.no_grad():
+        start = (value(x) - y).pow(2).mean().item()
+    first = value.fit(x, y, generator=torch.Generator().manual_seed(0))
+    assert first["value_loss"] == pytest.approx(start, rel=1e-5)  # measured before the fit
+    second = value.fit(x, y)
+    assert second["value_loss"] < 0.15 * start and second["value_explained_variance"] > 0.8, second
+    assert value(x).shape == (2048,)
+
+
+def test_value_function_checkpoint_round_trip_and_bad_inputs():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 2), torch.randn(64)
+    a = ValueFunction(2, (8,))
+    a.fit(x, y)
+    b = ValueFunction(2, (8,))
+    b.load_checkpoint_state(a.checkpoint_state())
+    a.fit(x, y, generator=torch.Generator().manual_seed(1))
+    b.fit(x, y, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a(x), b(x))  # optimizer state travelled too
+    with pytest.raises(ValueError, match=r"inputs \(64, 2\) and targets \(63,\) must be"):
+        a.fit(x, y[:63])
+    with pytest.raises(ValueError, match="value hidden_sizes must be"):
+        ValueFunction(2, ())
+    with pytest.raises(ValueError, match="value lr must be a finite number > 0, got 0"):
+        ValueFunction(2, lr=0)
+    with pytest.raises(ValueError, match="value epochs must be an integer >= 1, got 0"):
+        ValueFunction(2, epochs=0)

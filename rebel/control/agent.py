@@ -24,6 +24,7 @@ from rebel.config import from_dict, option
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
+from rebel.estimators import ValueFunction
 from rebel.runs import latest_checkpoint, load_file, read_config
 from rebel.sampler import Sampler
 from rebel.trainer import Callback, Trainer, TrainerConfig
@@ -40,7 +41,14 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "normalize_observations": True,
         "num_groups": 8,
     },
-    "mc": {"hidden_sizes": [64, 64], "activation": "tanh", "state_dependent_std": False, "normalize_observations": True, "num_groups": 32},
+    "mc": {
+        "hidden_sizes": [64, 64],
+        "activation": "tanh",
+        "state_dependent_std": False,
+        "normalize_observations": True,
+        "num_groups": 256,
+        "value_bootstrap": True,
+    },
     "critic": {
         "hidden_sizes": [256, 256],
         "activation": "relu",
@@ -58,7 +66,14 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
         "reward_normalization": "batch",
         "max_grad_norm": 0.5,
     },
-    "mc": {"eta": 0.1, "learning_rate": 1e-3, "epochs": 10, "minibatch_size": 16, "reward_normalization": "none", "max_grad_norm": 0.5},
+    "mc": {
+        "eta": 0.3,
+        "learning_rate": 1e-3,
+        "epochs": 4,
+        "minibatch_size": 64,
+        "reward_normalization": "within_group",
+        "max_grad_norm": 0.5,
+    },
     "critic": {"eta": 2.0, "learning_rate": 1e-3, "epochs": 4, "minibatch_size": 1024, "reward_normalization": "none", "max_grad_norm": 1.0},
 }
 
@@ -83,8 +98,13 @@ class ControlConfig:
     num_groups: int | None = option(None, "contexts per iteration: start states (trajectory), states (mc, critic)")
     group_size: int = option(2, "samples compared per context: rollouts (trajectory) or actions (mc, critic)")
     segment_length: int = option(200, "trajectory: steps per rollout (the next segment starts where the group's first rollout stopped)")
-    horizon: int = option(50, "mc: steps of a Q rollout after the branching action")
+    horizon: int = option(10, "mc: steps of a Q rollout after the branching action (then the learned value bootstraps)")
     rollouts_per_action: int = option(1, "mc: rollouts averaged per Q(s, a) (common random numbers across the actions)")
+    value_bootstrap: bool | None = option(
+        None, "mc, trajectory: add gamma^H V(s_H) of a learned value function at a rollout's end, fit each iteration on the rollouts' returns (default: on for mc)"
+    )
+    value_lr: float = option(1e-3, "value function learning rate (its MLP has the policy's hidden sizes, tanh)")
+    value_epochs: int = option(4, "passes over each iteration's returns when fitting the value function")
     steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
     learning_starts: int = option(5000, "critic: uniformly random steps before learning")
     buffer_size: int = option(1_000_000, "critic: replay buffer size")
@@ -108,6 +128,8 @@ class ControlConfig:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (REBEL compares samples of one context), got {self.group_size}")
+        if self.value_bootstrap and self.variant == "critic":
+            raise ValueError("value_bootstrap applies to the mc and trajectory variants (critic learns Q by TD), got variant='critic'")
         if self.eval_episodes < 1 or self.eval_every < 0:
             raise ValueError(f"eval_episodes must be >= 1 and eval_every >= 0, got {self.eval_episodes} and {self.eval_every}")
 
@@ -181,6 +203,15 @@ class Rebel:
             normalize_observations=bool(c.normalize_observations),
         )
 
+    def _make_value_function(self) -> ValueFunction | None:
+        """The learned V of ``value_bootstrap`` (None without it); initialised from the seed only."""
+        c = self.config
+        if not c.value_bootstrap:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed + 1)
+            return ValueFunction(self.policy.obs_dim, tuple(c.hidden_sizes or (64, 64)), lr=c.value_lr, epochs=c.value_epochs)
+
     def _make_sampler(self) -> Sampler:
         c, env = self.config, self.env_source
         if c.variant == "trajectory":
@@ -194,6 +225,7 @@ class Rebel:
                 segment_length=c.segment_length,
                 gamma=c.gamma,
                 seed=c.seed,
+                value_function=self._make_value_function(),
             )
         if c.variant == "mc":
             from rebel.control.mc import MonteCarloSampler
@@ -206,6 +238,7 @@ class Rebel:
                 rollouts_per_action=c.rollouts_per_action,
                 horizon=c.horizon,
                 gamma=c.gamma,
+                value_function=self._make_value_function(),
                 seed=c.seed,
             )
         from rebel.control.critic import CriticSampler

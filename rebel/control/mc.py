@@ -22,7 +22,8 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import rollout
+from rebel.control.rollouts import Rollout, returns_to_go, rollout
+from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -49,6 +50,17 @@ class MonteCarloSampler(Sampler):
     Q(s, a) is the mean of the ``m`` branch returns. All branches of an iteration run in
     one batched rollout (one policy forward per step for all of them).
 
+    **Learned value at the horizon.** With ``value_function`` (a
+    :class:`~rebel.estimators.ValueFunction` of the policy's preprocessed observations)
+    the sampler bootstraps with it (as ``bootstrap`` would) and, after each iteration's
+    branches, fits it to their returns-to-go: at branch step ``h``,
+    ``G_h = r_h + gamma G_{h+1}``, ending in ``V(s_H)`` for a branch still running and 0 for
+    one that terminated or was truncated. The branches are on-policy (their first action too),
+    so these are n-step TD targets of V^{pi_t}; a horizon of a few steps then sees as far
+    as V does (a fall 100 steps ahead, say), at a fraction of the branch steps. Stats:
+    ``value_loss`` and ``value_explained_variance`` (of the targets, by V before the fit),
+    ``value_at_horizon`` (mean V(s_H) added).
+
     **Common random numbers.** Branch ``j`` of every action of a state uses the same
     policy sampling noise and, restored from the same snapshot, the same env RNG, so
     ``Q(s, a) - Q(s, a')`` is not blurred by independent continuation noise.
@@ -72,6 +84,7 @@ class MonteCarloSampler(Sampler):
         horizon: int = 100,
         gamma: float = 0.99,
         bootstrap: Bootstrap | None = None,
+        value_function: ValueFunction | None = None,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
         state_stride: int = 10,
@@ -91,8 +104,12 @@ class MonteCarloSampler(Sampler):
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if bootstrap is not None and not callable(bootstrap):
             raise ValueError(f"bootstrap must be None or a callable obs -> values, got {type(bootstrap).__name__}")
+        if value_function is not None and not isinstance(value_function, ValueFunction):
+            raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+        if value_function is not None and bootstrap is not None:
+            raise ValueError("give bootstrap or value_function, not both: both set the value added at the horizon")
         self.num_states, self.actions_per_state, self.rollouts_per_action = num_states, actions_per_state, rollouts_per_action
-        self.horizon, self.gamma, self.bootstrap = horizon, gamma, bootstrap
+        self.horizon, self.gamma, self.bootstrap, self.value_function = horizon, gamma, bootstrap, value_function
         self.state_stride, self.common_random_numbers = state_stride, common_random_numbers
         self.policy = policy
         self.walkers = EnvPool(env, num_states, **(env_kwargs or {}))
@@ -116,7 +133,9 @@ class MonteCarloSampler(Sampler):
         inputs = policy.preprocess(self.walkers.obs).repeat_interleave(n, dim=0)  # [S * n, obs_dim]
         _, raw = policy.act(inputs, generator=self.generator)
         raw_actions = raw.reshape(self.num_states, n, *raw.shape[1:])
-        q = self.q_values(policy, states, raw_actions, self._branch_noise(policy)).mean(-1)  # [S, n]
+        branches, end_value, q_branches = self._branch(policy, states, raw_actions, self._branch_noise(policy))
+        q = q_branches.mean(-1)  # [S, n]
+        value_stats = self._fit_value(policy, branches, end_value) if self.value_function is not None else {}
 
         # The statistics come from the walkers' observations, after the batch inputs were
         # built. The branch observations are on-policy too, but they repeat each state's
@@ -127,6 +146,7 @@ class MonteCarloSampler(Sampler):
             "q_mean": float(q.mean()),
             "q_std": float(q.std()),
             "q_diff_abs": float(np.mean([np.abs(q[:, i] - q[:, k]).mean() for i, k in pairs])),
+            **value_stats,
         }
         if finished:
             stats["episode_return"] = float(np.mean(finished))
@@ -152,6 +172,13 @@ class MonteCarloSampler(Sampler):
                 branch's policy steps (step 0 is unused: the first action is given), or
                 None to sample with the sampler's generator.
         """
+        return self._branch(policy, states, raw_actions, noise)[2]
+
+    def _branch(
+        self, policy: MLPPolicy, states: list[Snapshot], raw_actions: Tensor, noise: Tensor | None
+    ) -> tuple[Rollout, np.ndarray, np.ndarray]:
+        """The branch rollouts of :meth:`q_values`, the value added at each branch's end ``[B]``
+        (0 where none was) and the estimates ``[S, n, m]``."""
         s, n, m, horizon = len(states), raw_actions.shape[1], self.rollouts_per_action, self.horizon
         b = s * n * m
         if raw_actions.shape[0] != s or b > len(self.branches):
@@ -164,13 +191,32 @@ class MonteCarloSampler(Sampler):
         flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
         out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
         q = out.discounted_return.copy()
+        end_value = np.zeros(b)  # V(s_H) of the branches still running at the horizon, else 0
         running = np.flatnonzero(~(out.terminated | out.truncated))  # took all `horizon` steps
-        if self.bootstrap is not None and len(running):
-            values = np.asarray(self.bootstrap(self.branches.obs[running].copy()), dtype=np.float64)
+        if len(running) and (self.bootstrap is not None or self.value_function is not None):
+            values = self._values(policy, self.branches.obs[running].copy())
             if values.shape != (len(running),):
                 raise ValueError(f"bootstrap returned shape {values.shape} for {len(running)} observations; expected ({len(running)},)")
+            end_value[running] = values
             q[running] += self.gamma**horizon * values
-        return q.reshape(s, n, m)
+        return out, end_value, q.reshape(s, n, m)
+
+    def _values(self, policy: MLPPolicy, obs: np.ndarray) -> np.ndarray:
+        if self.value_function is not None:
+            return self.value_function.predict(policy.preprocess(obs))
+        assert self.bootstrap is not None
+        return np.asarray(self.bootstrap(obs), dtype=np.float64)
+
+    def _fit_value(self, policy: MLPPolicy, out: Rollout, end_value: np.ndarray) -> dict[str, float]:
+        """Fit the value function to the returns-to-go of every branch step (class docstring)."""
+        assert self.value_function is not None
+        targets = returns_to_go(out, end_value, self.gamma)[out.mask]
+        inputs = out.inputs[out.mask].to(policy.obs_mean.device)
+        stats = self.value_function.fit(inputs, targets, generator=self.generator)
+        running = ~(out.terminated | out.truncated)
+        if running.any():
+            stats["value_at_horizon"] = float(end_value[running].mean())
+        return stats
 
     # ----------------------------------------------------------------- helpers
     def _advance_walkers(self, policy: MLPPolicy) -> tuple[np.ndarray, list[float]]:
@@ -215,6 +261,7 @@ class MonteCarloSampler(Sampler):
             "generator": self.generator.get_state(),
             "walkers": [None if self.fresh[i] else self.walkers.snapshot(i) for i in range(self.num_states)],
             "walker_return": self.walker_return.copy(),
+            **({"value_function": self.value_function.checkpoint_state()} if self.value_function is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -227,3 +274,7 @@ class MonteCarloSampler(Sampler):
             if walker is not None:
                 self.walkers.restore(i, walker)
         self.walker_return = np.array(state["walker_return"])
+        if (self.value_function is None) != ("value_function" not in state):
+            raise ValueError("the checkpoint and this sampler disagree on having a value_function")
+        if self.value_function is not None:
+            self.value_function.load_checkpoint_state(state["value_function"])

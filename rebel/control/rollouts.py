@@ -20,6 +20,7 @@ class Rollout:
     inputs: Tensor  # [N, H, obs_dim] preprocessed observations the policy acted on
     raw_actions: Tensor  # [N, H, act_dim] (or [N, H] for Discrete) raw samples, for exact log-probs
     mask: Tensor  # [N, H] bool
+    rewards: np.ndarray  # [N, H] per-step rewards (0 after a rollout stopped)
     discounted_return: np.ndarray  # [N] sum_h gamma^h r_h
     reward_sum: np.ndarray  # [N] undiscounted
     terminated: np.ndarray  # [N] the episode ended by termination
@@ -50,6 +51,7 @@ def rollout(
     raw_shape = (n, horizon) if policy.discrete else (n, horizon, policy.act_dim)
     raw_actions = torch.zeros(raw_shape, dtype=torch.long if policy.discrete else torch.float32)
     mask = torch.zeros(n, horizon, dtype=torch.bool)
+    step_rewards = np.zeros((n, horizon))
     discounted = np.zeros(n)
     total = np.zeros(n)
     terminated = np.zeros(n, dtype=bool)
@@ -74,10 +76,24 @@ def rollout(
         raw_actions[live, h] = raw
         mask[live, h] = True
         rewards, term, trunc = pool.step(envs, action.cpu().numpy())
+        step_rewards[live, h] = rewards
         discounted[live] += gamma**h * rewards
         total[live] += rewards
         terminated[live] |= term
         truncated[live] |= trunc
         alive[live] = ~(term | trunc)
     observations = np.concatenate(seen) if seen else np.zeros((0, *pool.observation_space.shape))
-    return Rollout(inputs, raw_actions, mask, discounted, total, terminated, truncated, observations)
+    return Rollout(inputs, raw_actions, mask, step_rewards, discounted, total, terminated, truncated, observations)
+
+
+def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
+    """``[N, H]`` discounted return from every step taken to the rollout's end:
+    ``G_h = r_h + gamma G_{h+1}``, starting from ``end_value [N]`` after the last step taken
+    (a value of the state reached, or 0 where the episode ended). Zero after the end."""
+    rewards = torch.as_tensor(out.rewards, dtype=torch.float32)
+    to_go = torch.as_tensor(end_value, dtype=torch.float32)
+    targets = torch.zeros_like(rewards)
+    for h in reversed(range(rewards.shape[1])):
+        to_go = torch.where(out.mask[:, h], rewards[:, h] + gamma * to_go, to_go)
+        targets[:, h] = torch.where(out.mask[:, h], to_go, 0.0)
+    return targets

@@ -10,7 +10,8 @@ import torch
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import rollout
+from rebel.control.rollouts import returns_to_go, rollout
+from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -24,6 +25,12 @@ class TrajectorySampler(Sampler):
     where the group's first rollout (its *leader*) stopped, and a new episode starts
     (reset with a fresh seed) when the leader's episode ends. ``episode_return`` in the
     metrics is the mean undiscounted return of the leaders' finished episodes.
+
+    With ``value_function`` (a :class:`~rebel.estimators.ValueFunction` of the policy's
+    preprocessed observations) a rollout still running after ``segment_length`` steps has
+    ``gamma^L V(s_L)`` added to its reward, so that the comparison sees past the segment's
+    end, and V is fit each iteration to the returns-to-go of every rollout step (ending in
+    ``V(s_L)`` or 0), as in :class:`~rebel.control.mc.MonteCarloSampler`.
     """
 
     def __init__(
@@ -36,6 +43,7 @@ class TrajectorySampler(Sampler):
         gamma: float = 0.99,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
+        value_function: ValueFunction | None = None,
     ) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (rollouts compared per start state), got {group_size}")
@@ -44,6 +52,9 @@ class TrajectorySampler(Sampler):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if value_function is not None and not isinstance(value_function, ValueFunction):
+            raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+        self.value_function = value_function
         self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma
         self.pool = EnvPool(env, num_groups * group_size, **(env_kwargs or {}))
         self.policy = policy
@@ -68,6 +79,17 @@ class TrajectorySampler(Sampler):
                 pool.restore(member, self.starts[g])
         steps_before = pool.steps
         out = rollout(pool, policy, range(len(pool)), self.segment_length, self.gamma, self.generator)
+        reward = torch.as_tensor(out.discounted_return, dtype=torch.float32)
+        value_stats: dict[str, float] = {}
+        if self.value_function is not None:
+            end_value = np.zeros(len(pool))
+            running = np.flatnonzero(~(out.terminated | out.truncated))
+            if len(running):
+                end_value[running] = self.value_function.predict(policy.preprocess(pool.obs[running]))
+                value_stats["value_at_horizon"] = float(end_value[running].mean())
+            reward = torch.as_tensor(out.discounted_return + self.gamma**self.segment_length * end_value, dtype=torch.float32)
+            targets = returns_to_go(out, end_value, self.gamma)[out.mask]
+            value_stats.update(self.value_function.fit(out.inputs[out.mask], targets, generator=self.generator))
         finished = []
         for g in range(self.num_groups):
             leader = g * n
@@ -78,13 +100,13 @@ class TrajectorySampler(Sampler):
             else:
                 self.starts[g] = pool.snapshot(leader)
         policy.update_observation_stats(out.raw_observations)
-        stats = {"segment_return": float(out.reward_sum.mean()), "segment_length": float(out.mask.sum(1).float().mean())}
+        stats = {"segment_return": float(out.reward_sum.mean()), "segment_length": float(out.mask.sum(1).float().mean()), **value_stats}
         if finished:
             stats["episode_return"] = float(np.mean(finished))
             stats["episodes"] = float(len(finished))
         return RolloutBatch(
             group=torch.arange(self.num_groups).repeat_interleave(n),
-            reward=torch.as_tensor(out.discounted_return, dtype=torch.float32),
+            reward=reward,
             mask=out.mask,
             data={"inputs": out.inputs, "raw_actions": out.raw_actions},
             counts={"env_steps": float(pool.steps - steps_before)},
@@ -97,6 +119,7 @@ class TrajectorySampler(Sampler):
             "generator": self.generator.get_state(),
             "starts": list(self.starts),
             "leader_return": self.leader_return.copy(),
+            **({"value_function": self.value_function.checkpoint_state()} if self.value_function is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,3 +127,7 @@ class TrajectorySampler(Sampler):
         self.generator.set_state(state["generator"])
         self.starts = list(state["starts"])
         self.leader_return = np.array(state["leader_return"])
+        if (self.value_function is None) != ("value_function" not in state):
+            raise ValueError("the checkpoint and this sampler disagree on having a value_function")
+        if self.value_function is not None:
+            self.value_function.load_checkpoint_state(state["value_function"])

@@ -37,6 +37,16 @@ def test_trajectory_variant_learns_inverted_pendulum_within_the_budget(tmp_path)
     assert agent.env_steps == steps[-1]
 
 
+def test_mc_with_its_defaults_and_value_function_learns_cartpole(tmp_path):
+    agent = Rebel("CartPole-v1", variant="mc", seed=0, output_dir=str(tmp_path / "run"), eval_every=5, eval_episodes=5, **FAST)
+    assert agent.config.value_bootstrap and agent.config.horizon == 10
+    agent.learn(100_000)
+    rows = read_metrics(tmp_path / "run")
+    evals = [r["eval_return"] for r in rows if "eval_return" in r]
+    assert evals[0] < 200 and evals[-1] >= 475, evals  # 500 is the maximum
+    assert rows[-1]["value_explained_variance"] > 0.5  # V fits the branch returns
+
+
 def test_save_load_round_trip_and_predict(tmp_path):
     agent = Rebel("Pendulum-v1", variant="trajectory", seed=3, output_dir=str(tmp_path / "run"), num_groups=2, segment_length=20, eval_episodes=1, **FAST)
     agent.learn(200)
@@ -54,11 +64,20 @@ def test_save_load_round_trip_and_predict(tmp_path):
         Rebel.load(tmp_path / "bad.pt")
 
 
-def test_resume_of_a_control_run_is_bit_identical(tmp_path):
-    options = {"num_groups": 2, "segment_length": 25, "eval_every": 2, "eval_episodes": 1, "epochs": 2, "minibatch_size": 2, **FAST}
-    straight = Rebel("Hopper-v5", variant="trajectory", seed=1, output_dir=str(tmp_path / "a"), total_steps=1000, **options)
+@pytest.mark.parametrize(
+    ("variant", "extra"),
+    [
+        ("trajectory", {"segment_length": 25}),
+        ("trajectory", {"segment_length": 25, "value_bootstrap": True, "eval_every": 1}),
+        ("mc", {"horizon": 10, "value_bootstrap": True, "value_epochs": 2, "eval_every": 1}),
+    ],
+    ids=["trajectory", "trajectory-with-value", "mc-with-value"],
+)
+def test_resume_of_a_control_run_is_bit_identical(tmp_path, variant, extra):
+    options = {"num_groups": 2, "eval_every": 2, "eval_episodes": 1, "epochs": 2, "minibatch_size": 2, **FAST, **extra}
+    straight = Rebel("Hopper-v5", variant=variant, seed=1, output_dir=str(tmp_path / "a"), total_steps=1000, **options)
     straight.learn()
-    first = Rebel("Hopper-v5", variant="trajectory", seed=1, output_dir=str(tmp_path / "b"), total_steps=1000, **options)
+    first = Rebel("Hopper-v5", variant=variant, seed=1, output_dir=str(tmp_path / "b"), total_steps=1000, **options)
     first.learn(500)
     resumed = Rebel.from_run(tmp_path / "b")
     resumed.learn(resume=True)
@@ -83,6 +102,8 @@ def test_env_objects_and_bad_inputs(tmp_path):
         agent.learn(0)
     with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.5 and eta=4.0"):
         Rebel("Pendulum-v1", variant="critic", alpha=0.5, eta=4.0)
+    with pytest.raises(ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."):
+        Rebel("Pendulum-v1", variant="critic", value_bootstrap=True)
 
 
 class _MultiDiscreteEnv(gym.Env):

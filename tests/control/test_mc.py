@@ -13,6 +13,7 @@ from rebel.control.evaluation import evaluate
 from rebel.control.mc import MonteCarloSampler
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
+from rebel.estimators import ValueFunction
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -27,16 +28,26 @@ def make(env_id="Pendulum-v1", policy_class=MLPPolicy, **kwargs):
 
 
 def record_q_values(sampler):
-    """Wrap ``sampler.q_values`` to keep its inputs (and the policy as it was) and outputs."""
+    """Wrap the sampler's branching (what ``collect`` and ``q_values`` call) to keep its inputs
+    (and the policy as it was) and its Q estimates."""
     calls = []
-    q_values = sampler.q_values
+    branch = sampler._branch
 
     def recorded(policy, states, raw_actions, noise=None):
-        q = q_values(policy, states, raw_actions, noise)
-        calls.append({"policy": copy.deepcopy(policy), "states": states, "raw_actions": raw_actions, "noise": noise, "q": q})
-        return q
+        result = branch(policy, states, raw_actions, noise)
+        calls.append(
+            {
+                "policy": copy.deepcopy(policy),
+                "states": states,
+                "raw_actions": raw_actions,
+                "noise": noise,
+                "rollout": result[0],
+                "q": result[2],
+            }
+        )
+        return result
 
-    sampler.q_values = recorded
+    sampler._branch = recorded
     return calls
 
 
@@ -158,6 +169,52 @@ def test_bootstrap_is_not_applied_to_truncated_branches():
     assert torch.isfinite(batch.reward).all()
 
 
+def test_value_function_bootstraps_running_branches_and_is_fit_to_their_returns_to_go():
+    torch.manual_seed(3)
+    value = ValueFunction(4, (16,), lr=1e-3, epochs=1)
+    policy, sampler = make("CartPole-v1", num_states=8, rollouts_per_action=1, horizon=15, gamma=0.9, value_function=value)
+    calls = record_q_values(sampler)
+    fits = []
+    fit = value.fit
+
+    def recorded_fit(inputs, targets, generator=None):
+        fits.append((inputs.clone(), targets.clone(), copy.deepcopy(value)))
+        return fit(inputs, targets, generator)
+
+    value.fit = recorded_fit
+    batch = sampler.collect(policy)
+    call = calls[-1]
+    inputs, targets, value_before = fits[-1]
+    q_branches = call["q"].reshape(-1)  # m = 1: one branch per (state, action)
+    assert np.allclose(batch.reward.numpy(), q_branches, atol=1e-5)
+
+    # Without the value function the estimates lose exactly gamma^H V(s_H) on the branches
+    # that ran the whole horizon (their last observations are still in the branch envs).
+    sampler.value_function = None
+    before = call["policy"]  # as it was during collect (its observation statistics moved after)
+    plain = sampler.q_values(before, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    running = np.flatnonzero(~np.isclose(q_branches, plain, rtol=0, atol=1e-9))
+    assert 0 < len(running) < len(plain)  # some branches fell within the horizon, some did not
+    with torch.no_grad():
+        v_end = value_before(before.preprocess(sampler.branches.obs[running])).double().numpy()
+    np.testing.assert_allclose(q_branches[running] - plain[running], 0.9**15 * v_end, rtol=1e-5)
+
+    # The targets are returns-to-go of every branch step: G_h = r_h + gamma G_{h+1}, from
+    # V(s_H) (running branches) or 0; at a branch's first step, the branch's own estimate.
+    out = call["rollout"]
+    to_go = np.zeros(len(q_branches))
+    to_go[running] = v_end
+    expected = np.zeros(out.rewards.shape)
+    for h in reversed(range(out.rewards.shape[1])):
+        to_go = np.where(out.mask[:, h].numpy(), out.rewards[:, h] + 0.9 * to_go, to_go)
+        expected[:, h] = to_go
+    mask = out.mask.numpy()
+    np.testing.assert_allclose(targets.numpy(), expected[mask], rtol=1e-5)
+    np.testing.assert_allclose(expected[:, 0], q_branches, rtol=1e-5)
+    assert torch.equal(inputs, out.inputs[out.mask])
+    assert batch.stats["value_loss"] > 0 and "value_explained_variance" in batch.stats and "value_at_horizon" in batch.stats
+
+
 def test_walkers_follow_on_policy_episodes_and_report_their_returns():
     policy, sampler = make("CartPole-v1", num_states=4, horizon=5, state_stride=8)
     first = sampler.collect(policy).data["inputs"]
@@ -235,6 +292,8 @@ def test_resume_is_bit_identical(tmp_path):
         ({"state_stride": 0}, "state_stride must be"),
         ({"gamma": 1.5}, "gamma must be in"),
         ({"bootstrap": 3.0}, "bootstrap must be"),
+        ({"value_function": lambda obs: obs}, "value_function must be None or a rebel.estimators.ValueFunction"),
+        ({"value_function": ValueFunction(3), "bootstrap": lambda obs: obs[:, 0]}, "give bootstrap or value_function, not both"),
     ],
 )
 def test_bad_arguments(kwargs, message):

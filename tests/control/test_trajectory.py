@@ -1,5 +1,7 @@
 """The trajectory variant's sampler: shared starts, exact returns, every step counted."""
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
 from rebel.control.trajectory import TrajectorySampler
+from rebel.estimators import ValueFunction
 
 
 def make(env_id="Hopper-v5", **kwargs):
@@ -29,7 +32,7 @@ def test_a_group_starts_from_one_state_and_rewards_are_exact_discounted_returns(
     assert not torch.equal(first[0], first[3])  # groups follow different episodes
     assert not torch.equal(batch.data["raw_actions"][0, 0], batch.data["raw_actions"][1, 0])  # members act independently
     g, member = next((g, 3 * g + 1) for g in range(3) if starts[g] is not None)
-    env_state, obs = starts[g]
+    env_state, _ = starts[g]
     env = gym.make("Hopper-v5")
     env.reset(seed=0)
     restore(env, env_state)  # replay the member's actions from the group's start in a fresh env
@@ -38,6 +41,40 @@ def test_a_group_starts_from_one_state_and_rewards_are_exact_discounted_returns(
         _, reward, *_ = env.step(policy.env_action(batch.data["raw_actions"][member, h]).numpy())
         ret += 0.97**h * reward
     assert np.float32(ret) == batch.reward[member].item()
+
+
+def test_value_function_adds_its_value_at_the_segment_end_and_fits_returns_to_go():
+    torch.manual_seed(2)
+    value = ValueFunction(11, (16,), epochs=1)
+    policy, sampler = make(gamma=0.9, segment_length=30, value_function=value)
+    plain_policy, plain = make(gamma=0.9, segment_length=30)
+    fits = []
+    fit = value.fit
+
+    def recorded_fit(inputs, targets, generator=None):
+        fits.append((inputs.clone(), targets.clone(), {k: v.clone() for k, v in value.state_dict().items()}))
+        return fit(inputs, targets, generator)
+
+    value.fit = recorded_fit
+    as_it_was = copy.deepcopy(policy)  # collect moves the observation statistics afterwards
+    batch, without = sampler.collect(policy), plain.collect(plain_policy)
+    assert torch.equal(batch.data["raw_actions"], without.data["raw_actions"])  # same rollouts; V changes the rewards only
+    inputs, targets, weights = fits[-1]
+    before = ValueFunction(11, (16,), epochs=1)
+    before.load_state_dict(weights)
+    steps = batch.mask.sum(1)
+    running = np.flatnonzero((steps == 30).numpy())  # the others fell (no time limit this early)
+    ended = torch.as_tensor(steps < 30)
+    assert 0 < len(running) < 9  # Hopper with a wide policy: some rollouts fall within 30 steps
+    with torch.no_grad():
+        v_end = before(as_it_was.preprocess(sampler.pool.obs[running]))
+    torch.testing.assert_close(batch.reward[running] - without.reward[running], 0.9**30 * v_end, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batch.reward[ended], without.reward[ended])
+    # the first-step targets are the rewards themselves; later ones follow G_h = r_h + gamma G_{h+1}
+    first_index = torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)[:-1]])
+    torch.testing.assert_close(targets[first_index], batch.reward, rtol=1e-5, atol=1e-4)
+    assert torch.equal(inputs, batch.data["inputs"][batch.mask])
+    assert {"value_loss", "value_explained_variance"} <= set(batch.stats)
 
 
 def test_every_environment_step_is_counted():
@@ -76,6 +113,7 @@ def test_state_dict_round_trip_reproduces_the_next_batch():
         ({"group_size": 1}, "group_size must be >= 2"),
         ({"segment_length": 0}, "segment_length must be >= 1"),
         ({"gamma": 1.5}, "gamma must be in"),
+        ({"value_function": object()}, "value_function must be None or a rebel.estimators.ValueFunction, got object"),
     ],
 )
 def test_bad_arguments(kwargs, message):
