@@ -322,7 +322,8 @@ class ValueFunction(nn.Module):
         before the fit) and ``value_explained_variance`` (of the targets by V, before the fit)."""
         if inputs.shape[0] != targets.shape[0] or targets.dim() != 1:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be [B, obs_dim] and [B]")
-        targets = targets.to(inputs.device, torch.float32)
+        device = next(self.parameters()).device
+        inputs, targets = inputs.to(device), targets.to(device, torch.float32)
         with torch.no_grad():
             before = self(inputs)
         variance = targets.var(unbiased=False)
@@ -332,7 +333,7 @@ class ValueFunction(nn.Module):
         }
         with torch.enable_grad():  # samplers run under the trainer's no_grad
             for _ in range(self.epochs):
-                order = torch.randperm(len(targets), generator=generator).to(inputs.device)
+                order = torch.randperm(len(targets), generator=generator).to(device)
                 for start in range(0, len(targets), self.minibatch_size):
                     index = order[start : start + self.minibatch_size]
                     loss = nn.functional.mse_loss(self(inputs[index]), targets[index])

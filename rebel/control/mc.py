@@ -22,7 +22,7 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import Rollout, returns_to_go, rollout
+from rebel.control.rollouts import Rollout, fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -135,7 +135,7 @@ class MonteCarloSampler(Sampler):
         raw_actions = raw.reshape(self.num_states, n, *raw.shape[1:])
         branches, end_value, q_branches = self._branch(policy, states, raw_actions, self._branch_noise(policy))
         q = q_branches.mean(-1)  # [S, n]
-        value_stats = self._fit_value(policy, branches, end_value) if self.value_function is not None else {}
+        value_stats = {} if self.value_function is None else fit_value(self.value_function, branches, end_value, self.gamma, self.generator)
 
         # The statistics come from the walkers' observations, after the batch inputs were
         # built. The branch observations are on-policy too, but they repeat each state's
@@ -206,17 +206,6 @@ class MonteCarloSampler(Sampler):
             return self.value_function.predict(policy.preprocess(obs))
         assert self.bootstrap is not None
         return np.asarray(self.bootstrap(obs), dtype=np.float64)
-
-    def _fit_value(self, policy: MLPPolicy, out: Rollout, end_value: np.ndarray) -> dict[str, float]:
-        """Fit the value function to the returns-to-go of every branch step (class docstring)."""
-        assert self.value_function is not None
-        targets = returns_to_go(out, end_value, self.gamma)[out.mask]
-        inputs = out.inputs[out.mask].to(policy.obs_mean.device)
-        stats = self.value_function.fit(inputs, targets, generator=self.generator)
-        running = ~(out.terminated | out.truncated)
-        if running.any():
-            stats["value_at_horizon"] = float(end_value[running].mean())
-        return stats
 
     # ----------------------------------------------------------------- helpers
     def _advance_walkers(self, policy: MLPPolicy) -> tuple[np.ndarray, list[float]]:

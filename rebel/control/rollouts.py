@@ -11,6 +11,7 @@ from torch import Tensor
 
 from rebel.control.envs import EnvPool
 from rebel.control.policy import MLPPolicy
+from rebel.estimators import ValueFunction
 
 
 @dataclass
@@ -97,3 +98,16 @@ def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
         to_go = torch.where(out.mask[:, h], rewards[:, h] + gamma * to_go, to_go)
         targets[:, h] = torch.where(out.mask[:, h], to_go, 0.0)
     return targets
+
+
+def fit_value(
+    value_function: ValueFunction, out: Rollout, end_value: np.ndarray, gamma: float, generator: torch.Generator | None = None
+) -> dict[str, float]:
+    """Fit ``value_function`` to the :func:`returns_to_go` of every step of ``out`` (the
+    preprocessed observations the policy acted on); returns its statistics and
+    ``value_at_horizon``, the mean ``end_value`` of the rollouts still running."""
+    stats = value_function.fit(out.inputs[out.mask], returns_to_go(out, end_value, gamma)[out.mask], generator=generator)
+    running = ~(out.terminated | out.truncated)
+    if running.any():
+        stats["value_at_horizon"] = float(end_value[running].mean())
+    return stats

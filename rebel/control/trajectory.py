@@ -10,7 +10,7 @@ import torch
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import returns_to_go, rollout
+from rebel.control.rollouts import fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -86,10 +86,8 @@ class TrajectorySampler(Sampler):
             running = np.flatnonzero(~(out.terminated | out.truncated))
             if len(running):
                 end_value[running] = self.value_function.predict(policy.preprocess(pool.obs[running]))
-                value_stats["value_at_horizon"] = float(end_value[running].mean())
             reward = torch.as_tensor(out.discounted_return + self.gamma**self.segment_length * end_value, dtype=torch.float32)
-            targets = returns_to_go(out, end_value, self.gamma)[out.mask]
-            value_stats.update(self.value_function.fit(out.inputs[out.mask], targets, generator=self.generator))
+            value_stats = fit_value(self.value_function, out, end_value, self.gamma, self.generator)
         finished = []
         for g in range(self.num_groups):
             leader = g * n
