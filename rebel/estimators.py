@@ -137,12 +137,12 @@ class ReplayBuffer:
         self.position, self.size = int(state["position"]), size
 
 
-def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+def _mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
@@ -301,11 +301,7 @@ class ValueFunction(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"value {name} must be an integer >= 1, got {value!r}")
         self.epochs, self.minibatch_size = epochs, minibatch_size
-        sizes = [obs_dim, *(int(h) for h in hidden_sizes)]
-        layers: list[nn.Module] = []
-        for i in range(len(sizes) - 1):
-            layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
-        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+        self.net = _mlp([obs_dim, *(int(h) for h in hidden_sizes), 1], nn.Tanh)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
 
     def forward(self, obs: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ log-ratios (DESIGN.md, "Q-critic variant").
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import Rollout, fit_value, rollout
+from rebel.control.rollouts import Rollout, end_values, fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -190,15 +191,10 @@ class MonteCarloSampler(Sampler):
         first = raw_actions.repeat_interleave(m, dim=1).reshape(b, *raw_actions.shape[2:])
         flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
         out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
-        q = out.discounted_return.copy()
         end_value = np.zeros(b)  # V(s_H) of the branches still running at the horizon, else 0
-        running = np.flatnonzero(~(out.terminated | out.truncated))  # took all `horizon` steps
-        if len(running) and (self.bootstrap is not None or self.value_function is not None):
-            values = self._values(policy, self.branches.obs[running].copy())
-            if values.shape != (len(running),):
-                raise ValueError(f"bootstrap returned shape {values.shape} for {len(running)} observations; expected ({len(running)},)")
-            end_value[running] = values
-            q[running] += self.gamma**horizon * values
+        if self.bootstrap is not None or self.value_function is not None:
+            end_value = end_values(out, self.branches.obs[:b], functools.partial(self._values, policy))
+        q = out.discounted_return + self.gamma**horizon * end_value
         return out, end_value, q.reshape(s, n, m)
 
     def _values(self, policy: MLPPolicy, obs: np.ndarray) -> np.ndarray:

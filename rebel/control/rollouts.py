@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +85,19 @@ def rollout(
         alive[live] = ~(term | trunc)
     observations = np.concatenate(seen) if seen else np.zeros((0, *pool.observation_space.shape))
     return Rollout(inputs, raw_actions, mask, step_rewards, discounted, total, terminated, truncated, observations)
+
+
+def end_values(out: Rollout, obs: np.ndarray, values: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``[N]``: ``values(obs)`` for the rollouts still running after their last step (``obs``
+    ``[N, ...]`` holds where each stopped), 0 for those that terminated or were truncated."""
+    end = np.zeros(len(out.terminated))
+    running = np.flatnonzero(~(out.terminated | out.truncated))
+    if len(running):
+        found = np.asarray(values(obs[running].copy()), dtype=np.float64)
+        if found.shape != (len(running),):
+            raise ValueError(f"bootstrap returned shape {found.shape} for {len(running)} observations; expected ({len(running)},)")
+        end[running] = found
+    return end
 
 
 def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import fit_value, rollout
+from rebel.control.rollouts import end_values, fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -82,10 +82,8 @@ class TrajectorySampler(Sampler):
         reward = torch.as_tensor(out.discounted_return, dtype=torch.float32)
         value_stats: dict[str, float] = {}
         if self.value_function is not None:
-            end_value = np.zeros(len(pool))
-            running = np.flatnonzero(~(out.terminated | out.truncated))
-            if len(running):
-                end_value[running] = self.value_function.predict(policy.preprocess(pool.obs[running]))
+            value_function = self.value_function
+            end_value = end_values(out, pool.obs, lambda obs: value_function.predict(policy.preprocess(obs)))
             reward = torch.as_tensor(out.discounted_return + self.gamma**self.segment_length * end_value, dtype=torch.float32)
             value_stats = fit_value(self.value_function, out, end_value, self.gamma, self.generator)
         finished = []
