@@ -23,7 +23,7 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import Rollout, end_values, fit_value, rollout
+from rebel.control.rollouts import Rollout, bootstrapped_return, end_values, fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -47,7 +47,9 @@ class MonteCarloSampler(Sampler):
     snapshot, take the action, follow pi_t for ``horizon - 1`` more steps or until the
     episode terminates or is truncated, sum the discounted rewards; ``bootstrap(obs)``
     (raw observations ``[k, *obs_shape]`` -> values ``[k]``), when given, adds
-    ``gamma**horizon * V(s_H)`` to branches still running after ``horizon`` steps.
+    ``gamma**k * V(s_k)`` to a branch that stopped after ``k`` steps without terminating:
+    ``k = horizon`` for one still running, fewer for one cut by the time limit (bootstrapped
+    as SB3 treats timeouts: the limit is not part of the state V sees).
     Q(s, a) is the mean of the ``m`` branch returns. All branches of an iteration run in
     one batched rollout (one policy forward per step for all of them).
 
@@ -55,12 +57,12 @@ class MonteCarloSampler(Sampler):
     :class:`~rebel.estimators.ValueFunction` of the policy's preprocessed observations)
     the sampler bootstraps with it (as ``bootstrap`` would) and, after each iteration's
     branches, fits it to their returns-to-go: at branch step ``h``,
-    ``G_h = r_h + gamma G_{h+1}``, ending in ``V(s_H)`` for a branch still running and 0 for
-    one that terminated or was truncated. The branches are on-policy (their first action too),
+    ``G_h = r_h + gamma G_{h+1}``, ending in ``V`` of where a branch stopped, or 0 for one
+    that terminated. The branches are on-policy (their first action too),
     so these are n-step TD targets of V^{pi_t}; a horizon of a few steps then sees as far
     as V does (a fall 100 steps ahead, say), at a fraction of the branch steps. Stats:
     ``value_loss`` and ``value_explained_variance`` (of the targets, by V before the fit),
-    ``value_at_horizon`` (mean V(s_H) added).
+    ``value_at_horizon`` (mean V added at the branches' ends).
 
     **Common random numbers.** Branch ``j`` of every action of a state uses the same
     policy sampling noise and, restored from the same snapshot, the same env RNG, so
@@ -191,10 +193,10 @@ class MonteCarloSampler(Sampler):
         first = raw_actions.repeat_interleave(m, dim=1).reshape(b, *raw_actions.shape[2:])
         flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
         out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
-        end_value = np.zeros(b)  # V(s_H) of the branches still running at the horizon, else 0
+        end_value = np.zeros(b)  # V where a branch stopped without terminating, else 0
         if self.bootstrap is not None or self.value_function is not None:
             end_value = end_values(out, self.branches.obs[:b], functools.partial(self._values, policy))
-        q = out.discounted_return + self.gamma**horizon * end_value
+        q = bootstrapped_return(out, end_value, self.gamma)
         return out, end_value, q.reshape(s, n, m)
 
     def _values(self, policy: MLPPolicy, obs: np.ndarray) -> np.ndarray:

@@ -148,9 +148,9 @@ class MLPPolicy(Policy):
         ``[..., act_dim]`` for Gaussians, uniform ``[..., n]`` for a categorical (Gumbel-max).
         """
         dist = self.distribution(inputs)
-        if deterministic:
+        if deterministic:  # the raw action of a Gaussian's mode is its mean (pre-tanh or unclipped)
             action = dist.mode()
-            return action, action
+            return action, (action if isinstance(dist, Categorical) else dist.mean)
         if noise is None:
             return dist.sample(generator)
         if isinstance(dist, Categorical):

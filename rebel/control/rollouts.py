@@ -88,16 +88,23 @@ def rollout(
 
 
 def end_values(out: Rollout, obs: np.ndarray, values: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``[N]``: ``values(obs)`` for the rollouts still running after their last step (``obs``
-    ``[N, ...]`` holds where each stopped), 0 for those that terminated or were truncated."""
+    """``[N]``: ``values(obs)`` where a rollout stopped (``obs`` ``[N, ...]``) unless its
+    episode terminated there, then 0. Rollouts cut by the horizon and by a time limit are
+    both bootstrapped: the limit is not part of the task's state (V cannot see it), as
+    SB3 treats timeouts."""
     end = np.zeros(len(out.terminated))
-    running = np.flatnonzero(~(out.terminated | out.truncated))
+    running = np.flatnonzero(~out.terminated)
     if len(running):
         found = np.asarray(values(obs[running].copy()), dtype=np.float64)
         if found.shape != (len(running),):
             raise ValueError(f"bootstrap returned shape {found.shape} for {len(running)} observations; expected ({len(running)},)")
         end[running] = found
     return end
+
+
+def bootstrapped_return(out: Rollout, end_value: np.ndarray, gamma: float) -> np.ndarray:
+    """``[N]``: ``sum_h gamma^h r_h + gamma^k end_value`` with ``k`` the steps each rollout took."""
+    return out.discounted_return + gamma ** out.mask.sum(1).numpy() * end_value
 
 
 def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
@@ -118,9 +125,9 @@ def fit_value(
 ) -> dict[str, float]:
     """Fit ``value_function`` to the :func:`returns_to_go` of every step of ``out`` (the
     preprocessed observations the policy acted on); returns its statistics and
-    ``value_at_horizon``, the mean ``end_value`` of the rollouts still running."""
+    ``value_at_horizon``, the mean ``end_value`` of the rollouts that did not terminate."""
     stats = value_function.fit(out.inputs[out.mask], returns_to_go(out, end_value, gamma)[out.mask], generator=generator)
-    running = ~(out.terminated | out.truncated)
+    running = ~out.terminated
     if running.any():
         stats["value_at_horizon"] = float(end_value[running].mean())
     return stats

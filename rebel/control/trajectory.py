@@ -10,7 +10,7 @@ import torch
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import end_values, fit_value, rollout
+from rebel.control.rollouts import bootstrapped_return, end_values, fit_value, rollout
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -27,10 +27,11 @@ class TrajectorySampler(Sampler):
     metrics is the mean undiscounted return of the leaders' finished episodes.
 
     With ``value_function`` (a :class:`~rebel.estimators.ValueFunction` of the policy's
-    preprocessed observations) a rollout still running after ``segment_length`` steps has
-    ``gamma^L V(s_L)`` added to its reward, so that the comparison sees past the segment's
-    end, and V is fit each iteration to the returns-to-go of every rollout step (ending in
-    ``V(s_L)`` or 0), as in :class:`~rebel.control.mc.MonteCarloSampler`.
+    preprocessed observations) a rollout that stopped after ``k`` steps without terminating
+    (the segment's end, or the time limit) has ``gamma^k V(s_k)`` added to its reward, so
+    that the comparison sees past the segment's end, and V is fit each iteration to the
+    returns-to-go of every rollout step (ending in ``V(s_k)`` or 0), as in
+    :class:`~rebel.control.mc.MonteCarloSampler`.
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class TrajectorySampler(Sampler):
         if self.value_function is not None:
             value_function = self.value_function
             end_value = end_values(out, pool.obs, lambda obs: value_function.predict(policy.preprocess(obs)))
-            reward = torch.as_tensor(out.discounted_return + self.gamma**self.segment_length * end_value, dtype=torch.float32)
+            reward = torch.as_tensor(bootstrapped_return(out, end_value, self.gamma), dtype=torch.float32)
             value_stats = fit_value(self.value_function, out, end_value, self.gamma, self.generator)
         finished = []
         for g in range(self.num_groups):

@@ -160,13 +160,28 @@ def test_bootstrap_is_added_to_unfinished_branches_only():
     assert np.array_equal(obs, sampler.branches.obs[added])  # the branches' last observations
 
 
-def test_bootstrap_is_not_applied_to_truncated_branches():
-    def value(obs):
-        raise AssertionError("every branch is truncated: nothing to bootstrap")
+def test_branches_cut_by_the_time_limit_are_bootstrapped_at_the_step_they_stopped():
+    seen = []
 
-    policy, sampler = make("Pendulum-v1", horizon=30, bootstrap=value, env_kwargs={"max_episode_steps": 10})
-    batch = sampler.collect(policy)
-    assert torch.isfinite(batch.reward).all()
+    def value(obs):
+        seen.append(obs)
+        return 50.0 + obs[:, 2].astype(np.float64)
+
+    # Pendulum never terminates; with a 10-step limit every branch of a 30-step horizon is truncated.
+    policy, sampler = make("Pendulum-v1", horizon=30, gamma=0.9, env_kwargs={"max_episode_steps": 10})
+    calls = record_q_values(sampler)
+    sampler.collect(policy)
+    call = calls[-1]
+    out = call["rollout"]
+    assert out.truncated.all() and not out.terminated.any()
+    steps = out.mask.sum(1).numpy()
+    assert (steps <= 10).all() and len(set(steps.tolist())) > 1  # cut at different steps (walkers at different times)
+    plain = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)  # the policy as it is now
+    sampler.bootstrap = value
+    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    assert len(seen) == 1 and np.array_equal(seen[0], sampler.branches.obs[: len(steps)])  # where each branch stopped
+    expected = plain + 0.9**steps * (50.0 + seen[0][:, 2].astype(np.float64))
+    np.testing.assert_allclose(bootstrapped, expected, rtol=1e-12)
 
 
 def test_value_function_bootstraps_running_branches_and_is_fit_to_their_returns_to_go():

@@ -81,11 +81,37 @@ def test_observation_statistics_match_numpy_and_are_saved():
     assert {"obs_mean", "obs_var", "obs_count"} <= set(policy.checkpoint_state())
 
 
-def test_predict_is_the_mode_and_discrete_observations_are_one_hot():
+def test_discrete_observations_are_one_hot():
     policy = MLPPolicy(gym.spaces.Discrete(5), BOX_ACT)
     assert policy.preprocess(np.array([2])).tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0]]
     a1, a2 = policy.predict(np.array([1, 3])), policy.predict(np.array([1, 3]))
     assert np.array_equal(a1, a2) and a1.shape == (2, 2)
+
+
+@pytest.mark.parametrize("squash", [True, False])
+def test_deterministic_action_is_the_gaussian_mean_squashed_or_clipped_once(squash):
+    torch.manual_seed(0)
+    policy = MLPPolicy(BOX_OBS, BOX_ACT, squash=squash)
+    with torch.no_grad():
+        policy.net[-1].bias.copy_(torch.tensor([1.5, -0.8]))  # means far enough out that a second tanh would show
+    obs = np.random.default_rng(0).normal(size=(5, 3))
+    mean = policy.net(policy.preprocess(obs)).detach().double()
+    low, high = torch.tensor([-2.0, 0.0], dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)
+    if squash:
+        expected = low + (high - low) * (torch.tanh(mean) + 1) / 2
+    else:
+        expected = torch.maximum(torch.minimum(mean, high), low)
+    np.testing.assert_allclose(policy.predict(obs), expected.numpy(), rtol=1e-5, atol=1e-6)
+    action, raw = policy.act(policy.preprocess(obs), deterministic=True)
+    assert torch.equal(raw, policy.distribution(policy.preprocess(obs)).mean)  # stored like a sample: pre-tanh / unclipped
+    assert torch.allclose(policy.env_action(raw), action)
+
+
+def test_deterministic_discrete_action_is_the_most_likely_one():
+    policy = MLPPolicy(BOX_OBS, gym.spaces.Discrete(4))
+    obs = np.random.default_rng(1).normal(size=(6, 3))
+    logits = policy.net(policy.preprocess(obs))
+    assert np.array_equal(policy.predict(obs), logits.argmax(-1).numpy())
 
 
 @pytest.mark.parametrize(
