@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-from typing import Any
 
 
 class PeakRSS:
@@ -28,7 +27,7 @@ class PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)

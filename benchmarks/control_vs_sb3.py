@@ -103,9 +103,11 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "",
         f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; budget {args.steps} env steps, seeds {args.seeds}, "
-        f"final deterministic evaluation over {args.episodes} episodes.",
+        (
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads; budget {args.steps} env steps, seeds {args.seeds}, "
+            f"final deterministic evaluation over {args.episodes} episodes."
+        ),
         "",
         "| env | algorithm | final eval return (mean ± std over seeds) | per seed | env steps / s (training) | x SB3 PPO's steps/s |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -129,8 +131,10 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     if args.steps < 1_000_000 or len(args.seeds) < 3:
         lines += [
             "",
-            f"**Short budget:** {args.steps} env steps and {len(args.seeds)} seed(s). Published MuJoCo comparisons use 1M steps "
-            "and 5 or more seeds; these numbers show early learning only.",
+            (
+                f"**Short budget:** {args.steps} env steps and {len(args.seeds)} seed(s). Published MuJoCo comparisons use 1M steps "
+                "and 5 or more seeds; these numbers show early learning only."
+            ),
         ]
     if args.note:
         lines += ["", args.note]
@@ -168,7 +172,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/benchmarks", help="where REBEL's run folders go")
     parser.add_argument("--note", default="", help="a sentence added to the report (conditions of the run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="no runs: write the report from these control.json files (runs split over processes)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="no runs: write the report from these control.json files (runs split over processes)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

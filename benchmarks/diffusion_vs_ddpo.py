@@ -289,7 +289,13 @@ def write_report(results: dict[str, list[dict[str, Any]]], start_eval: float, ar
         ]
     if args.note:
         lines += ["", args.note]
-    lines += ["", "![reward against reward queries](diffusion.png)", "", "Fixed-seed evaluation images (seed 0 of each algorithm; rows are prompts, each tile captioned with its reward):", ""]
+    lines += [
+        "",
+        "![reward against reward queries](diffusion.png)",
+        "",
+        "Fixed-seed evaluation images (seed 0 of each algorithm; rows are prompts, each tile captioned with its reward):",
+        "",
+    ]
     lines += ["| start | " + " | ".join(LABELS[a] for a in results) + " |", "| --- | " + " | ".join("---" for _ in results) + " |"]
     lines.append("| ![start](diffusion_grid_start.png) | " + " | ".join(f"![{a}](diffusion_grid_{a}.png)" for a in results) + " |")
     lines.append("")
@@ -325,7 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", help="Stable Diffusion folder or hub id; default: the embedded tiny shapes pipeline")
-    parser.add_argument("--reward", help="aesthetic | compressibility | incompressibility | brightness | module:function (default: brightness)")
+    parser.add_argument(
+        "--reward", help="aesthetic | compressibility | incompressibility | brightness | module:function (default: brightness)"
+    )
     parser.add_argument("--prompts", help="animals or a text file (with --model; default animals)")
     parser.add_argument("--iterations", type=int, default=D["iterations"])
     parser.add_argument("--prompts-per-iteration", type=int, default=D["prompts_per_iteration"])

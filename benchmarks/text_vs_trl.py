@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, mean, mean_std, memory_gb, package_version  # noqa: E402
+from benchmarks.common import PeakRSS, mean, mean_std, memory_gb, package_version
 
 ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo")  # rebel-rloo: rebel.text with loss="rloo" (a diagnostic, not run by default)
 LABELS = {
@@ -358,9 +358,11 @@ def write_report(
         "",
         f"```bash\n{command}\n```",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {package_version('transformers')}, "
-        f"trl {package_version('trl')}, accelerate {package_version('accelerate')}, {args.threads} torch thread(s) per run, device {device}.",
+        (
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {package_version('transformers')}, "
+            f"trl {package_version('trl')}, accelerate {package_version('accelerate')}, {args.threads} torch thread(s) per run, device {device}."
+        ),
         "",
         "## Results",
         "",
@@ -530,7 +532,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts scored after training (tiny task)")
     parser.add_argument("--out", default="docs/benchmarks", help="folder of text.md and text.png")
     parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--report-from", nargs="+", metavar="JSON", help="no runs: write the report from the --json files of earlier runs (merged: seeds add up)")
+    parser.add_argument(
+        "--report-from",
+        nargs="+",
+        metavar="JSON",
+        help="no runs: write the report from the --json files of earlier runs (merged: seeds add up)",
+    )
     # one algorithm, one task, one seed: the subprocesses
     parser.add_argument("--worker", choices=ALGORITHMS, help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=tuple(TASK_DEFAULTS), help=argparse.SUPPRESS)
@@ -596,7 +603,9 @@ def report_from(paths: list[Path], out: Path) -> None:
             known = args.settings.setdefault(task, ours)
             other = {k: v for k, v in ours.items() if k != "seeds"}
             if other != {k: v for k, v in known.items() if k != "seeds"}:
-                raise ValueError(f"{path}: the settings of task {task!r} ({other}) differ from an earlier file's; only the seeds may differ")
+                raise ValueError(
+                    f"{path}: the settings of task {task!r} ({other}) differ from an earlier file's; only the seeds may differ"
+                )
             seeds = args.section_seeds.setdefault(key, [])
             repeated = sorted(set(seeds) & set(ours["seeds"]))
             if repeated:
@@ -649,7 +658,9 @@ def main() -> None:
                 all_results[(task, epochs)] = run_all(task, epochs, model_dir, args, Path(tmp))
     if args.json:
         raw = {f"{task}, {epochs} epochs": results for (task, epochs), results in all_results.items()}
-        Path(args.json).write_text(json.dumps({"args": vars(args), "command": command, "start_eval": start_evals, "results": raw}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "command": command, "start_eval": start_evals, "results": raw}, indent=1)
+        )
     write_report(all_results, start_evals, args, out, command)
     print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 

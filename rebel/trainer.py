@@ -412,7 +412,7 @@ class Trainer:
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 f"resume it with the same number (now {self.accelerator.num_processes})"
             )
-        missing, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
+        _, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
         if unexpected:
             raise ValueError(f"checkpoint {path} has parameters this policy lacks: {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -82,11 +82,16 @@ def test_text_report_rebuilt_from_a_json_file(tmp_path, monkeypatch):
         "trl-rloo": [run("trl-rloo", [0.4, 0.4, 0.5, 0.5], 0.2, 500.0), run("trl-rloo", [0.4, 0.4, 0.5, 0.5], 0.2, 500.0)],
     }
     raw = tmp_path / "raw.json"
-    raw.write_text(json.dumps({"args": args, "start_eval": {"tiny": {"reward": 0.3, "exact": 0.1}}, "results": {"tiny, 1 epochs": results}}))
+    raw.write_text(
+        json.dumps({"args": args, "start_eval": {"tiny": {"reward": 0.3, "exact": 0.1}}, "results": {"tiny, 1 epochs": results}})
+    )
     monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(raw), "--out", str(tmp_path)])
     bench.main()
     report = (tmp_path / "text.md").read_text()
-    assert "| REBEL (rebel.text) | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.4 ± 0.0 | 400 ± 0 | 300 ± 0 | 400 ± 0 | 0.400 ± 0.000 | 0.800 ± 0.100 |" in report
+    assert (
+        "| REBEL (rebel.text) | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.4 ± 0.0 | 400 ± 0 | 300 ± 0 | 400 ± 0 | 0.400 ± 0.000 | 0.800 ± 0.100 |"
+        in report
+    )
     assert "time per iteration x0.50 of RLOO's, peak RSS x0.80" in report
     assert "held-out reward +0.300" in report and (tmp_path / "text.png").is_file()
 
@@ -114,7 +119,9 @@ def test_text_reports_of_several_runs_merge_their_seeds(tmp_path, monkeypatch):
     two_epochs = json.loads(first.read_text())
     two_epochs["results"] = {"tiny, 2 epochs": two_epochs["results"]["tiny, 1 epochs"]}
     (tmp_path / "e.json").write_text(json.dumps(two_epochs))
-    monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(first), str(second), str(tmp_path / "e.json"), "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys, "argv", ["text_vs_trl.py", "--report-from", str(first), str(second), str(tmp_path / "e.json"), "--out", str(tmp_path)]
+    )
     bench.main()
     report = (tmp_path / "text.md").read_text()
     assert "2 epoch(s) per batch (4 optimizer steps), seeds 0." in report and "seeds 0, 1, 2 (mean" in report

@@ -14,7 +14,7 @@ def test_two_processes_keep_identical_parameters_and_sample_different_contexts(t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(worker), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

@@ -74,7 +74,14 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
         "reward_normalization": "within_group",
         "max_grad_norm": 0.5,
     },
-    "critic": {"eta": 2.0, "learning_rate": 1e-3, "epochs": 4, "minibatch_size": 1024, "reward_normalization": "none", "max_grad_norm": 1.0},
+    "critic": {
+        "eta": 2.0,
+        "learning_rate": 1e-3,
+        "epochs": 4,
+        "minibatch_size": 1024,
+        "reward_normalization": "none",
+        "max_grad_norm": 1.0,
+    },
 }
 
 
@@ -83,12 +90,10 @@ class ControlConfig:
     """The control task and the variant that forms REBEL's regression."""
 
     env: str = option("HalfCheetah-v5", "gymnasium environment id")
-    variant: str = option(
-        "critic", "critic | trajectory | mc: what a pair compares (two actions at one state, or rollouts from one start)"
-    )
+    variant: str = option("critic", "critic | trajectory | mc: what a pair compares (two actions at one state, or rollouts from one start)")
     total_steps: int = option(1_000_000, "environment-step budget; every step counts, reset and branch rollouts included")
     seed: int = option(0, "random seed")
-    hidden_sizes: list[int] | None = option(None, "policy MLP sizes (default: 64 64; critic: 256 256)")
+    hidden_sizes: list[int] | None = option(None, "policy MLP sizes (default: 64 64; critic: 256 256)")  # noqa: RUF009 (option returns a dataclasses.field)
     activation: str | None = option(None, "tanh | relu | elu | silu (default: tanh; critic: relu)")
     squash: bool = option(True, "tanh-squash Gaussian actions into the bounds (else clip them for the env only)")
     state_dependent_std: bool | None = option(None, "standard deviation from a head rather than a learned vector (default: critic only)")
@@ -100,8 +105,10 @@ class ControlConfig:
     segment_length: int = option(200, "trajectory: steps per rollout (the next segment starts where the group's first rollout stopped)")
     horizon: int = option(10, "mc: steps of a Q rollout after the branching action (then the learned value bootstraps)")
     rollouts_per_action: int = option(1, "mc: rollouts averaged per Q(s, a) (common random numbers across the actions)")
+    spread_walkers: bool = option(False, "mc: cut each walker's first episode at a random length so the walkers cover the whole episode")
     value_bootstrap: bool | None = option(
-        None, "mc, trajectory: add gamma^H V(s_H) of a learned value function at a rollout's end, fit each iteration on the rollouts' returns (default: on for mc)"
+        None,
+        "mc, trajectory: add gamma^H V(s_H) of a learned value function at a rollout's end, fit each iteration on the rollouts' returns (default: on for mc)",
     )
     value_lr: float = option(1e-3, "value function learning rate (its MLP has the policy's hidden sizes, tanh)")
     value_epochs: int = option(4, "passes over each iteration's returns when fitting the value function")
@@ -111,9 +118,11 @@ class ControlConfig:
     critic_batch_size: int = option(256, "critic: TD minibatch size")
     updates_per_step: float = option(1.0, "critic: TD updates per environment step")
     critic_lr: float = option(3e-4, "critic: learning rate")
-    critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")
+    critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")  # noqa: RUF009
     tau: float = option(0.005, "critic: target-network averaging rate")
-    alpha: float = option(0.0, "critic: entropy weight: soft TD target and actor reward Q - alpha log pi_t (0: REBEL's KL step regularises alone)")
+    alpha: float = option(
+        0.0, "critic: entropy weight: soft TD target and actor reward Q - alpha log pi_t (0: REBEL's KL step regularises alone)"
+    )
     eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
     eval_episodes: int = option(10, "episodes per evaluation")
     video: bool = option(False, "render the final evaluation into videos/eval.gif")
@@ -240,6 +249,7 @@ class Rebel:
                 gamma=c.gamma,
                 value_function=self._make_value_function(),
                 seed=c.seed,
+                spread_walkers=c.spread_walkers,
             )
         from rebel.control.critic import CriticSampler
 
@@ -252,7 +262,13 @@ class Rebel:
 
     def _make_trainer(self) -> Trainer:
         run_config = {"adapter": "control", "control": dataclasses.asdict(self.config)}
-        return Trainer(self.policy, self._make_sampler(), self.trainer_config, run_config=run_config, callbacks=[self._evaluation_callback, *self.callbacks])
+        return Trainer(
+            self.policy,
+            self._make_sampler(),
+            self.trainer_config,
+            run_config=run_config,
+            callbacks=[self._evaluation_callback, *self.callbacks],
+        )
 
     def _evaluation_callback(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         c = self.config

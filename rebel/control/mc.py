@@ -38,9 +38,17 @@ class MonteCarloSampler(Sampler):
 
     **States.** ``num_states`` *walkers* follow their own on-policy episodes (a walker whose
     episode ends is reset at once with a fresh seed). Each iteration every walker first
-    advances a random number of steps drawn uniformly from ``1..state_stride`` (the
-    random stride spreads the walkers over the episode's time steps and makes consecutive
-    iterations visit different states), then the state it stands in is snapshotted.
+    advances a random number of steps drawn uniformly from ``1..state_stride`` (so that
+    consecutive iterations visit different states), then the state it stands in is
+    snapshotted.
+
+    **Spread walkers** (``spread_walkers``): the walkers start together at t = 0 and, on a
+    task that never terminates (HalfCheetah), stay close together (the random strides spread
+    them by a few dozen steps): 256 walkers moving 5.5 steps an iteration have not reached
+    t = 900 after 1M env steps, so the late part of an episode is never trained on. With this option each walker's
+    first episode is cut (reset, not counted as finished) after a length drawn uniformly from
+    ``1..T`` (``T`` the env's time limit), so that from the second episode on the walkers
+    cover all of the episode's time steps.
 
     **Q estimates.** At each state ``n = actions_per_state`` raw actions are drawn from
     pi_t. Each (state, action) gets ``m = rollouts_per_action`` branches: restore the
@@ -92,6 +100,7 @@ class MonteCarloSampler(Sampler):
         env_kwargs: dict[str, Any] | None = None,
         state_stride: int = 10,
         common_random_numbers: bool = True,
+        spread_walkers: bool = False,
     ) -> None:
         for name, value, low in (
             ("num_states", num_states, 1),
@@ -113,9 +122,14 @@ class MonteCarloSampler(Sampler):
             raise ValueError("give bootstrap or value_function, not both: both set the value added at the horizon")
         self.num_states, self.actions_per_state, self.rollouts_per_action = num_states, actions_per_state, rollouts_per_action
         self.horizon, self.gamma, self.bootstrap, self.value_function = horizon, gamma, bootstrap, value_function
-        self.state_stride, self.common_random_numbers = state_stride, common_random_numbers
+        self.state_stride, self.common_random_numbers, self.spread_walkers = state_stride, common_random_numbers, spread_walkers
         self.policy = policy
         self.walkers = EnvPool(env, num_states, **(env_kwargs or {}))
+        spec = self.walkers.envs[0].spec
+        self.episode_limit = spec.max_episode_steps if spec is not None else None
+        if spread_walkers and not self.episode_limit:
+            name = spec.id if spec is not None else type(self.walkers.envs[0].unwrapped).__name__
+            raise ValueError(f"spread_walkers needs an env with a time limit (spec.max_episode_steps); {name} has none")
         self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, **(env_kwargs or {}))
         self.seed(seed)
 
@@ -124,6 +138,10 @@ class MonteCarloSampler(Sampler):
         self.generator = torch.Generator().manual_seed(seed)  # actions and branch noise
         self.fresh = np.ones(self.num_states, dtype=bool)  # walkers not started yet
         self.walker_return = np.zeros(self.num_states)  # undiscounted return of each walker's episode so far
+        self.walker_age = np.zeros(self.num_states, dtype=np.int64)  # steps into each walker's episode
+        self.cut = np.full(self.num_states, -1, dtype=np.int64)  # length at which a first episode is cut (-1: none)
+        if self.spread_walkers:
+            self.cut = self.rng.integers(1, self.episode_limit, size=self.num_states, endpoint=True)
 
     # ---------------------------------------------------------------- collect
     def collect(self, policy: Policy) -> RolloutBatch:
@@ -223,15 +241,22 @@ class MonteCarloSampler(Sampler):
             action, _ = policy.act(policy.preprocess(obs), generator=self.generator)
             rewards, terminated, truncated = pool.step(live.tolist(), action.cpu().numpy())
             self.walker_return[live] += rewards
+            self.walker_age[live] += 1
             remaining[live] -= 1
-            for i in live[terminated | truncated]:
+            ended = terminated | truncated
+            for i in live[ended]:
                 finished.append(float(self.walker_return[i]))
+                self._reset_walker(int(i))
+            for i in live[~ended & (self.walker_age[live] == self.cut[live])]:  # a first episode cut short: not counted
                 self._reset_walker(int(i))
         return np.concatenate(seen), finished
 
     def _reset_walker(self, i: int) -> None:
+        if self.walker_age[i] > 0:
+            self.cut[i] = -1  # only a walker's first episode is cut
         self.walkers.reset([i], [int(self.rng.integers(2**31))])
         self.walker_return[i] = 0.0
+        self.walker_age[i] = 0
 
     def _branch_noise(self, policy: MLPPolicy) -> Tensor:
         """``[S, n, m, H, *noise_shape]``: shared by the actions of a state (common random
@@ -248,6 +273,8 @@ class MonteCarloSampler(Sampler):
             "generator": self.generator.get_state(),
             "walkers": [None if self.fresh[i] else self.walkers.snapshot(i) for i in range(self.num_states)],
             "walker_return": self.walker_return.copy(),
+            "walker_age": self.walker_age.copy(),
+            "cut": self.cut.copy(),
             **({"value_function": self.value_function.checkpoint_state()} if self.value_function is not None else {}),
         }
 
@@ -261,6 +288,8 @@ class MonteCarloSampler(Sampler):
             if walker is not None:
                 self.walkers.restore(i, walker)
         self.walker_return = np.array(state["walker_return"])
+        self.walker_age = np.array(state.get("walker_age", np.zeros(self.num_states, dtype=np.int64)))
+        self.cut = np.array(state.get("cut", np.full(self.num_states, -1, dtype=np.int64)))
         if (self.value_function is None) != ("value_function" not in state):
             raise ValueError("the checkpoint and this sampler disagree on having a value_function")
         if self.value_function is not None:

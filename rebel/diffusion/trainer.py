@@ -51,7 +51,10 @@ class DiffusionConfig:
     max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
     epochs: int = option(1, "passes over each iteration's images")
     minibatch_size: int | None = option(None, "images per optimizer step (whole groups); none: the whole batch")
-    reward_normalization: str = option("none", "none | batch | within_group (minus the prompt's mean, over the batch's within-prompt RMS) | per_context (running statistics per prompt)")
+    reward_normalization: str = option(
+        "none",
+        "none | batch | within_group (minus the prompt's mean, over the batch's within-prompt RMS) | per_context (running statistics per prompt)",
+    )
     seed: int = option(0, "random seed (each process adds its rank)")
     use_lora: bool = option(True, "train a LoRA adapter on the UNet's attention (otherwise the whole UNet)")
     lora_rank: int = option(4, "LoRA rank")
@@ -72,7 +75,9 @@ class DiffusionConfig:
         if not self.ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (deterministic DDIM has no log-probability), got {self.ddim_eta}")
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
-            raise ValueError(f"log_prob_reduction={self.log_prob_reduction!r} is not supported; expected {' or '.join(LOG_PROB_REDUCTIONS)}")
+            raise ValueError(
+                f"log_prob_reduction={self.log_prob_reduction!r} is not supported; expected {' or '.join(LOG_PROB_REDUCTIONS)}"
+            )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank"):

@@ -48,7 +48,16 @@ def test_mc_with_its_defaults_and_value_function_learns_cartpole(tmp_path):
 
 
 def test_save_load_round_trip_and_predict(tmp_path):
-    agent = Rebel("Pendulum-v1", variant="trajectory", seed=3, output_dir=str(tmp_path / "run"), num_groups=2, segment_length=20, eval_episodes=1, **FAST)
+    agent = Rebel(
+        "Pendulum-v1",
+        variant="trajectory",
+        seed=3,
+        output_dir=str(tmp_path / "run"),
+        num_groups=2,
+        segment_length=20,
+        eval_episodes=1,
+        **FAST,
+    )
     agent.learn(200)
     path = agent.save(tmp_path / "agent.pt")
     loaded = Rebel.load(path, output_dir=str(tmp_path / "again"))
@@ -83,7 +92,7 @@ def test_resume_of_a_control_run_is_bit_identical(tmp_path, variant, extra):
     resumed.learn(resume=True)
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
@@ -102,7 +111,9 @@ def test_env_objects_and_bad_inputs(tmp_path):
         agent.learn(0)
     with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.5 and eta=4.0"):
         Rebel("Pendulum-v1", variant="critic", alpha=0.5, eta=4.0)
-    with pytest.raises(ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."):
+    with pytest.raises(
+        ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."
+    ):
         Rebel("Pendulum-v1", variant="critic", value_bootstrap=True)
 
 

@@ -1,4 +1,3 @@
-
 def test_mujoco_warnings_become_python_warnings_shown_once(capfd):
     import warnings
 

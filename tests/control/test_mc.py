@@ -2,6 +2,7 @@
 step accounting, learning through the trainer, exact resume."""
 
 import copy
+import json
 
 import gymnasium as gym
 import numpy as np
@@ -242,6 +243,40 @@ def test_walkers_follow_on_policy_episodes_and_report_their_returns():
     assert episodes and all(r >= 1 for r in episodes)  # CartPole: one point per step
 
 
+def test_spread_walkers_cut_only_each_walkers_first_episode_at_a_random_length():
+    policy, sampler = make(
+        "Pendulum-v1", num_states=6, horizon=3, state_stride=3, spread_walkers=True, env_kwargs={"max_episode_steps": 30}
+    )
+    first_cut = sampler.cut.copy()
+    assert ((first_cut >= 1) & (first_cut <= 30)).all() and len(set(first_cut.tolist())) > 1
+    resets = []  # (walker, age at the reset) of every reset after the start
+    reset = sampler._reset_walker
+
+    def recorded(i):
+        if not sampler.fresh[i]:
+            resets.append((i, int(sampler.walker_age[i])))
+        reset(i)
+
+    sampler._reset_walker = recorded
+    finished = 0
+    for _ in range(40):
+        stats = sampler.collect(policy).stats
+        finished += int(stats.get("episodes", 0))
+    for i in range(6):
+        ages = [age for walker, age in resets if walker == i]
+        assert ages[0] == first_cut[i] and ages[1:] and set(ages[1:]) == {30}  # cut once, then whole episodes
+    assert finished == sum(1 for _, age in resets if age == 30)  # cut episodes are not reported as finished
+    assert (sampler.cut == -1).all()
+
+
+def test_spread_walkers_needs_a_time_limit():
+    from gymnasium.envs.classic_control import PendulumEnv
+
+    policy, _ = make("Pendulum-v1")
+    with pytest.raises(ValueError, match="spread_walkers needs an env with a time limit .* PendulumEnv has none"):
+        MonteCarloSampler(PendulumEnv, policy, spread_walkers=True)
+
+
 def test_learns_cartpole_through_the_trainer(tmp_path):
     torch.manual_seed(0)
     probe = gym.make("CartPole-v1")
@@ -267,11 +302,11 @@ def test_learns_cartpole_through_the_trainer(tmp_path):
     assert rows[-1]["env_steps"] > 20_000
 
 
-def mc_trainer(tmp_path, name, callbacks=()):
+def mc_trainer(tmp_path, name, callbacks=(), env_id="CartPole-v1", **options):
     torch.manual_seed(0)
-    probe = gym.make("CartPole-v1")
+    probe = gym.make(env_id)
     policy = MLPPolicy(probe.observation_space, probe.action_space)
-    sampler = MonteCarloSampler("CartPole-v1", policy, num_states=4, rollouts_per_action=2, horizon=20)
+    sampler = MonteCarloSampler(env_id, policy, num_states=4, rollouts_per_action=2, horizon=20, **options)
     config = TrainerConfig(output_dir=str(tmp_path / name), iterations=6, epochs=2, minibatch_size=4, checkpoint_every=100, **FAST)
     return Trainer(policy, sampler, config, callbacks=callbacks)
 
@@ -280,20 +315,22 @@ def strip_times(rows):
     return [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
 
 
-def test_resume_is_bit_identical(tmp_path):
-    straight = mc_trainer(tmp_path, "straight")
+# Pendulum never terminates: with a 60-step limit, first episodes are still being cut after the resume.
+@pytest.mark.parametrize("options", [{}, {"env_id": "Pendulum-v1", "spread_walkers": True, "env_kwargs": {"max_episode_steps": 60}}])
+def test_resume_is_bit_identical(tmp_path, options):
+    straight = mc_trainer(tmp_path, "straight", **options)
     rows_straight = straight.train()
 
     def stop_at_3(trainer, metrics):
         if trainer.iteration == 3:
             trainer.request_stop()
 
-    assert len(mc_trainer(tmp_path, "split", [stop_at_3]).train()) == 3
-    second = mc_trainer(tmp_path, "split")
+    assert len(mc_trainer(tmp_path, "split", [stop_at_3], **options).train()) == 3
+    second = mc_trainer(tmp_path, "split", **options)
     second.train(resume=True)
     for (key, a), b in zip(second.policy.state_dict().items(), straight.policy.state_dict().values()):
         assert torch.equal(a, b), key  # parameters and observation statistics
-    assert strip_times(read_metrics(tmp_path / "split")) == strip_times(rows_straight)
+    assert json.dumps(strip_times(read_metrics(tmp_path / "split"))) == json.dumps(strip_times(rows_straight))  # NaN-safe
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ def test_two_processes_shard_prompts_and_keep_identical_parameters(tiny_lm, tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(worker), tiny_lm, str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

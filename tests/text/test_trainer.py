@@ -147,6 +147,7 @@ def test_text_config_maps_onto_the_trainer_config_and_checks_values():
     with pytest.raises(ValueError, match="eta must be a finite number > 0"):
         TextConfig(eta=0.0)
 
+
 def test_bf16_paths_run_on_cpu(tiny_lm, tmp_path):
     """The code paths of bf16 training (checked here on the CPU; a GPU takes the same ones):
     autocast keeps the start of every iteration exact, and bf16 weights load and train."""
