@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 # REBEL (trajectory variant) balances MuJoCo's InvertedPendulum-v5: about a minute on a laptop CPU.
 demo: $(VENV)/.installed-demo
-	$(BIN)/rebel train control --env InvertedPendulum-v5 --variant trajectory --total-steps 40000 \
+	$(BIN)/rebel train control --env InvertedPendulum-v5 --variant trajectory --total-steps 100000 \
 		--eval-every 5 --eval-episodes 5 --video --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed-test
