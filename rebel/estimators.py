@@ -277,7 +277,8 @@ class ValueFunction(nn.Module):
     minibatches, minimising ``mean (V(s) - G)^2``. The Monte-Carlo reset estimator fits it
     each iteration to the returns-to-go of its branch rollouts (on-policy returns of pi_t
     that are themselves bootstrapped with the previous V at the horizon: n-step TD targets)
-    and adds ``gamma^H V(s_H)`` to the branches still running at the horizon.
+    and adds ``gamma^k V(s_k)`` where a branch stopped without terminating (the horizon or
+    the time limit).
 
     Args:
         obs_dim: size of the observation features.

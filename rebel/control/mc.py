@@ -23,7 +23,16 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import Rollout, bootstrapped_return, end_values, fit_value, rollout
+from rebel.control.rollouts import (
+    Rollout,
+    bootstrapped_return,
+    check_value_function,
+    end_values,
+    fit_value,
+    load_value_function_state,
+    rollout,
+    value_function_state,
+)
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -116,8 +125,7 @@ class MonteCarloSampler(Sampler):
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if bootstrap is not None and not callable(bootstrap):
             raise ValueError(f"bootstrap must be None or a callable obs -> values, got {type(bootstrap).__name__}")
-        if value_function is not None and not isinstance(value_function, ValueFunction):
-            raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+        check_value_function(value_function)
         if value_function is not None and bootstrap is not None:
             raise ValueError("give bootstrap or value_function, not both: both set the value added at the horizon")
         self.num_states, self.actions_per_state, self.rollouts_per_action = num_states, actions_per_state, rollouts_per_action
@@ -275,7 +283,7 @@ class MonteCarloSampler(Sampler):
             "walker_return": self.walker_return.copy(),
             "walker_age": self.walker_age.copy(),
             "cut": self.cut.copy(),
-            **({"value_function": self.value_function.checkpoint_state()} if self.value_function is not None else {}),
+            **value_function_state(self.value_function),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,7 +298,4 @@ class MonteCarloSampler(Sampler):
         self.walker_return = np.array(state["walker_return"])
         self.walker_age = np.array(state.get("walker_age", np.zeros(self.num_states, dtype=np.int64)))
         self.cut = np.array(state.get("cut", np.full(self.num_states, -1, dtype=np.int64)))
-        if (self.value_function is None) != ("value_function" not in state):
-            raise ValueError("the checkpoint and this sampler disagree on having a value_function")
-        if self.value_function is not None:
-            self.value_function.load_checkpoint_state(state["value_function"])
+        load_value_function_state(self.value_function, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,6 +119,26 @@ def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
         to_go = torch.where(out.mask[:, h], rewards[:, h] + gamma * to_go, to_go)
         targets[:, h] = torch.where(out.mask[:, h], to_go, 0.0)
     return targets
+
+
+def check_value_function(value_function: object) -> None:
+    """A sampler's ``value_function`` argument must be None or a :class:`ValueFunction`."""
+    if value_function is not None and not isinstance(value_function, ValueFunction):
+        raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+
+
+def value_function_state(value_function: ValueFunction | None) -> dict[str, Any]:
+    """The ``value_function`` entry of a sampler's ``state_dict`` (none without one)."""
+    return {} if value_function is None else {"value_function": value_function.checkpoint_state()}
+
+
+def load_value_function_state(value_function: ValueFunction | None, state: dict[str, Any]) -> None:
+    """Restore what :func:`value_function_state` saved, refusing a checkpoint that disagrees
+    with the sampler on having a value function."""
+    if (value_function is None) != ("value_function" not in state):
+        raise ValueError("the checkpoint and this sampler disagree on having a value_function")
+    if value_function is not None:
+        value_function.load_checkpoint_state(state["value_function"])
 
 
 def fit_value(

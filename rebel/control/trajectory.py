@@ -10,7 +10,15 @@ import torch
 from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import bootstrapped_return, end_values, fit_value, rollout
+from rebel.control.rollouts import (
+    bootstrapped_return,
+    check_value_function,
+    end_values,
+    fit_value,
+    load_value_function_state,
+    rollout,
+    value_function_state,
+)
 from rebel.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -53,8 +61,7 @@ class TrajectorySampler(Sampler):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-        if value_function is not None and not isinstance(value_function, ValueFunction):
-            raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+        check_value_function(value_function)
         self.value_function = value_function
         self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma
         self.pool = EnvPool(env, num_groups * group_size, **(env_kwargs or {}))
@@ -116,7 +123,7 @@ class TrajectorySampler(Sampler):
             "generator": self.generator.get_state(),
             "starts": list(self.starts),
             "leader_return": self.leader_return.copy(),
-            **({"value_function": self.value_function.checkpoint_state()} if self.value_function is not None else {}),
+            **value_function_state(self.value_function),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,7 +131,4 @@ class TrajectorySampler(Sampler):
         self.generator.set_state(state["generator"])
         self.starts = list(state["starts"])
         self.leader_return = np.array(state["leader_return"])
-        if (self.value_function is None) != ("value_function" not in state):
-            raise ValueError("the checkpoint and this sampler disagree on having a value_function")
-        if self.value_function is not None:
-            self.value_function.load_checkpoint_state(state["value_function"])
+        load_value_function_state(self.value_function, state)
