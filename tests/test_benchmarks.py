@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -130,3 +132,24 @@ def test_text_reports_of_several_runs_merge_their_seeds(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(second), str(bad), "--out", str(tmp_path)])
         with pytest.raises(ValueError, match=message):
             bench.main()
+
+
+def test_mc_q_accuracy_compares_short_estimates_with_the_long_reference(tmp_path):
+    from rebel.control import Rebel
+
+    bench = load("mc_q_accuracy")
+    run = tmp_path / "mc"
+    options = {"progress": False, "tensorboard": False, "plot": False, "eval_every": 0, "eval_episodes": 1}
+    Rebel("Pendulum-v1", variant="mc", seed=0, output_dir=str(run), num_groups=8, **options).learn(1000)
+    result = bench.measure(str(run), states=6, horizons=(1, 5), reference_horizon=10, reference_rollouts=2)
+    assert result.states == 6 and -1 <= result.split_half <= 1
+    assert [(r["horizon"], r["value"]) for r in result.rows] == [(1, True), (1, False), (5, True), (5, False)]
+    assert all(-1 <= r["corr"] <= 1 and 0 <= r["sign"] <= 1 for r in result.rows)
+    # One step, no value: Pendulum's reward -(theta^2 + 0.1 thetadot^2 + 0.001 u^2) differs only in the torque u
+    u = Rebel.from_run(run).policy.env_action(result.raw_actions.reshape(12, -1)).reshape(6, 2).double().numpy()
+    one_step = result.rows[1]  # horizon 1, no value
+    assert one_step["mean_abs"] == pytest.approx(np.abs(0.001 * (u[:, 0] ** 2 - u[:, 1] ** 2)).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="reference_rollouts must be an even number >= 2, got 3"):
+        bench.measure(str(run), reference_rollouts=3)
+    with pytest.raises(ValueError, match=r"horizons must lie in 1..reference_horizon=10, got \[20\]"):
+        bench.measure(str(run), horizons=(20,), reference_horizon=10)

@@ -110,7 +110,8 @@ class ControlConfig:
         None,
         "mc, trajectory: add gamma^H V(s_H) of a learned value function at a rollout's end, fit each iteration on the rollouts' returns (default: on for mc)",
     )
-    value_lr: float = option(1e-3, "value function learning rate (its MLP has the policy's hidden sizes, tanh)")
+    value_hidden_sizes: list[int] | None = option(None, "mc, trajectory: value function MLP sizes, tanh (default: the policy's)")  # noqa: RUF009
+    value_lr: float = option(1e-3, "value function learning rate")
     value_epochs: int = option(4, "passes over each iteration's returns when fitting the value function")
     steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
     learning_starts: int = option(5000, "critic: uniformly random steps before learning")
@@ -139,6 +140,8 @@ class ControlConfig:
             raise ValueError(f"group_size must be >= 2 (REBEL compares samples of one context), got {self.group_size}")
         if self.value_bootstrap and self.variant == "critic":
             raise ValueError("value_bootstrap applies to the mc and trajectory variants (critic learns Q by TD), got variant='critic'")
+        if self.value_hidden_sizes is not None and (not self.value_hidden_sizes or any(int(h) < 1 for h in self.value_hidden_sizes)):
+            raise ValueError(f"value_hidden_sizes must be a non-empty list of sizes >= 1, got {self.value_hidden_sizes!r}")
         if self.eval_episodes < 1 or self.eval_every < 0:
             raise ValueError(f"eval_episodes must be >= 1 and eval_every >= 0, got {self.eval_episodes} and {self.eval_every}")
 
@@ -219,7 +222,9 @@ class Rebel:
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed + 1)
-            return ValueFunction(self.policy.obs_dim, tuple(c.hidden_sizes or (64, 64)), lr=c.value_lr, epochs=c.value_epochs)
+            return ValueFunction(
+                self.policy.obs_dim, tuple(c.value_hidden_sizes or c.hidden_sizes or (64, 64)), lr=c.value_lr, epochs=c.value_epochs
+            )
 
     def _make_sampler(self) -> Sampler:
         c, env = self.config, self.env_source

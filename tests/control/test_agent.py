@@ -165,3 +165,15 @@ def test_critic_is_the_default_variant(tmp_path):
     assert agent.config.variant == "critic" and agent.config.num_groups == 4096
     assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "none"
     assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
+
+
+def test_value_hidden_sizes_shape_the_value_network_and_bad_sizes_are_refused(tmp_path):
+    def value_layer_sizes(**options):
+        agent = Rebel("Pendulum-v1", variant="mc", seed=0, output_dir=str(tmp_path / "run"), **options, **FAST)
+        return [layer.out_features for layer in agent._make_value_function().net if isinstance(layer, torch.nn.Linear)]
+
+    assert value_layer_sizes() == [64, 64, 1]  # the policy's sizes
+    assert value_layer_sizes(value_hidden_sizes=[32, 16]) == [32, 16, 1]
+    assert value_layer_sizes(hidden_sizes=[8]) == [8, 1]
+    with pytest.raises(ValueError, match=r"value_hidden_sizes must be a non-empty list of sizes >= 1, got \[64, 0\]"):
+        Rebel("Pendulum-v1", variant="mc", value_hidden_sizes=[64, 0])
