@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from typing import Self
 
 
 class PeakRSS:
@@ -23,7 +24,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

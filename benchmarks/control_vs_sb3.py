@@ -7,7 +7,12 @@ learning curves. Writes ``<out>/control.json``, ``<out>/control.md`` and ``<out>
 
     pip install -e ".[bench]"
     python benchmarks/control_vs_sb3.py --envs HalfCheetah-v5 Hopper-v5 Walker2d-v5 \\
-        --steps 1000000 --seeds 0 1 2 --out docs/benchmarks
+        --steps 1000000 --seeds 0 1 2 --out docs/benchmarks --workdir runs/benchmarks
+
+Long runs (SAC and the critic variant take hours per million steps on a CPU) survive an
+interruption: every run keeps its state in ``--workdir`` (REBEL's checkpoints; SB3's model,
+replay buffer and curve, saved at each periodic evaluation; ``result.json`` once finished),
+and the same command with ``--resume`` reads the finished runs back and continues the others.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,29 +32,39 @@ import numpy as np
 import torch
 
 from rebel.control import Rebel, evaluate
-from rebel.runs import read_metrics
+from rebel.runs import latest_checkpoint, load_file, read_metrics
 
 ALGORITHMS = ("rebel-trajectory", "rebel-mc", "rebel-critic", "sb3-ppo", "sb3-sac")
 
 
-def run_rebel(env_id: str, variant: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path) -> dict[str, Any]:
+def run_rebel(
+    env_id: str, variant: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path, resume: bool = False
+) -> dict[str, Any]:
     out = workdir / f"{env_id}-rebel-{variant}-s{seed}"
-    next_eval = eval_every_steps
+    checkpoint = latest_checkpoint(out) if resume else None
+    if latest_checkpoint(out) is None:
+        shutil.rmtree(out, ignore_errors=True)  # a run stopped before its first checkpoint: nothing to continue
+    done = load_file(checkpoint / "trainer.pt")["totals"].get("env_steps", 0) if checkpoint else 0
+    next_eval = (int(done) // eval_every_steps + 1) * eval_every_steps
 
     def periodic_eval(trainer: Any, metrics: dict[str, Any]) -> None:
         nonlocal next_eval
         if metrics["env_steps"] >= next_eval and "eval_return" not in metrics:
             metrics.update(agent.evaluate(episodes))
-            next_eval += eval_every_steps
+            next_eval = (int(metrics["env_steps"]) // eval_every_steps + 1) * eval_every_steps
 
-    agent = Rebel(
-        env_id, variant=variant, seed=seed, output_dir=str(out), callbacks=[periodic_eval],
-        progress=False, tensorboard=False, plot=False, eval_episodes=episodes, eval_every=0,
-    )  # fmt: skip
-    agent.learn(steps)
+    quiet = {"progress": False, "tensorboard": False, "plot": False}
+    if checkpoint is not None:  # continue the interrupted run exactly
+        agent = Rebel.from_run(out, callbacks=[periodic_eval], **quiet)
+    else:
+        agent = Rebel(
+            env_id, variant=variant, seed=seed, output_dir=str(out), callbacks=[periodic_eval],
+            eval_episodes=episodes, eval_every=0, **quiet,
+        )  # fmt: skip
+    agent.learn(steps, resume=checkpoint is not None)
     rows = read_metrics(out)
     curve = [(r["env_steps"], r["eval_return"]) for r in rows if "eval_return" in r]
-    # wall_time sums the iterations (collection and update), evaluations excluded
+    # wall_time sums the iterations (collection and update) over resumes, evaluations excluded
     return {
         "final_return": rows[-1]["eval_return"],
         "final_return_std": rows[-1]["eval_return_std"],
@@ -58,43 +74,92 @@ def run_rebel(env_id: str, variant: str, steps: int, seed: int, eval_every_steps
     }
 
 
-def run_sb3(env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int, episodes: int) -> dict[str, Any]:
+def run_sb3(
+    env_id: str, algo: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path, resume: bool = False
+) -> dict[str, Any]:
+    """One SB3 run; saved every ``eval_every_steps`` to ``workdir`` (model, SAC's replay buffer,
+    curve and training time) so that ``resume`` continues it from there."""
     import gymnasium as gym
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
+
+    folder = workdir / f"{env_id}-{algo}-s{seed}"
+    cls = PPO if algo == "sb3-ppo" else SAC
 
     class Actor:
         def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
             return model.predict(obs, deterministic=deterministic)[0]
 
-    class PeriodicEval(BaseCallback):
-        def __init__(self) -> None:
+    class PeriodicEvalAndSave(BaseCallback):
+        def __init__(self, progress: dict[str, Any]) -> None:
             super().__init__()
-            self.curve: list[tuple[int, float]] = []
-            self.eval_seconds = 0.0
+            self.progress = progress
+            self.started = time.perf_counter()
+            self.seconds_before = progress["train_seconds"]
+            self.eval_seconds = 0.0  # evaluations and saves
+            self.save_pending = False
+
+        def train_seconds(self) -> float:
+            return self.seconds_before + time.perf_counter() - self.started - self.eval_seconds
 
         def _on_step(self) -> bool:
             if self.num_timesteps % eval_every_steps == 0 and self.num_timesteps < steps:  # the final evaluation follows learn()
                 start = time.perf_counter()
-                self.curve.append((self.num_timesteps, evaluate(Actor(), env_id, episodes)["eval_return"]))  # type: ignore[arg-type]
+                self.progress["curve"].append((self.num_timesteps, evaluate(Actor(), env_id, episodes)["eval_return"]))  # type: ignore[arg-type]
                 self.eval_seconds += time.perf_counter() - start
+                self.save_pending = True
+                if algo == "sb3-ppo":  # its rollout is collected again after a resume
+                    self.save()
             return True
 
-    cls = PPO if algo == "sb3-ppo" else SAC
-    model = cls("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, device="cpu")
-    callback = PeriodicEval()
-    start = time.perf_counter()
-    model.learn(steps, callback=callback)
-    train_seconds = time.perf_counter() - start - callback.eval_seconds
+        def _on_rollout_end(self) -> None:
+            if self.save_pending:  # SAC: after the step's transition went into the replay buffer
+                self.save()
+
+        def save(self) -> None:
+            start = time.perf_counter()
+            self.progress["train_seconds"] = self.train_seconds()
+            self.progress["num_timesteps"] = self.num_timesteps
+            _save_sb3(model, folder, self.progress)
+            self.eval_seconds += time.perf_counter() - start
+            self.save_pending = False
+
+    saved = folder / "save" / "progress.json"
+    if resume and saved.is_file():
+        progress = json.loads(saved.read_text())
+        model = cls.load(folder / "save" / "model.zip", env=gym.make(env_id), device="cpu")
+        if algo == "sb3-sac":
+            model.load_replay_buffer(folder / "save" / "replay_buffer.pkl")
+        model.set_random_seed(seed + model.num_timesteps)  # SB3 saves no random state: the rest is a fresh stream
+    else:
+        progress = {"curve": [], "train_seconds": 0.0, "num_timesteps": 0}
+        model = cls("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, device="cpu")
+    callback = PeriodicEvalAndSave(progress)
+    model.learn(steps - model.num_timesteps, callback=callback, reset_num_timesteps=False)
+    train_seconds = callback.train_seconds()
     final = evaluate(Actor(), env_id, episodes)  # type: ignore[arg-type]
-    curve = [*callback.curve, (steps, final["eval_return"])]
     return {
         "final_return": final["eval_return"],
         "final_return_std": final["eval_return_std"],
         "env_steps": steps,
         "train_seconds": train_seconds,
-        "curve": curve,
+        "curve": [*map(tuple, progress["curve"]), (steps, final["eval_return"])],
     }
+
+
+def _save_sb3(model: Any, folder: Path, progress: dict[str, Any]) -> None:
+    """Model, replay buffer (off-policy algorithms) and progress into ``folder/save``, swapped in whole."""
+    staging, final, old = folder / "save.tmp", folder / "save", folder / "save.old"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save(staging / "model.zip")
+    if hasattr(model, "replay_buffer"):
+        model.save_replay_buffer(staging / "replay_buffer.pkl")
+    (staging / "progress.json").write_text(json.dumps(progress))
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
@@ -169,7 +234,15 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=50_000, help="env steps between evaluations of the curves")
     parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--workdir", default="runs/benchmarks", help="where REBEL's run folders go")
+    parser.add_argument(
+        "--workdir", default="runs/benchmarks", help="where the run folders go (REBEL's runs, SB3's saves, each run's result)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs of --workdir: finished ones are read back from their result.json, REBEL's continue exactly from "
+        "their newest checkpoint, SB3's from their last save (every --eval-every steps; SB3 saves no random state, so not bit-exact)",
+    )
     parser.add_argument("--note", default="", help="a sentence added to the report (conditions of the run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
     parser.add_argument(
@@ -194,10 +267,17 @@ def main() -> None:
         for algo in args.algorithms:
             for seed in args.seeds:
                 torch.manual_seed(seed)
-                if algo.startswith("rebel-"):
-                    result = run_rebel(env_id, algo.removeprefix("rebel-"), args.steps, seed, args.eval_every, args.episodes, workdir)
+                finished = workdir / f"{env_id}-{algo}-s{seed}" / "result.json"
+                if args.resume and finished.is_file():
+                    result = json.loads(finished.read_text())
+                elif algo.startswith("rebel-"):
+                    result = run_rebel(
+                        env_id, algo.removeprefix("rebel-"), args.steps, seed, args.eval_every, args.episodes, workdir, args.resume
+                    )
                 else:
-                    result = run_sb3(env_id, algo, args.steps, seed, args.eval_every, args.episodes)
+                    result = run_sb3(env_id, algo, args.steps, seed, args.eval_every, args.episodes, workdir, args.resume)
+                finished.parent.mkdir(parents=True, exist_ok=True)
+                finished.write_text(json.dumps(result))
                 results.append({"env": env_id, "algorithm": algo, "seed": seed, **result})
                 print(
                     f"{env_id} {algo} seed {seed}: return {result['final_return']:.1f}, {result['env_steps'] / result['train_seconds']:.0f} steps/s",

@@ -286,10 +286,21 @@ class ValueFunction(nn.Module):
         lr: Adam learning rate.
         epochs: passes over each :meth:`fit` call's data.
         minibatch_size: samples per Adam step.
+        normalize_targets: learn ``(G - mu) / sigma`` with mu, sigma the mean and standard
+            deviation of each :meth:`fit` call's targets; when they change, the output layer is
+            rescaled so that V's predictions stay the same (PopArt's correction). Returns of
+            hundreds then reach the network as numbers of order one.
     """
 
     def __init__(
-        self, obs_dim: int, hidden_sizes: Sequence[int] = (64, 64), *, lr: float = 1e-3, epochs: int = 4, minibatch_size: int = 256
+        self,
+        obs_dim: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        *,
+        lr: float = 1e-3,
+        epochs: int = 4,
+        minibatch_size: int = 256,
+        normalize_targets: bool = False,
     ) -> None:
         super().__init__()
         if obs_dim < 1:
@@ -301,13 +312,25 @@ class ValueFunction(nn.Module):
         for name, value in (("epochs", epochs), ("minibatch_size", minibatch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"value {name} must be an integer >= 1, got {value!r}")
-        self.epochs, self.minibatch_size = epochs, minibatch_size
+        self.epochs, self.minibatch_size, self.normalize_targets = epochs, minibatch_size, normalize_targets
         self.net = _mlp([obs_dim, *(int(h) for h in hidden_sizes), 1], nn.Tanh)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
 
     def forward(self, obs: Tensor) -> Tensor:
         """``[B]`` values of ``obs [B, obs_dim]``."""
-        return self.net(obs).squeeze(-1)
+        return self.net(obs).squeeze(-1) * self.target_std + self.target_mean
+
+    @torch.no_grad()
+    def _rescale_targets(self, targets: Tensor) -> None:
+        """Move (mu, sigma) to ``targets``' mean and standard deviation, keeping V's outputs."""
+        mean, std = targets.mean(), targets.std(unbiased=False).clamp_min(1e-6)
+        last = self.net[-1]
+        last.weight.mul_(self.target_std / std)
+        last.bias.mul_(self.target_std).add_(self.target_mean - mean).div_(std)
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
 
     @torch.no_grad()
     def predict(self, obs: Tensor) -> np.ndarray:
@@ -328,12 +351,15 @@ class ValueFunction(nn.Module):
             "value_loss": (before - targets).pow(2).mean().item(),
             "value_explained_variance": (1 - (targets - before).var(unbiased=False) / variance).item() if variance > 0 else 0.0,
         }
+        if self.normalize_targets:
+            self._rescale_targets(targets)
+        scaled = (targets - self.target_mean) / self.target_std
         with torch.enable_grad():  # samplers run under the trainer's no_grad
             for _ in range(self.epochs):
                 order = torch.randperm(len(targets), generator=generator).to(device)
                 for start in range(0, len(targets), self.minibatch_size):
                     index = order[start : start + self.minibatch_size]
-                    loss = nn.functional.mse_loss(self(inputs[index]), targets[index])
+                    loss = nn.functional.mse_loss(self.net(inputs[index]).squeeze(-1), scaled[index])
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
@@ -344,5 +370,6 @@ class ValueFunction(nn.Module):
         return copy.deepcopy({"network": self.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["network"])
+        network = {"target_mean": torch.zeros(()), "target_std": torch.ones(()), **state["network"]}  # checkpoints before the scale
+        self.load_state_dict(network)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -43,6 +43,52 @@ def test_control_report_merges_runs_and_compares_with_ppo(tmp_path, monkeypatch)
     assert len(json.loads((out / "control.json").read_text())) == 4 and (out / "control.png").is_file()
 
 
+def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(tmp_path, monkeypatch):
+    bench = load("control_vs_sb3")
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    def main(steps, *extra):
+        args = ["--envs", "Pendulum-v1", "--algorithms", "rebel-trajectory", "--seeds", "0", "--episodes", "1", "--eval-every", "5000"]
+        monkeypatch.setattr(
+            sys, "argv", ["control_vs_sb3.py", *args, "--steps", str(steps), "--workdir", str(work), "--out", str(out), *extra]
+        )
+        bench.main()
+        return json.loads((out / "control.json").read_text())[0]
+
+    first = main(3000)  # 8 groups x 2 rollouts x 200 steps = 3200 env steps per iteration: one iteration
+    run_dir = work / "Pendulum-v1-rebel-trajectory-s0"
+    (run_dir / "result.json").unlink()  # as if the process had been stopped before the end
+    second = main(9000, "--resume")
+    rows = bench.read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]  # continued from the checkpoint of iteration 1, not restarted
+    assert [r["env_steps"] for r in rows] == [3200, 6400, 9600] and second["env_steps"] == 9600
+    assert [r["env_steps"] for r in rows if "eval_return" in r] == [3200, 6400, 9600]  # evaluations every 5000 steps, and the last
+    assert rows[0]["eval_return"] == first["final_return"] and second["train_seconds"] > first["train_seconds"]
+    fresh = bench.Rebel(
+        "Pendulum-v1", variant="trajectory", seed=0, output_dir=str(tmp_path / "fresh"), progress=False, tensorboard=False, plot=False
+    )
+    fresh.learn(9000)
+    assert [r["loss"] for r in bench.read_metrics(tmp_path / "fresh")] == [r["loss"] for r in rows]  # exact continuation
+    monkeypatch.setattr(bench, "run_rebel", lambda *a, **k: pytest.fail("a finished run started again"))
+    assert main(9000, "--resume") == second  # read back from result.json
+
+
+def test_control_benchmark_sb3_runs_continue_from_their_last_save(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    bench = load("control_vs_sb3")
+    first = bench.run_sb3("Pendulum-v1", "sb3-sac", 300, 0, 200, 1, tmp_path)  # saved at 200 steps, then run to 300
+    save = tmp_path / "Pendulum-v1-sb3-sac-s0" / "save"
+    assert json.loads((save / "progress.json").read_text())["num_timesteps"] == 200
+    second = bench.run_sb3("Pendulum-v1", "sb3-sac", 500, 0, 200, 1, tmp_path, resume=True)  # from the save at 200
+    assert [step for step, _ in first["curve"]] == [200, 300] and [step for step, _ in second["curve"]] == [200, 400, 500]
+    assert second["curve"][0] == first["curve"][0] and second["env_steps"] == 500
+    from stable_baselines3 import SAC
+
+    model = SAC("MlpPolicy", "Pendulum-v1", device="cpu")
+    model.load_replay_buffer(save / "replay_buffer.pkl")
+    assert model.replay_buffer.pos == 400  # the 200 transitions before the stop came back with the model
+
+
 def test_diffusion_report_compares_rebel_with_ddpo(tmp_path):
     pytest.importorskip("diffusers")
     bench = load("diffusion_vs_ddpo")

@@ -183,6 +183,31 @@ def test_value_function_learns_a_regression_and_reports_its_fit_before():
     assert value(x).shape == (2048,)
 
 
+def test_value_function_target_scaling_keeps_outputs_and_fits_large_returns():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 3)
+    y = 300.0 + 40.0 * x[:, 0] - 20.0 * x[:, 1] ** 2  # returns of a few hundred, as on locomotion tasks
+    scaled = ValueFunction(3, (32, 32), lr=3e-3, epochs=5, minibatch_size=128, normalize_targets=True)
+    before = scaled(x).detach()
+    scaled._rescale_targets(y)  # the scale moves to (mean, std) of y ...
+    assert scaled.target_mean.item() == pytest.approx(y.mean().item(), rel=1e-5)
+    assert scaled.target_std.item() == pytest.approx(y.std(unbiased=False).item(), rel=1e-5)
+    torch.testing.assert_close(scaled(x).detach(), before, rtol=1e-5, atol=1e-3)  # ... and V's outputs stay
+    plain = ValueFunction(3, (32, 32), lr=3e-3, epochs=5, minibatch_size=128)
+    plain.load_state_dict(scaled.state_dict() | {"target_mean": torch.zeros(()), "target_std": torch.ones(())})
+    for _ in range(6):
+        with_scale, without = scaled.fit(x, y), plain.fit(x, y)
+    # same network and steps: the scaled one explains the returns, the plain one has not yet reached their level
+    assert with_scale["value_explained_variance"] > 0.9 > without["value_explained_variance"], (with_scale, without)
+    state = scaled.checkpoint_state()
+    restored = ValueFunction(3, (32, 32), normalize_targets=True)
+    restored.load_checkpoint_state(state)
+    assert torch.equal(restored(x), scaled(x))
+    old = {"network": {k: v for k, v in state["network"].items() if not k.startswith("target_")}, "optimizer": state["optimizer"]}
+    restored.load_checkpoint_state(old)  # a checkpoint from before the scale: mean 0, std 1
+    assert restored.target_std.item() == 1.0 and restored.target_mean.item() == 0.0
+
+
 def test_value_function_checkpoint_round_trip_and_bad_inputs():
     torch.manual_seed(0)
     x, y = torch.randn(64, 2), torch.randn(64)

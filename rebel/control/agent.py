@@ -113,6 +113,7 @@ class ControlConfig:
     value_hidden_sizes: list[int] | None = option(None, "mc, trajectory: value function MLP sizes, tanh (default: the policy's)")  # noqa: RUF009
     value_lr: float = option(1e-3, "value function learning rate")
     value_epochs: int = option(4, "passes over each iteration's returns when fitting the value function")
+    value_normalize_targets: bool = option(True, "fit V to returns scaled by each iteration's mean and spread (outputs kept, PopArt-style)")
     steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
     learning_starts: int = option(5000, "critic: uniformly random steps before learning")
     buffer_size: int = option(1_000_000, "critic: replay buffer size")
@@ -223,7 +224,11 @@ class Rebel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed + 1)
             return ValueFunction(
-                self.policy.obs_dim, tuple(c.value_hidden_sizes or c.hidden_sizes or (64, 64)), lr=c.value_lr, epochs=c.value_epochs
+                self.policy.obs_dim,
+                tuple(c.value_hidden_sizes or c.hidden_sizes or (64, 64)),
+                lr=c.value_lr,
+                epochs=c.value_epochs,
+                normalize_targets=c.value_normalize_targets,
             )
 
     def _make_sampler(self) -> Sampler:
@@ -361,7 +366,7 @@ class Rebel:
 
     @classmethod
     def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
-        control = dict(control)
+        control = {"value_normalize_targets": False, **control}  # saved before the option existed: V learned raw returns
         trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
         env = env if env is not None else control.pop("env")
         control.pop("env", None)

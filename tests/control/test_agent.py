@@ -1,5 +1,6 @@
 """The SB3-shaped agent: learning, budget, save/load, resume, errors, command line."""
 
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -177,3 +178,14 @@ def test_value_hidden_sizes_shape_the_value_network_and_bad_sizes_are_refused(tm
     assert value_layer_sizes(hidden_sizes=[8]) == [8, 1]
     with pytest.raises(ValueError, match=r"value_hidden_sizes must be a non-empty list of sizes >= 1, got \[64, 0\]"):
         Rebel("Pendulum-v1", variant="mc", value_hidden_sizes=[64, 0])
+
+
+def test_value_targets_are_normalised_by_default_but_not_in_runs_saved_before_the_option(tmp_path):
+    agent = Rebel("Pendulum-v1", variant="mc", seed=0, output_dir=str(tmp_path / "run"), **FAST)
+    assert agent._make_value_function().normalize_targets is True
+    off = Rebel("Pendulum-v1", variant="mc", seed=0, value_normalize_targets=False, output_dir=str(tmp_path / "off"), **FAST)
+    assert off._make_value_function().normalize_targets is False
+    control = dataclasses.asdict(agent.config)
+    del control["value_normalize_targets"]  # a config written before the option existed
+    old = Rebel._from_configs(control, dataclasses.asdict(agent.trainer_config), None, {})
+    assert old.config.value_normalize_targets is False  # so that such a run resumes as it started
