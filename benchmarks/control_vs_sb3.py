@@ -37,13 +37,19 @@ from rebel.runs import latest_checkpoint, load_file, read_metrics
 ALGORITHMS = ("rebel-trajectory", "rebel-mc", "rebel-critic", "sb3-ppo", "sb3-sac")
 
 
+def run_folder(workdir: Path, env_id: str, algo: str, seed: int) -> Path:
+    """Where one run keeps its state: REBEL's run folder, SB3's saves, ``result.json``."""
+    return workdir / f"{env_id}-{algo}-s{seed}"
+
+
 def run_rebel(
     env_id: str, variant: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path, resume: bool = False
 ) -> dict[str, Any]:
-    out = workdir / f"{env_id}-rebel-{variant}-s{seed}"
-    checkpoint = latest_checkpoint(out) if resume else None
-    if latest_checkpoint(out) is None:
+    out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
+    found = latest_checkpoint(out)
+    if found is None:
         shutil.rmtree(out, ignore_errors=True)  # a run stopped before its first checkpoint: nothing to continue
+    checkpoint = found if resume else None  # without resume, an existing run makes Rebel refuse the folder
     done = load_file(checkpoint / "trainer.pt")["totals"].get("env_steps", 0) if checkpoint else 0
     next_eval = (int(done) // eval_every_steps + 1) * eval_every_steps
 
@@ -83,7 +89,7 @@ def run_sb3(
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    folder = workdir / f"{env_id}-{algo}-s{seed}"
+    folder = run_folder(workdir, env_id, algo, seed)
     cls = PPO if algo == "sb3-ppo" else SAC
 
     class Actor:
@@ -96,17 +102,17 @@ def run_sb3(
             self.progress = progress
             self.started = time.perf_counter()
             self.seconds_before = progress["train_seconds"]
-            self.eval_seconds = 0.0  # evaluations and saves
+            self.paused_seconds = 0.0  # evaluations and saves, not training
             self.save_pending = False
 
         def train_seconds(self) -> float:
-            return self.seconds_before + time.perf_counter() - self.started - self.eval_seconds
+            return self.seconds_before + time.perf_counter() - self.started - self.paused_seconds
 
         def _on_step(self) -> bool:
             if self.num_timesteps % eval_every_steps == 0 and self.num_timesteps < steps:  # the final evaluation follows learn()
                 start = time.perf_counter()
                 self.progress["curve"].append((self.num_timesteps, evaluate(Actor(), env_id, episodes)["eval_return"]))  # type: ignore[arg-type]
-                self.eval_seconds += time.perf_counter() - start
+                self.paused_seconds += time.perf_counter() - start
                 self.save_pending = True
                 if algo == "sb3-ppo":  # its rollout is collected again after a resume
                     self.save()
@@ -121,7 +127,7 @@ def run_sb3(
             self.progress["train_seconds"] = self.train_seconds()
             self.progress["num_timesteps"] = self.num_timesteps
             _save_sb3(model, folder, self.progress)
-            self.eval_seconds += time.perf_counter() - start
+            self.paused_seconds += time.perf_counter() - start
             self.save_pending = False
 
     saved = folder / "save" / "progress.json"
@@ -267,7 +273,7 @@ def main() -> None:
         for algo in args.algorithms:
             for seed in args.seeds:
                 torch.manual_seed(seed)
-                finished = workdir / f"{env_id}-{algo}-s{seed}" / "result.json"
+                finished = run_folder(workdir, env_id, algo, seed) / "result.json"
                 if args.resume and finished.is_file():
                     result = json.loads(finished.read_text())
                 elif algo.startswith("rebel-"):
