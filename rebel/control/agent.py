@@ -40,6 +40,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": False,
         "normalize_observations": True,
         "num_groups": 8,
+        "alpha": 0.0,
+        "tune_alpha": False,
     },
     "mc": {
         "hidden_sizes": [64, 64],
@@ -48,6 +50,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "normalize_observations": True,
         "num_groups": 256,
         "value_bootstrap": True,
+        "alpha": 0.0,
+        "tune_alpha": False,
     },
     "critic": {
         "hidden_sizes": [256, 256],
@@ -55,6 +59,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": True,
         "normalize_observations": False,
         "num_groups": 4096,
+        "alpha": 0.2,
+        "tune_alpha": True,
     },
 }
 VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -122,9 +128,11 @@ class ControlConfig:
     critic_lr: float = option(3e-4, "critic: learning rate")
     critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")  # noqa: RUF009
     tau: float = option(0.005, "critic: target-network averaging rate")
-    alpha: float = option(
-        0.0, "critic: entropy weight: soft TD target and actor reward Q - alpha log pi_t (0: REBEL's KL step regularises alone)"
+    alpha: float | None = option(
+        None, "critic: entropy weight (starting value with tune_alpha): soft TD target and actor reward Q - alpha log pi_t (default 0.2)"
     )
+    tune_alpha: bool | None = option(None, "critic: adjust alpha towards target_entropy, as SAC's ent_coef='auto' (default: on for critic)")
+    target_entropy: float | None = option(None, "critic: entropy tune_alpha aims at (default: -action dims; Discrete: 0.5 log n)")
     eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
     eval_episodes: int = option(10, "episodes per evaluation")
     video: bool = option(False, "render the final evaluation into videos/eval.gif")
@@ -190,7 +198,7 @@ class Rebel:
         trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         trainer_options.setdefault("budget", float(self.config.total_steps))
         self.trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
-        if variant == "critic" and self.config.alpha * self.trainer_config.eta > 1:
+        if variant == "critic" and not self.config.tune_alpha and self.config.alpha * self.trainer_config.eta > 1:
             raise ValueError(
                 f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
                 f"got alpha={self.config.alpha} and eta={self.trainer_config.eta}"
@@ -267,6 +275,7 @@ class Rebel:
             env, self.policy, steps_per_iteration=c.steps_per_iteration, learning_starts=c.learning_starts, buffer_size=c.buffer_size,
             critic_batch_size=c.critic_batch_size, updates_per_step=c.updates_per_step, critic_lr=c.critic_lr,
             critic_hidden_sizes=tuple(c.critic_hidden_sizes), gamma=c.gamma, tau=c.tau, alpha=c.alpha,
+            tune_alpha=c.tune_alpha, target_entropy=c.target_entropy, max_alpha=1.0 / self.trainer_config.eta,
             num_states=int(c.num_groups or 1), actions_per_state=c.group_size, seed=c.seed,
         )  # fmt: skip
 
@@ -366,7 +375,8 @@ class Rebel:
 
     @classmethod
     def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
-        control = {"value_normalize_targets": False, **control}  # saved before the option existed: V learned raw returns
+        # saved before these options existed: V learned raw returns, alpha stayed fixed
+        control = {"value_normalize_targets": False, "tune_alpha": False, **control}
         trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
         env = env if env is not None else control.pop("env")
         control.pop("env", None)

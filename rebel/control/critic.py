@@ -48,6 +48,15 @@ class CriticSampler(Sampler):
        ``pi_{t+1} ~ pi_t^(1 - eta alpha) exp(eta Q)`` then has SAC's soft-optimal policy
        ``exp(Q / alpha)`` as its fixed point (keep ``eta * alpha <= 1``).
 
+    **Tuned alpha** (``tune_alpha=True``, SAC's ``ent_coef="auto"``): after each TD update
+    one Adam step (at ``critic_lr``) of ``log alpha`` on SAC's temperature loss
+    ``-log alpha * (log pi_t(a'|s') + target_entropy)`` over the minibatch's next actions:
+    alpha grows while the entropy of pi_t is below ``target_entropy`` (default ``-dim(A)``,
+    SAC's; ``0.5 log n`` for ``Discrete``) and shrinks above it, capped at ``max_alpha``
+    (the agent passes ``1 / eta``). ``alpha`` is its starting value. Without an entropy
+    term the step ``pi_t exp(eta Q)`` narrows the policy at every iteration, the two actions
+    of a pair become nearly the same and their Q difference carries less and less signal.
+
     Observations are stored raw; the critic and the policy both see ``policy.preprocess``
     of them. Use ``MLPPolicy(..., normalize_observations=False)``: the critic's inputs
     must not drift. If the policy does normalise, its statistics are updated during the
@@ -59,7 +68,9 @@ class CriticSampler(Sampler):
     iteration), ``critic_loss``, ``td_target_mean`` and ``critic_updates`` (when the critic
     was updated), ``q_mean`` (of Q itself) and ``q_diff_abs`` (mean gap between the rewards of
     a pair: ``|Q(s, a) - Q(s, a')|``, of the soft rewards when ``alpha > 0``) of the REBEL
-    batch, ``entropy`` (``-log pi_t`` of the sampled actions, when ``alpha > 0``), ``buffer_size``.
+    batch, ``entropy`` (``-log pi_t`` of the sampled actions, when ``alpha > 0``), ``buffer_size``;
+    with ``tune_alpha`` also ``alpha`` and ``next_entropy`` (``-log pi_t(a'|s')`` of the TD
+    updates' next actions, what alpha is tuned on).
     """
 
     #: Which estimate of Q the REBEL batch uses: ``"min"`` or ``"mean"`` of the two critics.
@@ -80,6 +91,9 @@ class CriticSampler(Sampler):
         gamma: float = 0.99,
         tau: float = 0.005,
         alpha: float = 0.0,
+        tune_alpha: bool = False,
+        target_entropy: float | None = None,
+        max_alpha: float = math.inf,
         num_states: int = 256,
         actions_per_state: int = 2,
         seed: int = 0,
@@ -106,13 +120,18 @@ class CriticSampler(Sampler):
             raise ValueError(f"tau must be in (0, 1], got {tau!r}")
         if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not max_alpha > 0:
+            raise ValueError(f"max_alpha must be > 0, got {max_alpha!r}")
+        if tune_alpha and not alpha > 0:
+            raise ValueError(f"tune_alpha needs a starting alpha > 0, got alpha={alpha!r}")
         if not critic_hidden_sizes or any(int(h) < 1 for h in critic_hidden_sizes):
             raise ValueError(f"critic_hidden_sizes must be a non-empty list of sizes >= 1, got {critic_hidden_sizes!r}")
         if not isinstance(policy, MLPPolicy):
             raise TypeError(f"policy must be a rebel.control.MLPPolicy, got {type(policy).__name__}")
         self.num_envs, self.steps_per_iteration, self.learning_starts = num_envs, steps_per_iteration, learning_starts
         self.critic_batch_size, self.updates_per_step = critic_batch_size, float(updates_per_step)
-        self.gamma, self.alpha = gamma, alpha
+        self.gamma, self.alpha = gamma, min(alpha, max_alpha)
+        self.tune_alpha, self.max_alpha = tune_alpha, max_alpha
         self.num_states, self.actions_per_state = num_states, actions_per_state
 
         factory = functools.partial(make_env, env, **(env_kwargs or {}))
@@ -147,6 +166,11 @@ class CriticSampler(Sampler):
                 lr=critic_lr,
                 tau=tau,
             )
+        if target_entropy is None:  # SAC's -dim(A); half the uniform entropy for Discrete
+            target_entropy = 0.5 * math.log(action_space.n) if self.discrete else -float(np.prod(action_space.shape))
+        self.target_entropy = float(target_entropy)
+        self.log_alpha = torch.tensor(math.log(self.alpha) if self.alpha > 0 else 0.0, requires_grad=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=critic_lr)
         self.total_steps = 0  # environment steps taken by this sampler
         self.critic_updates = 0  # TD updates done
         self.update_credit = 0.0  # fractional TD updates carried over
@@ -234,21 +258,44 @@ class CriticSampler(Sampler):
         if n == 0:
             return {}
 
+        next_logps: list[Tensor] = []
+
         def next_actions(next_inputs: Tensor) -> tuple[Tensor, Tensor]:
             env_actions, raw = policy.act(next_inputs, generator=self.generator)
-            logp = policy.distribution(next_inputs).log_prob(raw, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
+            logp = policy.distribution(next_inputs).log_prob(env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
+            next_logps.append(logp)
             return self._critic_actions(env_actions), logp
 
-        results = []
+        results, entropies = [], []
         for _ in range(n):
             batch = self._tensors(policy, self.buffer.sample(self.critic_batch_size, self.rng))
             results.append(self.critic.td_update(batch, next_actions, self.gamma, self.alpha))
+            if self.tune_alpha:
+                entropies.append(self._alpha_step(next_logps.pop()))
+            next_logps.clear()
         self.critic_updates += n
-        return {
+        stats = {
             "critic_loss": float(np.mean([r["critic_loss"] for r in results])),
             "td_target_mean": float(np.mean([r["target_mean"] for r in results])),
             "critic_updates": float(n),
         }
+        if self.tune_alpha:
+            stats.update(alpha=self.alpha, next_entropy=float(np.mean(entropies)))
+        return stats
+
+    def _alpha_step(self, logp: Tensor) -> float:
+        """One Adam step of log alpha on SAC's loss ``-log alpha (log pi + target_entropy)``:
+        alpha grows while the policy's entropy is below the target and shrinks above it."""
+        entropy = -logp.float().mean().item()
+        with torch.enable_grad():
+            loss = -self.log_alpha * (self.target_entropy - entropy)
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.alpha_optimizer.step()
+        with torch.no_grad():
+            self.log_alpha.clamp_(max=math.log(self.max_alpha))
+        self.alpha = math.exp(self.log_alpha.item())
+        return entropy
 
     def _tensors(self, policy: MLPPolicy, t: Transitions) -> Transitions:
         device = policy.obs_mean.device
@@ -298,6 +345,9 @@ class CriticSampler(Sampler):
             "total_steps": self.total_steps,
             "critic_updates": self.critic_updates,
             "update_credit": self.update_credit,
+            "alpha": self.alpha,
+            "log_alpha": self.log_alpha.detach().clone(),
+            "alpha_optimizer": copy.deepcopy(self.alpha_optimizer.state_dict()),
             "critic": self.critic.checkpoint_state(),
             "buffer": self.buffer.state_dict(),
         }
@@ -312,6 +362,11 @@ class CriticSampler(Sampler):
         self.total_steps = int(state["total_steps"])
         self.critic_updates = int(state["critic_updates"])
         self.update_credit = float(state["update_credit"])
+        if "log_alpha" in state:  # checkpoints from before alpha tuning keep the constructor's alpha
+            self.alpha = float(state["alpha"])
+            with torch.no_grad():
+                self.log_alpha.copy_(state["log_alpha"])
+            self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.critic.load_checkpoint_state(state["critic"])
         self.buffer.load_state_dict(state["buffer"])
 

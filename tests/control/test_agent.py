@@ -111,7 +111,7 @@ def test_env_objects_and_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         agent.learn(0)
     with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.5 and eta=4.0"):
-        Rebel("Pendulum-v1", variant="critic", alpha=0.5, eta=4.0)
+        Rebel("Pendulum-v1", variant="critic", alpha=0.5, eta=4.0, tune_alpha=False)
     with pytest.raises(
         ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."
     ):
@@ -166,6 +166,20 @@ def test_critic_is_the_default_variant(tmp_path):
     assert agent.config.variant == "critic" and agent.config.num_groups == 4096
     assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "none"
     assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
+
+
+def test_critic_tunes_alpha_by_default_within_one_over_eta_but_not_in_runs_saved_before_the_option(tmp_path):
+    agent = Rebel("Hopper-v5", seed=0, output_dir=str(tmp_path / "run"), **FAST)
+    sampler = agent._make_sampler()
+    assert (agent.config.alpha, agent.config.tune_alpha) == (0.2, True)
+    assert (sampler.alpha, sampler.tune_alpha, sampler.target_entropy, sampler.max_alpha) == (0.2, True, -3.0, 0.5)  # 3 action dims, eta 2
+    steep = Rebel("Hopper-v5", seed=0, eta=10.0, target_entropy=-1.0, output_dir=str(tmp_path / "steep"), **FAST)._make_sampler()
+    assert (steep.alpha, steep.max_alpha, steep.target_entropy) == (0.1, 0.1, -1.0)  # the start is capped at 1 / eta too
+    assert Rebel("Hopper-v5", variant="mc", output_dir=str(tmp_path / "mc"), **FAST).config.tune_alpha is False
+    control = dataclasses.asdict(agent.config)
+    del control["tune_alpha"]  # a config written before the option existed
+    old = Rebel._from_configs({**control, "alpha": 0.0}, dataclasses.asdict(agent.trainer_config), None, {})
+    assert (old.config.alpha, old.config.tune_alpha) == (0.0, False)  # so that such a run resumes as it started
 
 
 def test_value_hidden_sizes_shape_the_value_network_and_bad_sizes_are_refused(tmp_path):

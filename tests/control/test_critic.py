@@ -100,6 +100,26 @@ def test_with_alpha_the_reward_is_the_soft_q_of_the_sampled_action():
     assert batch.stats["q_mean"] == pytest.approx(q.mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("target_entropy", "direction"), [(10.0, 1), (-10.0, -1)])
+def test_tuned_alpha_moves_towards_the_target_entropy(target_entropy, direction):
+    """SAC's temperature loss -log(alpha) (log pi + target): one Adam step per TD update, each
+    of size lr in log alpha while the entropy stays on one side of the target."""
+    policy, sampler = make(learning_starts=100, alpha=0.1, tune_alpha=True, target_entropy=target_entropy, critic_lr=1e-3)
+    assert sampler.collect(policy).stats.get("alpha") is None  # warm-up: no TD update, no alpha step
+    stats = sampler.collect(policy).stats
+    assert sampler.critic_updates == 50
+    assert np.log(stats["alpha"] / 0.1) == pytest.approx(direction * 50 * 1e-3, rel=0.02)
+    assert -2.0 < stats["next_entropy"] < 3.0  # -log pi of a' ~ pi(.|s'): a fresh squashed Gaussian on [-2, 2]
+    assert sampler.alpha == stats["alpha"]
+
+
+def test_tuned_alpha_stays_below_max_alpha():
+    policy, sampler = make(learning_starts=50, alpha=0.5, tune_alpha=True, target_entropy=10.0, max_alpha=0.6, critic_lr=1e-2)
+    for _ in range(3):
+        stats = sampler.collect(policy).stats
+    assert stats["alpha"] == pytest.approx(0.6)
+
+
 def test_env_steps_and_updates_are_counted():
     policy, sampler = make(num_envs=3, steps_per_iteration=10, learning_starts=20, updates_per_step=0.25, critic_batch_size=8)
     rows = [sampler.collect(policy) for _ in range(4)]
@@ -128,10 +148,11 @@ def test_critic_variant_learns_pendulum(tmp_path):
     assert before < -1000 and after > -600, (before, after)
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("entropy", [{}, {"alpha": 0.1, "tune_alpha": True}], ids=["no-entropy", "tuned-alpha"])
+def test_resume_is_bit_identical(tmp_path, entropy):
     """N + N iterations with a checkpoint in between == 2N straight (the buffer wraps around)."""
     n = 3
-    options = {"num_envs": 2, "steps_per_iteration": 40, "learning_starts": 60, "buffer_size": 100, "updates_per_step": 0.5}
+    options = {"num_envs": 2, "steps_per_iteration": 40, "learning_starts": 60, "buffer_size": 100, "updates_per_step": 0.5, **entropy}
 
     def trainer(name, callbacks=()):
         policy, sampler = make(**options)
@@ -156,6 +177,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert np.array_equal(resumed.sampler.buffer.obs, straight.sampler.buffer.obs)
     assert np.array_equal(resumed.sampler.obs, straight.sampler.obs)
+    assert resumed.sampler.alpha == straight.sampler.alpha
 
 
 @pytest.mark.parametrize(
@@ -174,6 +196,8 @@ def test_resume_is_bit_identical(tmp_path):
         ({"tau": 0.0}, "tau must be in"),
         ({"alpha": -0.1}, "alpha must be"),
         ({"critic_hidden_sizes": ()}, "critic_hidden_sizes must be"),
+        ({"tune_alpha": True}, r"tune_alpha needs a starting alpha > 0, got alpha=0.0"),
+        ({"max_alpha": 0.0}, "max_alpha must be > 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
