@@ -258,12 +258,13 @@ class CriticSampler(Sampler):
         if n == 0:
             return {}
 
-        next_logps: list[Tensor] = []
+        last_logp = torch.zeros(())  # log pi_t(a'|s') of the latest TD target, what alpha is tuned on
 
         def next_actions(next_inputs: Tensor) -> tuple[Tensor, Tensor]:
+            nonlocal last_logp
             env_actions, raw = policy.act(next_inputs, generator=self.generator)
             logp = policy.distribution(next_inputs).log_prob(env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
-            next_logps.append(logp)
+            last_logp = logp
             return self._critic_actions(env_actions), logp
 
         results, entropies = [], []
@@ -271,8 +272,7 @@ class CriticSampler(Sampler):
             batch = self._tensors(policy, self.buffer.sample(self.critic_batch_size, self.rng))
             results.append(self.critic.td_update(batch, next_actions, self.gamma, self.alpha))
             if self.tune_alpha:
-                entropies.append(self._alpha_step(next_logps.pop()))
-            next_logps.clear()
+                entropies.append(self._alpha_step(last_logp))
         self.critic_updates += n
         stats = {
             "critic_loss": float(np.mean([r["critic_loss"] for r in results])),
@@ -345,7 +345,6 @@ class CriticSampler(Sampler):
             "total_steps": self.total_steps,
             "critic_updates": self.critic_updates,
             "update_credit": self.update_credit,
-            "alpha": self.alpha,
             "log_alpha": self.log_alpha.detach().clone(),
             "alpha_optimizer": copy.deepcopy(self.alpha_optimizer.state_dict()),
             "critic": self.critic.checkpoint_state(),
@@ -363,10 +362,11 @@ class CriticSampler(Sampler):
         self.critic_updates = int(state["critic_updates"])
         self.update_credit = float(state["update_credit"])
         if "log_alpha" in state:  # checkpoints from before alpha tuning keep the constructor's alpha
-            self.alpha = float(state["alpha"])
             with torch.no_grad():
                 self.log_alpha.copy_(state["log_alpha"])
             self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+            if self.tune_alpha:
+                self.alpha = math.exp(self.log_alpha.item())  # as _alpha_step sets it
         self.critic.load_checkpoint_state(state["critic"])
         self.buffer.load_state_dict(state["buffer"])
 
