@@ -168,11 +168,20 @@ def _save_sb3(model: Any, folder: Path, progress: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed, with the text of ``--note`` (printed under the table) shortened to '...'."""
+    words = ["python", *argv]
+    for i, word in enumerate(words[:-1]):
+        if word == "--note":
+            words[i + 1] = "..."
+    return " ".join("'...'" if w == "..." else shlex.quote(w) for w in words)
+
+
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
     lines = [
         "# Control: REBEL against Stable-Baselines3",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
+        f"Command: `{command_line(sys.argv)}`",
         "",
         (
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -34,9 +34,15 @@ def test_control_report_merges_runs_and_compares_with_ppo(tmp_path, monkeypatch)
         paths.append(tmp_path / f"part{k}.json")
         paths[-1].write_text(json.dumps(runs))
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["control_vs_sb3.py", "--merge", *map(str, paths), "--steps", "1000", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["control_vs_sb3.py", "--merge", *map(str, paths), "--steps", "1000", "--out", str(out), "--note", "Seed 1's 'run' is new."],
+    )
     bench.main()
     report = (out / "control.md").read_text()
+    assert f"Command: `python control_vs_sb3.py --merge {paths[0]} {paths[1]} --steps 1000 --out {out} --note '...'`" in report
+    assert report.count("Seed 1's 'run' is new.") == 1  # under the table only
     assert "| Hopper-v5 | rebel-critic | 400.0 ± 100.0 | 300, 500 | 200 | 0.20 |" in report
     assert "| Hopper-v5 | sb3-ppo | 60.0 ± 10.0 | 50, 70 | 1000 | 1.00 |" in report
     assert "**Short budget:** 1000 env steps and 2 seed(s)" in report
