@@ -171,10 +171,7 @@ def _save_sb3(model: Any, folder: Path, progress: dict[str, Any]) -> None:
 def command_line(argv: list[str]) -> str:
     """The command as typed, with the text of ``--note`` (printed under the table) shortened to '...'."""
     words = ["python", *argv]
-    for i, word in enumerate(words[:-1]):
-        if word == "--note":
-            words[i + 1] = "..."
-    return " ".join("'...'" if w == "..." else shlex.quote(w) for w in words)
+    return " ".join("'...'" if previous == "--note" else shlex.quote(word) for previous, word in zip(["", *words], words, strict=False))
 
 
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
