@@ -59,8 +59,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": True,
         "normalize_observations": False,
         "num_groups": 4096,
-        "alpha": 0.2,
-        "tune_alpha": True,
+        "alpha": 0.1,
+        "tune_alpha": False,
     },
 }
 VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -129,9 +129,9 @@ class ControlConfig:
     critic_hidden_sizes: list[int] = option([256, 256], "critic: Q network sizes")  # noqa: RUF009
     tau: float = option(0.005, "critic: target-network averaging rate")
     alpha: float | None = option(
-        None, "critic: entropy weight (starting value with tune_alpha): soft TD target and actor reward Q - alpha log pi_t (default 0.2)"
+        None, "critic: entropy weight (starting value with tune_alpha): soft TD target and actor reward Q - alpha log pi_t (default 0.1)"
     )
-    tune_alpha: bool | None = option(None, "critic: adjust alpha towards target_entropy, as SAC's ent_coef='auto' (default: on for critic)")
+    tune_alpha: bool | None = option(None, "critic: adjust alpha towards target_entropy, as SAC's ent_coef='auto' (default: off)")
     target_entropy: float | None = option(None, "critic: entropy tune_alpha aims at (default: -action dims; Discrete: 0.5 log n)")
     eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
     eval_episodes: int = option(10, "episodes per evaluation")

@@ -168,18 +168,27 @@ def test_critic_is_the_default_variant(tmp_path):
     assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
 
 
-def test_critic_tunes_alpha_by_default_within_one_over_eta_but_not_in_runs_saved_before_the_option(tmp_path):
+def test_critic_keeps_a_fixed_alpha_by_default_and_tunes_it_within_one_over_eta_on_request(tmp_path):
     agent = Rebel("Hopper-v5", seed=0, output_dir=str(tmp_path / "run"), **FAST)
     sampler = agent._make_sampler()
-    assert (agent.config.alpha, agent.config.tune_alpha) == (0.2, True)
-    assert (sampler.alpha, sampler.tune_alpha, sampler.target_entropy, sampler.max_alpha) == (0.2, True, -3.0, 0.5)  # 3 action dims, eta 2
-    steep = Rebel("Hopper-v5", seed=0, eta=10.0, target_entropy=-1.0, output_dir=str(tmp_path / "steep"), **FAST)._make_sampler()
+    assert (agent.config.alpha, agent.config.tune_alpha) == (0.1, False)
+    assert (sampler.alpha, sampler.tune_alpha) == (0.1, False)
+    tuned = Rebel("Hopper-v5", seed=0, alpha=0.2, tune_alpha=True, output_dir=str(tmp_path / "tuned"), **FAST)._make_sampler()
+    assert (tuned.alpha, tuned.tune_alpha, tuned.target_entropy, tuned.max_alpha) == (0.2, True, -3.0, 0.5)  # 3 action dims, eta 2
+    steep = Rebel(
+        "Hopper-v5", seed=0, eta=10.0, tune_alpha=True, target_entropy=-1.0, output_dir=str(tmp_path / "steep"), **FAST
+    )._make_sampler()
     assert (steep.alpha, steep.max_alpha, steep.target_entropy) == (0.1, 0.1, -1.0)  # the start is capped at 1 / eta too
+    with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.1 and eta=20.0"):
+        Rebel("Hopper-v5", seed=0, eta=20.0, output_dir=str(tmp_path / "too-steep"), **FAST)  # the fixed default too
     assert Rebel("Hopper-v5", variant="mc", output_dir=str(tmp_path / "mc"), **FAST).config.tune_alpha is False
     control = dataclasses.asdict(agent.config)
     del control["tune_alpha"]  # a config written before the option existed
     old = Rebel._from_configs({**control, "alpha": 0.0}, dataclasses.asdict(agent.trainer_config), None, {})
     assert (old.config.alpha, old.config.tune_alpha) == (0.0, False)  # so that such a run resumes as it started
+    control["tune_alpha"] = True  # a run saved while tuning was the default resumes tuned
+    was_tuned = Rebel._from_configs({**control, "alpha": 0.2}, dataclasses.asdict(agent.trainer_config), None, {})
+    assert (was_tuned.config.alpha, was_tuned.config.tune_alpha) == (0.2, True)
 
 
 def test_value_hidden_sizes_shape_the_value_network_and_bad_sizes_are_refused(tmp_path):
