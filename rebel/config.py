@@ -36,7 +36,11 @@ def add_arguments(
         kind, optional = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        help_text = f.metadata.get("help", "")
+        if (
+            default is not None or "default" not in help_text
+        ):  # a None default whose help names the real one (variant-dependent) shows only that
+            help_text = f"{help_text} (default: {default})".strip()
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) in (list, tuple):

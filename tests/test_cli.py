@@ -30,6 +30,11 @@ def test_help_lists_the_commands(capsys):
         main(["train", "tabular", "--help"])
     out = capsys.readouterr().out
     assert "--resume DIR" in out and "--eta FLOAT" in out and "(default: 60)" in out
+    with pytest.raises(SystemExit):
+        main(["train", "control", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "log pi_t (default 0.1) --tune-alpha" in out  # a variant-dependent default, stated once
+    assert "(default: None)" in out  # where the help gives none, the None default is still shown
 
 
 def tabular(tmp_path, name, *extra):
