@@ -37,9 +37,8 @@ def add_arguments(
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
-        if (
-            default is not None or "default" not in help_text
-        ):  # a None default whose help names the real one (variant-dependent) shows only that
+        # a None default whose help names the real one (variant-dependent) shows only that
+        if default is not None or "default" not in help_text:
             help_text = f"{help_text} (default: {default})".strip()
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
