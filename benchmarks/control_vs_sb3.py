@@ -261,6 +261,9 @@ def main() -> None:
         "--merge", nargs="+", metavar="JSON", help="no runs: write the report from these control.json files (runs split over processes)"
     )
     args = parser.parse_args()
+    for name in ("steps", "eval_every", "episodes", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,24 @@ def test_mc_q_accuracy_compares_short_estimates_with_the_long_reference(tmp_path
         bench.measure(str(run), reference_rollouts=3)
     with pytest.raises(ValueError, match=r"horizons must lie in 1..reference_horizon=10, got \[20\]"):
         bench.measure(str(run), horizons=(20,), reference_horizon=10)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--eval-every", "0"), ("--steps", "-5"), ("--episodes", "0")])
+def test_control_benchmark_refuses_a_count_below_one_before_any_run(tmp_path, monkeypatch, capsys, option, value):
+    bench = load("control_vs_sb3")
+    argv = [
+        "control_vs_sb3.py",
+        "--envs",
+        "Pendulum-v1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        option,
+        value,
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert f"{option} must be >= 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -112,6 +112,7 @@ class ControlConfig:
     horizon: int = option(10, "mc: steps of a Q rollout after the branching action (then the learned value bootstraps)")
     rollouts_per_action: int = option(1, "mc: rollouts averaged per Q(s, a) (common random numbers across the actions)")
     spread_walkers: bool = option(False, "mc: cut each walker's first episode at a random length so the walkers cover the whole episode")
+    state_stride: int = option(10, "mc: each iteration every walker first advances 1..state_stride steps (uniform) to its next state")
     value_bootstrap: bool | None = option(
         None,
         "mc, trajectory: add gamma^H V(s_H) of a learned value function at a rollout's end, fit each iteration on the rollouts' returns (default: on for mc)",
@@ -268,6 +269,7 @@ class Rebel:
                 value_function=self._make_value_function(),
                 seed=c.seed,
                 spread_walkers=c.spread_walkers,
+                state_stride=c.state_stride,
             )
         from rebel.control.critic import CriticSampler
 

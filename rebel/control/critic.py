@@ -262,8 +262,9 @@ class CriticSampler(Sampler):
 
         def next_actions(next_inputs: Tensor) -> tuple[Tensor, Tensor]:
             nonlocal last_logp
-            env_actions, raw = policy.act(next_inputs, generator=self.generator)
-            logp = policy.distribution(next_inputs).log_prob(env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
+            dist = policy.distribution(next_inputs)  # one forward pass: policy.act's sample, and its density
+            env_actions, raw = dist.sample(self.generator)
+            logp = dist.log_prob(env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
             last_logp = logp
             return self._critic_actions(env_actions), logp
 

@@ -212,3 +212,13 @@ def test_value_targets_are_normalised_by_default_but_not_in_runs_saved_before_th
     del control["value_normalize_targets"]  # a config written before the option existed
     old = Rebel._from_configs(control, dataclasses.asdict(agent.trainer_config), None, {})
     assert old.config.value_normalize_targets is False  # so that such a run resumes as it started
+
+
+def test_state_stride_reaches_the_mc_sampler_and_a_bad_one_is_refused(tmp_path):
+    def sampler(**options):
+        return Rebel("Pendulum-v1", variant="mc", seed=0, output_dir=str(tmp_path / "run"), **options, **FAST)._make_sampler()
+
+    assert sampler().state_stride == 10  # the default, and what runs saved before the option used
+    assert sampler(state_stride=30).state_stride == 30
+    with pytest.raises(ValueError, match="state_stride must be an integer >= 1, got 0"):
+        sampler(state_stride=0)
