@@ -40,6 +40,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": False,
         "normalize_observations": True,
         "num_groups": 8,
+        "gamma": 0.99,
+        "value_epochs": 4,
         "alpha": 0.0,
         "tune_alpha": False,
     },
@@ -49,6 +51,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": False,
         "normalize_observations": True,
         "num_groups": 256,
+        "gamma": 0.993,
+        "value_epochs": 10,
         "value_bootstrap": True,
         "alpha": 0.0,
         "tune_alpha": False,
@@ -59,6 +63,8 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "state_dependent_std": True,
         "normalize_observations": False,
         "num_groups": 4096,
+        "gamma": 0.99,
+        "value_epochs": 4,
         "alpha": 0.1,
         "tune_alpha": False,
     },
@@ -105,7 +111,7 @@ class ControlConfig:
     state_dependent_std: bool | None = option(None, "standard deviation from a head rather than a learned vector (default: critic only)")
     log_std_init: float = option(-0.5, "initial log standard deviation")
     normalize_observations: bool | None = option(None, "running observation normalisation, saved with the policy (default: not for critic)")
-    gamma: float = option(0.99, "discount of returns and Q values")
+    gamma: float | None = option(None, "discount of returns and Q values (default: 0.99; mc: 0.993)")
     num_groups: int | None = option(None, "contexts per iteration: start states (trajectory), states (mc, critic)")
     group_size: int = option(2, "samples compared per context: rollouts (trajectory) or actions (mc, critic)")
     segment_length: int = option(200, "trajectory: steps per rollout (the next segment starts where the group's first rollout stopped)")
@@ -119,7 +125,7 @@ class ControlConfig:
     )
     value_hidden_sizes: list[int] | None = option(None, "mc, trajectory: value function MLP sizes, tanh (default: the policy's)")  # noqa: RUF009
     value_lr: float = option(1e-3, "value function learning rate")
-    value_epochs: int = option(4, "passes over each iteration's returns when fitting the value function")
+    value_epochs: int | None = option(None, "passes over each iteration's returns when fitting the value function (default: 4; mc: 10)")
     value_normalize_targets: bool = option(True, "fit V to returns scaled by each iteration's mean and spread (outputs kept, PopArt-style)")
     steps_per_iteration: int = option(1000, "critic: environment steps collected per iteration")
     learning_starts: int = option(5000, "critic: uniformly random steps before learning")
