@@ -7,10 +7,11 @@ learning curves. Writes ``<out>/control.json``, ``<out>/control.md`` and ``<out>
 
     pip install -e ".[bench]"
     python benchmarks/control_vs_sb3.py --envs HalfCheetah-v5 Hopper-v5 Walker2d-v5 \\
-        --steps 1000000 --seeds 0 1 2 --out docs/benchmarks --workdir runs/benchmarks
+        --steps 1000000 --seeds 0 1 2 --out docs/benchmarks
 
 Long runs (SAC and the critic variant take hours per million steps on a CPU) survive an
-interruption: every run keeps its state in ``--workdir`` (REBEL's checkpoints; SB3's model,
+interruption: every run keeps its state in ``--workdir`` (default
+``runs/benchmarks/STEPS-steps``; REBEL's checkpoints; SB3's model,
 replay buffer and curve, saved at each periodic evaluation; ``result.json`` once finished),
 and the same command with ``--resume`` reads the finished runs back and continues the others.
 """
@@ -35,6 +36,11 @@ from rebel.control import Rebel, evaluate
 from rebel.runs import latest_checkpoint, load_file, read_metrics
 
 ALGORITHMS = ("rebel-trajectory", "rebel-mc", "rebel-critic", "sb3-ppo", "sb3-sac")
+
+
+def default_workdir(steps: int) -> Path:
+    """Where ``--workdir`` defaults to: one folder per step budget."""
+    return Path("runs/benchmarks") / f"{steps}-steps"
 
 
 def run_folder(workdir: Path, env_id: str, algo: str, seed: int) -> Path:
@@ -247,7 +253,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50_000, help="env steps between evaluations of the curves")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument(
-        "--workdir", default="runs/benchmarks", help="where the run folders go (REBEL's runs, SB3's saves, each run's result)"
+        "--workdir",
+        default=None,
+        help="where the run folders go (REBEL's runs, SB3's saves, each run's result); default runs/benchmarks/STEPS-steps, "
+        "so that runs of one env, algorithm and seed at two budgets do not share a folder",
     )
     parser.add_argument(
         "--resume",
@@ -276,7 +285,7 @@ def main() -> None:
         (out / "control.json").write_text(json.dumps(results, indent=1))
         write_report(results, args, out)
         return
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.steps)
     results = []
     for env_id in args.envs:
         for algo in args.algorithms:

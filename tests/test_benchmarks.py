@@ -79,6 +79,25 @@ def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(t
     assert main(9000, "--resume") == second  # read back from result.json
 
 
+def test_control_benchmark_default_workdir_is_one_folder_per_budget(tmp_path, monkeypatch):
+    bench = load("control_vs_sb3")
+    monkeypatch.chdir(tmp_path)
+    used = []
+
+    def fake_run(env_id, variant, steps, seed, eval_every, episodes, workdir, resume):
+        used.append(workdir)
+        return {"final_return": 1.0, "final_return_std": 0.0, "env_steps": steps, "train_seconds": 1.0, "curve": [(steps, 1.0)]}
+
+    monkeypatch.setattr(bench, "run_rebel", fake_run)
+    monkeypatch.setattr(bench, "write_report", lambda *a: None)
+    for steps in (60000, 1000000):
+        monkeypatch.setattr(sys, "argv", ["control_vs_sb3.py", "--envs", "Hopper-v5", "--algorithms", "rebel-mc", "--steps", str(steps)])
+        bench.main()
+    # a 60k run and a 1M run of the same env, algorithm and seed keep apart (one folder would refuse the second)
+    assert used == [Path("runs/benchmarks/60000-steps"), Path("runs/benchmarks/1000000-steps")]
+    assert (tmp_path / "runs/benchmarks/1000000-steps/Hopper-v5-rebel-mc-s0/result.json").is_file()
+
+
 def test_control_benchmark_sb3_runs_continue_from_their_last_save(tmp_path):
     pytest.importorskip("stable_baselines3")
     bench = load("control_vs_sb3")
