@@ -32,7 +32,7 @@ from rebel.trainer import Callback, Trainer, TrainerConfig
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
 
-# Settings each variant starts from (measured: docs/control.md); explicit options win.
+# Settings each variant starts from (measured: docs/control.md, docs/control_tuning.md); explicit options win.
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "trajectory": {
         "hidden_sizes": [64, 64],

@@ -41,7 +41,7 @@ def test_trajectory_variant_learns_inverted_pendulum_within_the_budget(tmp_path)
 def test_mc_with_its_defaults_and_value_function_learns_cartpole(tmp_path):
     agent = Rebel("CartPole-v1", variant="mc", seed=0, output_dir=str(tmp_path / "run"), eval_every=2, eval_episodes=5, **FAST)
     assert agent.config.value_bootstrap and agent.config.horizon == 10
-    assert agent.config.gamma == 0.993 and agent.config.value_epochs == 10  # the measured mc defaults (docs/control.md)
+    assert agent.config.gamma == 0.993 and agent.config.value_epochs == 10  # the measured mc defaults (docs/control_tuning.md)
     agent.learn(100_000)
     rows = read_metrics(tmp_path / "run")
     evals = [r["eval_return"] for r in rows if "eval_return" in r]
