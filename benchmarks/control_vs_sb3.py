@@ -19,6 +19,7 @@ and the same command with ``--resume`` reads the finished runs back and continue
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,8 +50,18 @@ def run_folder(workdir: Path, env_id: str, algo: str, seed: int) -> Path:
 
 
 def run_rebel(
-    env_id: str, variant: str, steps: int, seed: int, eval_every_steps: int, episodes: int, workdir: Path, resume: bool = False
+    env_id: str,
+    variant: str,
+    steps: int,
+    seed: int,
+    eval_every_steps: int,
+    episodes: int,
+    workdir: Path,
+    resume: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One REBEL run with its variant's defaults, ``options`` overriding some (a resumed run keeps
+    the settings saved in its folder)."""
     out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
     found = latest_checkpoint(out)
     if found is None:
@@ -71,7 +82,7 @@ def run_rebel(
     else:
         agent = Rebel(
             env_id, variant=variant, seed=seed, output_dir=str(out), callbacks=[periodic_eval],
-            eval_episodes=episodes, eval_every=0, **quiet,
+            eval_episodes=episodes, eval_every=0, **quiet, **(options or {}),
         )  # fmt: skip
     agent.learn(steps, resume=checkpoint is not None)
     rows = read_metrics(out)
@@ -83,7 +94,30 @@ def run_rebel(
         "env_steps": rows[-1]["env_steps"],
         "train_seconds": rows[-1]["wall_time"],
         "curve": curve,
+        **({"options": options} if options else {}),
     }
+
+
+def parse_rebel_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as Rebel keyword options (VALUE read as JSON where it parses, else a
+    string); raises ValueError naming a malformed pair or a key Rebel does not take."""
+    from rebel.control.agent import ControlConfig
+    from rebel.trainer import TrainerConfig
+
+    fixed = {"env", "variant", "seed", "output_dir", "eval_every", "eval_episodes", "total_steps", "budget", "iterations"}
+    allowed = {f.name for config in (ControlConfig, TrainerConfig) for f in dataclasses.fields(config)} - fixed
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--rebel-option {pair!r} is not KEY=VALUE (e.g. reward_normalization=none)")
+        if key not in allowed:
+            raise ValueError(f"--rebel-option {key!r} is not an option this benchmark can set; expected one of {sorted(allowed)}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
 
 
 def run_sb3(
@@ -219,6 +253,13 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
                 "and 5 or more seeds; these numbers show early learning only."
             ),
         ]
+    settings: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("options"):
+            words = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["options"].items())
+            settings.setdefault(words, []).append(f"{r['env']} {r['algorithm']} seed {r['seed']}")
+    for words, runs in settings.items():
+        lines += ["", f"Not the defaults: {'; '.join(runs)} ran with `{words}`."]
     if args.note:
         lines += ["", args.note]
     lines += ["", "![learning curves](control.png)", ""]
@@ -265,6 +306,14 @@ def main() -> None:
         "their newest checkpoint, SB3's from their last save (every --eval-every steps; SB3 saves no random state, so not bit-exact)",
     )
     parser.add_argument("--note", default="", help="a sentence added to the report (conditions of the run)")
+    parser.add_argument(
+        "--rebel-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the REBEL variants' defaults in every REBEL run (repeatable; VALUE is JSON or a string), "
+        "e.g. --rebel-option reward_normalization=none; the report names the runs that used it",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="no runs: write the report from these control.json files (runs split over processes)"
@@ -273,6 +322,10 @@ def main() -> None:
     for name in ("steps", "eval_every", "episodes", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        rebel_options = parse_rebel_options(args.rebel_option)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,8 +348,9 @@ def main() -> None:
                 if args.resume and finished.is_file():
                     result = json.loads(finished.read_text())
                 elif algo.startswith("rebel-"):
+                    variant = algo.removeprefix("rebel-")
                     result = run_rebel(
-                        env_id, algo.removeprefix("rebel-"), args.steps, seed, args.eval_every, args.episodes, workdir, args.resume
+                        env_id, variant, args.steps, seed, args.eval_every, args.episodes, workdir, args.resume, options=rebel_options
                     )
                 else:
                     result = run_sb3(env_id, algo, args.steps, seed, args.eval_every, args.episodes, workdir, args.resume)

@@ -84,7 +84,7 @@ def test_control_benchmark_default_workdir_is_one_folder_per_budget(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     used = []
 
-    def fake_run(env_id, variant, steps, seed, eval_every, episodes, workdir, resume):
+    def fake_run(env_id, variant, steps, seed, eval_every, episodes, workdir, resume, options=None):
         used.append(workdir)
         return {"final_return": 1.0, "final_return_std": 0.0, "env_steps": steps, "train_seconds": 1.0, "curve": [(steps, 1.0)]}
 
@@ -245,3 +245,46 @@ def test_control_benchmark_refuses_a_count_below_one_before_any_run(tmp_path, mo
         bench.main()
     assert f"{option} must be >= 1, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_control_benchmark_passes_rebel_options_and_names_them_in_the_report(tmp_path, monkeypatch):
+    bench = load("control_vs_sb3")
+    seen = []
+
+    def fake_run(env_id, variant, steps, seed, eval_every, episodes, workdir, resume, options=None):
+        seen.append(options)
+        return {
+            "final_return": 1.0,
+            "final_return_std": 0.0,
+            "env_steps": steps,
+            "train_seconds": 1.0,
+            "curve": [(steps, 1.0)],
+            "options": options,
+        }
+
+    monkeypatch.setattr(bench, "run_rebel", fake_run)
+    argv = ["control_vs_sb3.py", "--envs", "Hopper-v5", "--algorithms", "rebel-critic", "--steps", "100", "--seeds", "3"]
+    out = ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", [*argv, *out, "--rebel-option", "reward_normalization=none", "--rebel-option", "eta=1.5"])
+    bench.main()
+    assert seen == [{"reward_normalization": "none", "eta": 1.5}]  # VALUE read as JSON where it parses
+    report = (tmp_path / "o" / "control.md").read_text()
+    assert 'Not the defaults: Hopper-v5 rebel-critic seed 3 ran with `reward_normalization="none", eta=1.5`.' in report
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("eta", "--rebel-option 'eta' is not KEY=VALUE"),
+        ("etta=2", "--rebel-option 'etta' is not an option this benchmark can set"),
+        ("seed=4", "--rebel-option 'seed' is not an option this benchmark can set"),
+    ],
+)
+def test_control_benchmark_refuses_a_bad_rebel_option_before_any_run(tmp_path, monkeypatch, capsys, pair, message):
+    bench = load("control_vs_sb3")
+    argv = ["control_vs_sb3.py", "--envs", "Pendulum-v1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rebel-option", pair])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

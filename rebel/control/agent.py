@@ -91,7 +91,7 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "epochs": 4,
         "minibatch_size": 1024,
-        "reward_normalization": "none",
+        "reward_normalization": "within_group",  # since 2026-11-30; the 1M benchmark's critic runs used "none"
         "max_grad_norm": 1.0,
     },
 }

@@ -165,7 +165,7 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
 def test_critic_is_the_default_variant(tmp_path):
     agent = Rebel("Pendulum-v1", output_dir=str(tmp_path / "r"), **FAST)
     assert agent.config.variant == "critic" and agent.config.num_groups == 4096
-    assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "none"
+    assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "within_group"
     assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
 
 
