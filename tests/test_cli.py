@@ -35,6 +35,10 @@ def test_help_lists_the_commands(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "log pi_t (default 0.1) --tune-alpha" in out  # a variant-dependent default, stated once
     assert "(default: None)" in out  # where the help gives none, the None default is still shown
+    # the trainer options show each variant's default, the default variant first
+    assert "policy (default: critic 2.0, trajectory 0.5, mc 0.3)" in out
+    assert "(default: critic within_group, trajectory batch, mc within_group)" in out
+    assert "(default: critic 4096, trajectory 8, mc 256)" in out
 
 
 def tabular(tmp_path, name, *extra):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,33 @@ from rebel.config import add_arguments as add_config_arguments
 TRAINER_ONLY_IN_CONTROL = ("seed", "iterations", "budget", "budget_counter")
 
 
+def variant_defaults_help(cls: type, table: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The default to show in the help of each field of ``cls`` that a variant sets in ``table``,
+    as ``critic X, trajectory Y, mc Z`` (fields whose help already names its default are left out)."""
+    from rebel.control.agent import VARIANTS
+
+    shown: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if "default" in f.metadata.get("help", "") or not any(f.name in values for values in table.values()):
+            continue
+        order = sorted(VARIANTS, key=lambda v: v != "critic")  # the default variant first
+        shown[f.name] = ", ".join(f"{v} {table[v].get(f.name, f.default)}" for v in order)
+    return shown
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``rebel train control``: every ControlConfig and TrainerConfig field."""
-    from rebel.control.agent import ControlConfig
+    """The options of ``rebel train control``: every ControlConfig and TrainerConfig field,
+    with the defaults of each variant where they differ."""
+    from rebel.control.agent import VARIANT_DEFAULTS, VARIANT_TRAINER_DEFAULTS, ControlConfig
     from rebel.trainer import TrainerConfig
 
-    add_config_arguments(parser, ControlConfig, "control task")
+    add_config_arguments(parser, ControlConfig, "control task", variant_defaults_help(ControlConfig, VARIANT_DEFAULTS))
     add_config_arguments(
-        parser, TrainerConfig, "trainer (defaults depend on --variant: see docs/control.md)", exclude=TRAINER_ONLY_IN_CONTROL
+        parser,
+        TrainerConfig,
+        "trainer",
+        variant_defaults_help(TrainerConfig, VARIANT_TRAINER_DEFAULTS),
+        exclude=TRAINER_ONLY_IN_CONTROL,
     )
 
 
