@@ -312,7 +312,8 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override one of the REBEL variants' defaults in every REBEL run (repeatable; VALUE is JSON or a string), "
-        "e.g. --rebel-option reward_normalization=none; the report names the runs that used it",
+        "e.g. --rebel-option reward_normalization=none; the report names the runs that used it (a resumed run keeps the "
+        "settings saved in its folder: resume with the same options, so that the report names them)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
     parser.add_argument(

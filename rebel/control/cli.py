@@ -18,11 +18,11 @@ def variant_defaults_help(cls: type, table: dict[str, dict[str, Any]]) -> dict[s
     as ``critic X, trajectory Y, mc Z`` (fields whose help already names its default are left out)."""
     from rebel.control.agent import VARIANTS
 
+    order = sorted(VARIANTS, key=lambda v: v != "critic")  # the default variant first
     shown: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         if "default" in f.metadata.get("help", "") or not any(f.name in values for values in table.values()):
             continue
-        order = sorted(VARIANTS, key=lambda v: v != "critic")  # the default variant first
         shown[f.name] = ", ".join(f"{v} {table[v].get(f.name, f.default)}" for v in order)
     return shown
 
