@@ -19,7 +19,6 @@ and the same command with ``--resume`` reads the finished runs back and continue
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -101,11 +100,10 @@ def run_rebel(
 def parse_rebel_options(pairs: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs as Rebel keyword options (VALUE read as JSON where it parses, else a
     string); raises ValueError naming a malformed pair or a key Rebel does not take."""
-    from rebel.control.agent import ControlConfig
-    from rebel.trainer import TrainerConfig
+    from rebel.control.agent import option_names
 
     fixed = {"env", "variant", "seed", "output_dir", "eval_every", "eval_episodes", "total_steps", "budget", "iterations"}
-    allowed = {f.name for config in (ControlConfig, TrainerConfig) for f in dataclasses.fields(config)} - fixed
+    allowed = option_names() - fixed
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

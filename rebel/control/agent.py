@@ -169,6 +169,11 @@ def trainer_defaults(variant: str) -> dict[str, Any]:
     return dict(VARIANT_TRAINER_DEFAULTS[variant])
 
 
+def option_names() -> set[str]:
+    """The keyword options ``Rebel`` takes: every ControlConfig and TrainerConfig field."""
+    return {f.name for config in (ControlConfig, TrainerConfig) for f in dataclasses.fields(config)}
+
+
 class Rebel:
     """Train, evaluate, save and load a REBEL control agent.
 
@@ -195,7 +200,7 @@ class Rebel:
         env_id = env if isinstance(env, str) else _env_id(env)
         control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
         trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
-        unknown = sorted(set(options) - control_fields - trainer_fields)
+        unknown = sorted(set(options) - option_names())
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; see ControlConfig and TrainerConfig")
         self.config = from_dict(
