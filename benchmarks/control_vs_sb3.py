@@ -212,6 +212,19 @@ def command_line(argv: list[str]) -> str:
     return " ".join("'...'" if previous == "--note" else shlex.quote(word) for previous, word in zip(["", *words], words, strict=False))
 
 
+def row_label(run: dict[str, Any]) -> str:
+    """The algorithm of a result, followed by its options (if any) in parentheses: ``rebel-critic (eta=1.5)``."""
+    options = run.get("options") or {}
+    words = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+    return f"{run['algorithm']} ({words})" if words else run["algorithm"]
+
+
+def row_labels(results: list[dict[str, Any]], algorithms: list[str]) -> list[str]:
+    """The table's row labels in the order of ``algorithms``: each algorithm's defaults first, then its runs with options."""
+    present = list(dict.fromkeys(row_label(r) for r in results))
+    return [label for algo in algorithms for label in sorted(p for p in present if p.split(" (")[0] == algo)]
+
+
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
     lines = [
         "# Control: REBEL against Stable-Baselines3",
@@ -228,20 +241,22 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "| --- | --- | --- | --- | --- | --- |",
     ]
 
-    def speed(env_id: str, algo: str) -> float:
-        runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
+    labels = row_labels(results, args.algorithms)
+
+    def speed(env_id: str, label: str) -> float:
+        runs = [r for r in results if r["env"] == env_id and row_label(r) == label]
         return float(np.mean([r["env_steps"] / r["train_seconds"] for r in runs])) if runs else float("nan")
 
     for env_id in args.envs:
-        for algo in args.algorithms:
-            runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
+        for label in labels:
+            runs = [r for r in results if r["env"] == env_id and row_label(r) == label]
             if not runs:
                 continue
             returns = [r["final_return"] for r in runs]
             per_seed = ", ".join(f"{x:.0f}" for x in returns)
-            ratio = speed(env_id, algo) / speed(env_id, "sb3-ppo")
+            ratio = speed(env_id, label) / speed(env_id, "sb3-ppo")
             lines.append(
-                f"| {env_id} | {algo} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | {per_seed} | {speed(env_id, algo):.0f} | {ratio:.2f} |"
+                f"| {env_id} | {label} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | {per_seed} | {speed(env_id, label):.0f} | {ratio:.2f} |"
             )
     if args.steps < 1_000_000 or len(args.seeds) < 3:
         lines += [
@@ -251,13 +266,13 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
                 "and 5 or more seeds; these numbers show early learning only."
             ),
         ]
-    settings: dict[str, list[str]] = {}
-    for r in results:
-        if r.get("options"):
-            words = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["options"].items())
-            settings.setdefault(words, []).append(f"{r['env']} {r['algorithm']} seed {r['seed']}")
-    for words, runs in settings.items():
-        lines += ["", f"Not the defaults: {'; '.join(runs)} ran with `{words}`."]
+    if any(r.get("options") for r in results):
+        lines += [
+            "",
+            "Not the defaults: a row whose algorithm names options in parentheses ran with those options in place of the "
+            "variant's current defaults (set with `--rebel-option`, or the defaults of an earlier version); its runs are kept "
+            "apart from the runs with the defaults.",
+        ]
     if args.note:
         lines += ["", args.note]
     lines += ["", "![learning curves](control.png)", ""]
@@ -267,12 +282,12 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     fig = Figure(figsize=(5 * len(args.envs), 3.6))
     axes = fig.subplots(1, len(args.envs), squeeze=False)[0]
     for ax, env_id in zip(axes, args.envs):
-        for algo in args.algorithms:
-            runs = [r for r in results if r["env"] == env_id and r["algorithm"] == algo]
+        for color, label in enumerate(labels):
+            runs = [r for r in results if r["env"] == env_id and row_label(r) == label]
             for k, r in enumerate(runs):
                 points = dict(r["curve"])  # one point per step count: the final evaluation wins over a periodic one there
                 xs, ys = (tuple(points), tuple(points.values())) if points else ((), ())
-                ax.plot(xs, ys, color=f"C{args.algorithms.index(algo)}", alpha=0.8, label=algo if k == 0 else None)
+                ax.plot(xs, ys, color=f"C{color}", alpha=0.8, label=label if k == 0 else None)
         ax.set_title(env_id)
         ax.set_xlabel("env steps")
         ax.set_ylabel("eval return")
@@ -329,8 +344,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        latest = {(r["env"], r["algorithm"], r["seed"]): r for path in args.merge for r in json.loads(Path(path).read_text())}
-        results = list(latest.values())  # a later file's run of the same env, algorithm and seed replaces an earlier one
+        runs = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        latest = {(r["env"], row_label(r), r["seed"]): r for r in runs}
+        results = list(latest.values())  # a later file's run of the same env, algorithm, options and seed replaces an earlier one
         args.envs = list(dict.fromkeys(r["env"] for r in results))
         args.seeds = sorted({r["seed"] for r in results})
         args.algorithms = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in results)]

@@ -269,7 +269,37 @@ def test_control_benchmark_passes_rebel_options_and_names_them_in_the_report(tmp
     bench.main()
     assert seen == [{"reward_normalization": "none", "eta": 1.5}]  # VALUE read as JSON where it parses
     report = (tmp_path / "o" / "control.md").read_text()
-    assert 'Not the defaults: Hopper-v5 rebel-critic seed 3 ran with `reward_normalization="none", eta=1.5`.' in report
+    assert '| Hopper-v5 | rebel-critic (eta=1.5, reward_normalization="none") | 1.0 ± 0.0 | 1 | 100 | nan |' in report
+    assert "Not the defaults: a row whose algorithm names options in parentheses ran with those options" in report
+
+
+def test_control_merge_keeps_runs_with_options_apart_from_the_defaults(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load("control_vs_sb3")
+
+    def run(seed, ret, options=None):
+        row = {"env": "Hopper-v5", "algorithm": "rebel-critic", "seed": seed, "final_return": ret, "final_return_std": 0.0,
+               "env_steps": 1000, "train_seconds": 1.0, "curve": [(1000, ret)]}  # fmt: skip
+        return {**row, "options": options} if options else row
+
+    none = {"reward_normalization": "none"}
+    old = [run(0, 10.0, none), run(1, 30.0, none), run(0, 1.0)]
+    new = [run(0, 100.0), {**run(9, 50.0), "algorithm": "sb3-ppo"}]  # replaces the seed 0 with the defaults only
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    for path, runs in zip(paths, (old, new)):
+        path.write_text(json.dumps(runs))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["control_vs_sb3.py", "--merge", *map(str, paths), "--steps", "1000", "--out", str(out)])
+    bench.main()
+    report = (out / "control.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| Hopper-v5")]
+    assert rows == [
+        "| Hopper-v5 | rebel-critic | 100.0 ± 0.0 | 100 | 1000 | 1.00 |",
+        '| Hopper-v5 | rebel-critic (reward_normalization="none") | 20.0 ± 10.0 | 10, 30 | 1000 | 1.00 |',
+        "| Hopper-v5 | sb3-ppo | 50.0 ± 0.0 | 50 | 1000 | 1.00 |",
+    ]
+    merged = json.loads((out / "control.json").read_text())
+    assert sorted((r["seed"], r["final_return"]) for r in merged if r["algorithm"] == "rebel-critic") == [(0, 10.0), (0, 100.0), (1, 30.0)]
 
 
 @pytest.mark.parametrize(
