@@ -60,7 +60,7 @@ def run_rebel(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One REBEL run with its variant's defaults, ``options`` overriding some (a resumed run keeps
-    the settings saved in its folder)."""
+    the settings saved in its folder; ``main`` first checks them with :func:`check_resumable`)."""
     out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
     found = latest_checkpoint(out)
     if found is None:
@@ -95,6 +95,24 @@ def run_rebel(
         "curve": curve,
         **({"options": options} if options else {}),
     }
+
+
+def check_resumable(workdir: Path, env_id: str, variant: str, seed: int, options: dict[str, Any]) -> None:
+    """Raise ValueError when an unfinished REBEL run of ``workdir`` was started with other settings
+    than the variant's defaults with ``options`` (its rows would carry the wrong label)."""
+    from rebel.control.agent import resolve_configs, run_configs, settings_differences
+
+    out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
+    if (out / "result.json").is_file() or latest_checkpoint(out) is None:
+        return
+    ignore = ("output_dir", "budget", "total_steps", "eval_every", "eval_episodes", "progress", "tensorboard", "plot")
+    differences = settings_differences(run_configs(out), resolve_configs(env_id, variant, seed, **options), ignore)
+    if differences:
+        words = ", ".join(f"{k}={saved!r} (these options give {ours!r})" for k, (saved, ours) in sorted(differences.items()))
+        raise ValueError(
+            f"--resume: {out} was started with {words}; resume it with the options it started with "
+            f"(--rebel-option KEY=VALUE), or use another --workdir"
+        )
 
 
 def parse_rebel_options(pairs: list[str]) -> dict[str, Any]:
@@ -269,9 +287,11 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     if any(r.get("options") for r in results):
         lines += [
             "",
-            "Not the defaults: a row whose algorithm names options in parentheses ran with those options in place of the "
-            "variant's current defaults (set with `--rebel-option`, or the defaults of an earlier version); its runs are kept "
-            "apart from the runs with the defaults.",
+            (
+                "Not the defaults: a row whose algorithm names options in parentheses ran with those options in place of the "
+                "variant's current defaults (set with `--rebel-option`, or the defaults of an earlier version); its runs are kept "
+                "apart from the runs with the defaults."
+            ),
         ]
     if args.note:
         lines += ["", args.note]
@@ -325,8 +345,8 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override one of the REBEL variants' defaults in every REBEL run (repeatable; VALUE is JSON or a string), "
-        "e.g. --rebel-option reward_normalization=none; the report names the runs that used it (a resumed run keeps the "
-        "settings saved in its folder: resume with the same options, so that the report names them)",
+        "e.g. --rebel-option reward_normalization=none; the report puts the runs that used it in rows of their own, named "
+        "after the options (--resume refuses a run that started with other settings, before any run)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every algorithm (default: 1; small MLPs run fastest so)")
     parser.add_argument(
@@ -354,6 +374,14 @@ def main() -> None:
         write_report(results, args, out)
         return
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.steps)
+    if args.resume:  # before any run: a resumed run must carry the settings its row will be labelled with
+        for env_id in args.envs:
+            for algo in (a for a in args.algorithms if a.startswith("rebel-")):
+                for seed in args.seeds:
+                    try:
+                        check_resumable(workdir, env_id, algo.removeprefix("rebel-"), seed, rebel_options)
+                    except ValueError as error:
+                        parser.error(str(error))
     results = []
     for env_id in args.envs:
         for algo in args.algorithms:

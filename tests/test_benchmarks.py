@@ -49,7 +49,7 @@ def test_control_report_merges_runs_and_compares_with_ppo(tmp_path, monkeypatch)
     assert len(json.loads((out / "control.json").read_text())) == 4 and (out / "control.png").is_file()
 
 
-def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(tmp_path, monkeypatch):
+def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(tmp_path, monkeypatch, capsys):
     bench = load("control_vs_sb3")
     work, out = tmp_path / "work", tmp_path / "out"
 
@@ -64,6 +64,10 @@ def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(t
     first = main(3000)  # 8 groups x 2 rollouts x 200 steps = 3200 env steps per iteration: one iteration
     run_dir = work / "Pendulum-v1-rebel-trajectory-s0"
     (run_dir / "result.json").unlink()  # as if the process had been stopped before the end
+    with pytest.raises(SystemExit):  # other settings than the run started with: refused before any step
+        main(9000, "--resume", "--rebel-option", "eta=0.9")
+    assert f"--resume: {run_dir} was started with eta=0.5 (these options give 0.9)" in capsys.readouterr().err
+    assert len(bench.read_metrics(run_dir)) == 1
     second = main(9000, "--resume")
     rows = bench.read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == [1, 2, 3]  # continued from the checkpoint of iteration 1, not restarted

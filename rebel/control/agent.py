@@ -174,6 +174,42 @@ def option_names() -> set[str]:
     return {f.name for config in (ControlConfig, TrainerConfig) for f in dataclasses.fields(config)}
 
 
+def resolve_configs(
+    env_id: str, variant: str = "critic", seed: int = 0, output_dir: str | None = None, **options: Any
+) -> tuple[ControlConfig, TrainerConfig]:
+    """The two configs ``Rebel(env_id, variant, seed, output_dir, **options)`` trains with: the
+    variant's defaults, ``options`` over them (raises ValueError on an unknown or bad option)."""
+    unknown = sorted(set(options) - option_names())
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; see ControlConfig and TrainerConfig")
+    control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    config = from_dict(ControlConfig, {k: v for k, v in options.items() if k in control_fields}, env=env_id, variant=variant, seed=seed)
+    trainer_options = {**trainer_defaults(variant), **{k: v for k, v in options.items() if k not in control_fields}}
+    trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    trainer_options.setdefault("budget", float(config.total_steps))
+    trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
+    if variant == "critic" and not config.tune_alpha and config.alpha * trainer_config.eta > 1:
+        raise ValueError(
+            f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
+            f"got alpha={config.alpha} and eta={trainer_config.eta}"
+        )
+    return config, trainer_config
+
+
+def settings_differences(
+    ours: tuple[ControlConfig, TrainerConfig], theirs: tuple[ControlConfig, TrainerConfig], ignore: Sequence[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (our value, their value)}`` for every field where two (control, trainer) config
+    pairs differ, skipping the fields named in ``ignore``."""
+    differences = {}
+    for a, b in zip(ours, theirs, strict=True):
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            if field.name not in ignore and x != y:
+                differences[field.name] = (x, y)
+    return differences
+
+
 class Rebel:
     """Train, evaluate, save and load a REBEL control agent.
 
@@ -198,23 +234,7 @@ class Rebel:
         self.callbacks = list(callbacks)
         self.env_source = _env_source(env)
         env_id = env if isinstance(env, str) else _env_id(env)
-        control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
-        trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
-        unknown = sorted(set(options) - option_names())
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; see ControlConfig and TrainerConfig")
-        self.config = from_dict(
-            ControlConfig, {k: v for k, v in options.items() if k in control_fields}, env=env_id, variant=variant, seed=seed
-        )
-        trainer_options = {**trainer_defaults(variant), **{k: v for k, v in options.items() if k in trainer_fields}}
-        trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        trainer_options.setdefault("budget", float(self.config.total_steps))
-        self.trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
-        if variant == "critic" and not self.config.tune_alpha and self.config.alpha * self.trainer_config.eta > 1:
-            raise ValueError(
-                f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
-                f"got alpha={self.config.alpha} and eta={self.trainer_config.eta}"
-            )
+        self.config, self.trainer_config = resolve_configs(env_id, variant, seed, output_dir, **options)
         probe = make_env(self.env_source)
         torch.manual_seed(seed)
         self.policy = self._make_policy(probe.observation_space, probe.action_space)
@@ -388,13 +408,26 @@ class Rebel:
 
     @classmethod
     def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
-        # saved before these options existed: V learned raw returns, alpha stayed fixed
-        control = {"value_normalize_targets": False, "tune_alpha": False, **control}
-        trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
-        env = env if env is not None else control.pop("env")
-        control.pop("env", None)
-        variant, seed = control.pop("variant"), control.pop("seed")
-        return cls(env, variant=variant, seed=seed, **{**control, **trainer, **options})
+        env_id, variant, seed, saved = _saved_options(control, trainer)
+        return cls(env if env is not None else env_id, variant=variant, seed=seed, **{**saved, **options})
+
+
+def run_configs(run_dir: str | Path) -> tuple[ControlConfig, TrainerConfig]:
+    """The (control, trainer) configs a control run folder trains with when resumed."""
+    config = read_config(run_dir)
+    if config.get("adapter") != "control":
+        raise ValueError(f"{run_dir} is a {config.get('adapter')!r} run, not a control run")
+    env_id, variant, seed, saved = _saved_options(config["control"], {**config["trainer"], "output_dir": str(run_dir)})
+    return resolve_configs(env_id, variant, seed, **saved)
+
+
+def _saved_options(control: dict[str, Any], trainer: dict[str, Any]) -> tuple[str, str, int, dict[str, Any]]:
+    """``(env id, variant, seed, options)`` of saved configs, as ``Rebel`` takes them."""
+    # saved before these options existed: V learned raw returns, alpha stayed fixed
+    control = {"value_normalize_targets": False, "tune_alpha": False, **control}
+    trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
+    env_id, variant, seed = control.pop("env"), control.pop("variant"), control.pop("seed")
+    return env_id, variant, seed, {**control, **trainer}
 
 
 def _env_source(env: EnvSource | gym.Env) -> EnvSource:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rebel.cli import main
-from rebel.control.agent import Rebel
+from rebel.control.agent import Rebel, resolve_configs, run_configs, settings_differences
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -94,6 +94,9 @@ def test_resume_of_a_control_run_is_bit_identical(tmp_path, variant, extra):
     resumed.learn(resume=True)
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
+    assert (resumed.config, resumed.trainer_config) == run_configs(tmp_path / "b")  # what a resume trains with
+    fresh = resolve_configs("Hopper-v5", variant, 1, str(tmp_path / "b"), total_steps=1000, **{**options, "eta": 0.25})
+    assert settings_differences(run_configs(tmp_path / "b"), fresh, ignore=["budget"]) == {"eta": (resumed.trainer_config.eta, 0.25)}
     strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
