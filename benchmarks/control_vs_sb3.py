@@ -239,8 +239,7 @@ def row_label(run: dict[str, Any]) -> str:
 
 def row_labels(results: list[dict[str, Any]], algorithms: list[str]) -> list[str]:
     """The table's row labels in the order of ``algorithms``: each algorithm's defaults first, then its runs with options."""
-    present = list(dict.fromkeys(row_label(r) for r in results))
-    return [label for algo in algorithms for label in sorted(p for p in present if p.split(" (")[0] == algo)]
+    return [label for algo in algorithms for label in sorted({row_label(r) for r in results if r["algorithm"] == algo})]
 
 
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:

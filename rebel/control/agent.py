@@ -397,11 +397,8 @@ class Rebel:
     def from_run(cls, run_dir: str | Path, env: EnvSource | gym.Env | None = None, **options: Any) -> Rebel:
         """The agent of a run folder, with the policy of its newest checkpoint (``options``
         override the saved settings; ``learn(resume=True)`` continues the run exactly)."""
-        config = read_config(run_dir)
-        if config.get("adapter") != "control":
-            raise ValueError(f"{run_dir} is a {config.get('adapter')!r} run, not a control run")
-        trainer = {**config["trainer"], "output_dir": str(run_dir)}
-        agent = cls._from_configs(config["control"], trainer, env, options)
+        config = _control_run_config(run_dir)
+        agent = cls._from_configs(config["control"], config["trainer"], env, options)
         state = load_file(_checkpoint(run_dir) / "trainer.pt")
         agent.policy.load_state_dict(state["policy"], strict=False)
         return agent
@@ -414,11 +411,17 @@ class Rebel:
 
 def run_configs(run_dir: str | Path) -> tuple[ControlConfig, TrainerConfig]:
     """The (control, trainer) configs a control run folder trains with when resumed."""
+    config = _control_run_config(run_dir)
+    env_id, variant, seed, saved = _saved_options(config["control"], config["trainer"])
+    return resolve_configs(env_id, variant, seed, **saved)
+
+
+def _control_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The saved config of a control run folder, its trainer's ``output_dir`` set to that folder."""
     config = read_config(run_dir)
     if config.get("adapter") != "control":
         raise ValueError(f"{run_dir} is a {config.get('adapter')!r} run, not a control run")
-    env_id, variant, seed, saved = _saved_options(config["control"], {**config["trainer"], "output_dir": str(run_dir)})
-    return resolve_configs(env_id, variant, seed, **saved)
+    return {**config, "trainer": {**config["trainer"], "output_dir": str(run_dir)}}
 
 
 def _saved_options(control: dict[str, Any], trainer: dict[str, Any]) -> tuple[str, str, int, dict[str, Any]]:
