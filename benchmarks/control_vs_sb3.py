@@ -97,6 +97,11 @@ def run_rebel(
     }
 
 
+# Rebel options the benchmark sets itself in every run: not settable by --rebel-option, not compared on --resume
+SET_BY_BENCHMARK = ("env", "variant", "seed", "output_dir", "eval_every", "eval_episodes", "total_steps", "budget", "iterations",
+                    "progress", "tensorboard", "plot")  # fmt: skip
+
+
 def check_resumable(workdir: Path, env_id: str, variant: str, seed: int, options: dict[str, Any]) -> None:
     """Raise ValueError when an unfinished REBEL run of ``workdir`` was started with other settings
     than the variant's defaults with ``options`` (its rows would carry the wrong label)."""
@@ -105,8 +110,7 @@ def check_resumable(workdir: Path, env_id: str, variant: str, seed: int, options
     out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
     if (out / "result.json").is_file() or latest_checkpoint(out) is None:
         return
-    ignore = ("output_dir", "budget", "total_steps", "eval_every", "eval_episodes", "progress", "tensorboard", "plot")
-    differences = settings_differences(run_configs(out), resolve_configs(env_id, variant, seed, **options), ignore)
+    differences = settings_differences(run_configs(out), resolve_configs(env_id, variant, seed, **options), SET_BY_BENCHMARK)
     if differences:
         words = ", ".join(f"{k}={saved!r} (these options give {ours!r})" for k, (saved, ours) in sorted(differences.items()))
         raise ValueError(
@@ -120,8 +124,7 @@ def parse_rebel_options(pairs: list[str]) -> dict[str, Any]:
     string); raises ValueError naming a malformed pair or a key Rebel does not take."""
     from rebel.control.agent import option_names
 
-    fixed = {"env", "variant", "seed", "output_dir", "eval_every", "eval_episodes", "total_steps", "budget", "iterations"}
-    allowed = option_names() - fixed
+    allowed = option_names() - set(SET_BY_BENCHMARK)
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
