@@ -322,3 +322,37 @@ def test_control_benchmark_refuses_a_bad_rebel_option_before_any_run(tmp_path, m
         bench.main()
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_halfcheetah_posture_reads_the_torso_pitch_and_marks_runs_on_their_back(monkeypatch, capsys):
+    pytest.importorskip("mujoco")
+    import gymnasium as gym
+
+    load("control_vs_sb3")  # the posture script imports its option parser
+    posture = load("halfcheetah_posture")
+
+    class StillAgent:  # zero torque: the body stays upright, the return is only the drift
+        def predict(self, obs, deterministic=True):
+            return np.zeros(6, dtype=np.float32), None
+
+    env = gym.make("HalfCheetah-v5")
+    episode_return, pitch = posture.posture_episode(StillAgent(), env)
+    env.reset(seed=10_000)
+    expected = sum(float(env.step(np.zeros(6, dtype=np.float32))[1]) for _ in range(1000))
+    assert episode_return == pytest.approx(expected)
+    assert pitch < 0.2
+
+    rows = [{"seed": 1, "env_steps": 10_000, "return": 5.0, "mean_abs_pitch": 0.1},
+            {"seed": 1, "env_steps": 20_000, "return": 900.4, "mean_abs_pitch": 3.21},
+            {"seed": 2, "env_steps": 10_000, "return": -7.0, "mean_abs_pitch": 1.99}]  # fmt: skip
+    assert posture.table(rows).splitlines() == [
+        "| seed | 10k | 20k |",
+        "| --- | --- | --- |",
+        "| 1 | 5 (0.10) | 900 (**3.21**) |",
+        "| 2 | -7 (1.99) |  |",
+    ]
+
+    monkeypatch.setattr(sys, "argv", ["halfcheetah_posture.py", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        posture.main()
+    assert "--steps and --check-every must be >= 1, got 0 and 10000" in capsys.readouterr().err
