@@ -27,6 +27,7 @@ import numpy as np
 from control_vs_sb3 import parse_rebel_options
 
 from rebel.control import Rebel
+from rebel.control.agent import VARIANTS
 
 ENV_ID = "HalfCheetah-v5"
 ON_ITS_BACK = 2.0  # mean |pitch| in radians above which an episode counts as run on the back
@@ -82,13 +83,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=50_000, help="env steps per seed")
     parser.add_argument("--check-every", type=int, default=10_000, help="env steps between posture checks")
-    parser.add_argument("--variant", default="critic", choices=["critic", "mc", "trajectory"])
+    parser.add_argument("--variant", default="critic", choices=VARIANTS)
     parser.add_argument("--rebel-option", action="append", default=[], metavar="KEY=VALUE", help="a Rebel option (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmarks/halfcheetah-posture"))
     args = parser.parse_args()
     if args.steps < 1 or args.check_every < 1:
         parser.error(f"--steps and --check-every must be >= 1, got {args.steps} and {args.check_every}")
-    options = {"variant": args.variant, **parse_rebel_options(args.rebel_option)}
+    try:
+        options = {"variant": args.variant, **parse_rebel_options(args.rebel_option)}
+    except ValueError as error:
+        parser.error(str(error))
     rows = [row for seed in args.seeds for row in run_seed(seed, args.steps, args.check_every, args.workdir, options)]
     print(f"\nreturn (mean |torso pitch|, rad; bold: on its back) of one deterministic episode, {args.variant}, options {options}\n")
     print(table(rows))

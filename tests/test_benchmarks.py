@@ -356,3 +356,7 @@ def test_halfcheetah_posture_reads_the_torso_pitch_and_marks_runs_on_their_back(
     with pytest.raises(SystemExit):
         posture.main()
     assert "--steps and --check-every must be >= 1, got 0 and 10000" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["halfcheetah_posture.py", "--rebel-option", "learning_start=20000"])
+    with pytest.raises(SystemExit):
+        posture.main()
+    assert "--rebel-option 'learning_start' is not an option this benchmark can set" in capsys.readouterr().err
