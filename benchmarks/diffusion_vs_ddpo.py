@@ -63,7 +63,7 @@ EVAL_SEED = 12_345
 def task_prompts(args: argparse.Namespace) -> list[str]:
     """The training prompts: the shapes task's, or ``--prompts`` (``animals`` or a text file)."""
     if args.model is None:
-        from envs.diffusion_tasks import shape_prompts
+        from rebel_envs.diffusion_tasks import shape_prompts
 
         return shape_prompts()
     from rebel.diffusion.sampler import ANIMALS
@@ -176,7 +176,7 @@ def build_pipeline(args: argparse.Namespace, folder: Path) -> str:
         return args.model
     import torch
 
-    from envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline
 
     torch.set_num_threads(args.threads)
     make_shapes_pipeline(ShapesTaskConfig(), save_to=folder)

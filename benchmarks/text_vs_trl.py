@@ -77,7 +77,7 @@ def build_model(task: str, folder: Path) -> None:
     import torch
 
     if task == "tiny":
-        from envs.text_tasks import SortingTaskConfig, make_sorting_model
+        from rebel_envs.text_tasks import SortingTaskConfig, make_sorting_model
 
         make_sorting_model(SortingTaskConfig(), save_to=folder)  # the 150-step supervised warm-up, seed 0
         return
@@ -98,7 +98,7 @@ def build_model(task: str, folder: Path) -> None:
 def task_data(task: str, seed: int) -> tuple[list[dict[str, Any]], Any]:
     """Training records (a ``prompt`` column and the reward's columns) and the reward function."""
     if task == "tiny":
-        from envs.text_tasks import SortingTaskConfig, sorted_digits_reward, sorting_dataset
+        from rebel_envs.text_tasks import SortingTaskConfig, sorted_digits_reward, sorting_dataset
 
         cfg = SortingTaskConfig()
         return sorting_dataset(cfg.num_prompts, cfg.min_digits, cfg.max_digits, seed=cfg.task_seed), sorted_digits_reward
@@ -110,7 +110,7 @@ def held_out_eval(task: str, model: Any, tokenizer: Any, n: int) -> dict[str, fl
     """Expected reward (and exact-match rate) of ``model`` on held-out prompts, sampled at temperature 1."""
     if task != "tiny" or n <= 0:
         return {}
-    from envs.text_tasks import SortingTaskConfig, evaluate_sorting, sorting_dataset
+    from rebel_envs.text_tasks import SortingTaskConfig, evaluate_sorting, sorting_dataset
 
     cfg = SortingTaskConfig()
     records = sorting_dataset(n, cfg.min_digits, cfg.max_digits, seed=10_000)  # not among the training prompts' seed
@@ -394,7 +394,7 @@ COLUMNS = """## Columns
   TRL: the logged `reward`), averaged over the first and the last iterations and over all
   of them (the area under the curve). **held-out**: the final model's mean reward and rate of
   exactly sorted answers on prompts outside the training set (seed 10000), sampled at
-  temperature 1 with the same generator seed for every algorithm (`envs.text_tasks.evaluate_sorting`)."""
+  temperature 1 with the same generator seed for every algorithm (`rebel_envs.text_tasks.evaluate_sorting`)."""
 
 SETTINGS = """## What is matched, and what is not
 

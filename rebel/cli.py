@@ -149,7 +149,7 @@ TABULAR_TRAINER_DEFAULTS = {"iterations": 60, "learning_rate": 0.1, "epochs": 4,
 
 
 def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
-    from envs.tabular import TabularConfig
+    from rebel_envs.tabular import TabularConfig
     from rebel.trainer import TrainerConfig
 
     add_arguments(parser, TabularConfig, "tabular task")
@@ -161,7 +161,7 @@ def _tabular_run(args: argparse.Namespace) -> None:
 
     import torch
 
-    from envs.tabular import TabularConfig, make_tabular
+    from rebel_envs.tabular import TabularConfig, make_tabular
     from rebel.trainer import Trainer, TrainerConfig
 
     configs = resolve_configs(args, {"tabular": TabularConfig, "trainer": TrainerConfig}, {"trainer": TABULAR_TRAINER_DEFAULTS})

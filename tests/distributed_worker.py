@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from envs.tabular import TabularConfig, TabularSampler, make_tabular
+from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 from rebel import Trainer, TrainerConfig
 
 

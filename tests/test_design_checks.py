@@ -1,8 +1,8 @@
-"""The three checks of DESIGN.md that any REBEL implementation must pass."""
+"""The three checks of docs/math.md ("The checks") that any REBEL implementation must pass."""
 
 import torch
 
-from envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
+from rebel_envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
 from rebel import Policy, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, trajectory_log_prob
 
 ARM_REWARDS = torch.tensor([0.1, 0.9, 0.4, -0.3, 0.6], dtype=torch.float64)

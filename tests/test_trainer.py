@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from envs.tabular import TabularConfig, TabularSampler, make_tabular
+from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 from rebel import RolloutBatch, Sampler, Trainer, TrainerConfig
 from rebel.runs import latest_checkpoint, read_metrics
 

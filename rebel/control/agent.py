@@ -24,7 +24,7 @@ from rebel.config import from_dict, option
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 from rebel.runs import latest_checkpoint, load_file, read_config
 from rebel.sampler import Sampler
 from rebel.trainer import Callback, Trainer, TrainerConfig

@@ -18,7 +18,7 @@ from rebel.batch import RolloutBatch
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore, snapshot
-from rebel.estimators import ReplayBuffer, Transitions, TwinQCritic
+from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -35,7 +35,7 @@ class CriticSampler(Sampler):
        truncated transition still bootstraps).
     2. **Fit the critic.** Once the buffer holds ``max(learning_starts, critic_batch_size)``
        transitions, ``updates_per_step`` TD updates per step collected (fractions carry
-       over) of :class:`~rebel.estimators.TwinQCritic` towards Q of the current policy:
+       over) of :class:`~rebel.control.estimators.TwinQCritic` towards Q of the current policy:
        ``y = r + gamma (1 - terminated) (min Qtarg(s', a') - alpha log pi(a'|s'))``,
        ``a' ~ pi_t(.|s')``, minibatches of ``critic_batch_size``.
     3. **The REBEL batch.** ``num_states`` states drawn from the buffer, ``actions_per_state``

@@ -6,7 +6,7 @@ For a state ``s`` and actions ``a_1..a_n ~ pi_t(.|s)``::
 
 where branch ``j`` restores the simulator to ``s``, takes ``a`` and then follows pi_t. REBEL
 regresses ``(Delta(a_i) - Delta(a_k)) / eta`` on ``Q(s, a_i) - Q(s, a_k)`` with one-step
-log-ratios (DESIGN.md, "Q-critic variant").
+log-ratios (docs/math.md, "Q-critic variant").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from rebel.control.rollouts import (
     rollout,
     value_function_state,
 )
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -71,7 +71,7 @@ class MonteCarloSampler(Sampler):
     one batched rollout (one policy forward per step for all of them).
 
     **Learned value at the horizon.** With ``value_function`` (a
-    :class:`~rebel.estimators.ValueFunction` of the policy's preprocessed observations)
+    :class:`~rebel.control.estimators.ValueFunction` of the policy's preprocessed observations)
     the sampler bootstraps with it (as ``bootstrap`` would) and, after each iteration's
     branches, fits it to their returns-to-go: at branch step ``h``,
     ``G_h = r_h + gamma G_{h+1}``, ending in ``V`` of where a branch stopped, or 0 for one

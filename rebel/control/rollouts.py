@@ -12,7 +12,7 @@ from torch import Tensor
 
 from rebel.control.envs import EnvPool
 from rebel.control.policy import MLPPolicy
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 
 
 @dataclass
@@ -124,7 +124,7 @@ def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
 def check_value_function(value_function: object) -> None:
     """A sampler's ``value_function`` argument must be None or a :class:`ValueFunction`."""
     if value_function is not None and not isinstance(value_function, ValueFunction):
-        raise ValueError(f"value_function must be None or a rebel.estimators.ValueFunction, got {type(value_function).__name__}")
+        raise ValueError(f"value_function must be None or a rebel.control.estimators.ValueFunction, got {type(value_function).__name__}")
 
 
 def value_function_state(value_function: ValueFunction | None) -> dict[str, Any]:

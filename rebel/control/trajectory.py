@@ -19,7 +19,7 @@ from rebel.control.rollouts import (
     rollout,
     value_function_state,
 )
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -34,7 +34,7 @@ class TrajectorySampler(Sampler):
     (reset with a fresh seed) when the leader's episode ends. ``episode_return`` in the
     metrics is the mean undiscounted return of the leaders' finished episodes.
 
-    With ``value_function`` (a :class:`~rebel.estimators.ValueFunction` of the policy's
+    With ``value_function`` (a :class:`~rebel.control.estimators.ValueFunction` of the policy's
     preprocessed observations) a rollout that stopped after ``k`` steps without terminating
     (the segment's end, or the time limit) has ``gamma^k V(s_k)`` added to its reward, so
     that the comparison sees past the segment's end, and V is fit each iteration to the

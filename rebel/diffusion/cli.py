@@ -1,7 +1,7 @@
 """``rebel train diffusion``: REBEL on a Stable Diffusion pipeline.
 
 Without ``--model`` it runs the embedded default: the coloured-shapes task of
-:mod:`envs.diffusion_tasks` on a tiny pipeline warmed up in-process, rewarded by brightness
+:mod:`rebel_envs.diffusion_tasks` on a tiny pipeline warmed up in-process, rewarded by brightness
 (a few minutes on a CPU; the grids in ``<run>/images`` show the shapes grow). With
 ``--model`` it fine-tunes a real pipeline:
 
@@ -56,7 +56,7 @@ class DiffusionSource:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rebel train diffusion``."""
-    from envs.diffusion_tasks import ShapesTaskConfig
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig
     from rebel.diffusion.trainer import DiffusionConfig
 
     parser.description = (
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     import torch
 
-    from envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
     from rebel.cli import resolve_model_run
     from rebel.diffusion.rewards import brightness
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
 def _embedded_pipeline(task: Any, config: Any, resume: bool) -> str:
     """Folder of the task's warmed-up pipeline, made once and kept in ``<run>/base_pipeline``
     so that a resumed run starts from the same weights."""
-    from envs.diffusion_tasks import make_shapes_pipeline
+    from rebel_envs.diffusion_tasks import make_shapes_pipeline
 
     base = Path(config.output_dir) / "base_pipeline"
     if not (base / "model_index.json").is_file():

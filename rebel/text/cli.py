@@ -1,7 +1,7 @@
 """``rebel train text``: REBEL on a causal language model.
 
 Without ``--model`` / ``--dataset`` / ``--reward`` it runs the embedded default: the
-digit-sorting task of :mod:`envs.text_tasks` on a tiny GPT-2 warmed up in-process (a
+digit-sorting task of :mod:`rebel_envs.text_tasks` on a tiny GPT-2 warmed up in-process (a
 minute or two on a CPU). With them it fine-tunes a real model:
 
     rebel train text --model HuggingFaceTB/SmolLM2-135M-Instruct --dataset prompts.jsonl \\
@@ -49,7 +49,7 @@ class TextSource:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rebel train text``."""
-    from envs.text_tasks import SortingTaskConfig
+    from rebel_envs.text_tasks import SortingTaskConfig
     from rebel.text.trainer import TextConfig
 
     parser.description = (
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
-    from envs.text_tasks import SortingTaskConfig
+    from rebel_envs.text_tasks import SortingTaskConfig
     from rebel.cli import resolve_model_run
     from rebel.text.trainer import TextConfig, TextTrainer
 
@@ -114,7 +114,7 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from envs.text_tasks import evaluate_sorting, make_sorting_model, sorting_dataset
+    from rebel_envs.text_tasks import evaluate_sorting, make_sorting_model, sorting_dataset
 
     torch.set_num_threads(1)  # a ~100k-parameter model: threads cost more than they give
     base = Path(config.output_dir) / "base_model"
@@ -129,7 +129,7 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
 
 def _dataset(source: TextSource, task: Any) -> Any:
     if source.dataset is None:
-        from envs.text_tasks import sorting_dataset
+        from rebel_envs.text_tasks import sorting_dataset
 
         return sorting_dataset(task.num_prompts, task.min_digits, task.max_digits, seed=task.task_seed)
     import datasets
@@ -168,6 +168,6 @@ def _reward(spec: str) -> Any:
 
 
 def _embedded_reward() -> list[Any]:
-    from envs.text_tasks import sorted_digits_reward
+    from rebel_envs.text_tasks import sorted_digits_reward
 
     return [sorted_digits_reward]

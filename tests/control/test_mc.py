@@ -14,7 +14,7 @@ from rebel.control.evaluation import evaluate
 from rebel.control.mc import MonteCarloSampler
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -344,7 +344,7 @@ def test_resume_is_bit_identical(tmp_path, options):
         ({"state_stride": 0}, "state_stride must be"),
         ({"gamma": 1.5}, "gamma must be in"),
         ({"bootstrap": 3.0}, "bootstrap must be"),
-        ({"value_function": lambda obs: obs}, "value_function must be None or a rebel.estimators.ValueFunction"),
+        ({"value_function": lambda obs: obs}, "value_function must be None or a rebel.control.estimators.ValueFunction"),
         ({"value_function": ValueFunction(3), "bootstrap": lambda obs: obs[:, 0]}, "give bootstrap or value_function, not both"),
     ],
 )

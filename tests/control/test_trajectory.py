@@ -10,7 +10,7 @@ import torch
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
 from rebel.control.trajectory import TrajectorySampler
-from rebel.estimators import ValueFunction
+from rebel.control.estimators import ValueFunction
 
 
 def make(env_id="Hopper-v5", **kwargs):
@@ -113,7 +113,7 @@ def test_state_dict_round_trip_reproduces_the_next_batch():
         ({"group_size": 1}, "group_size must be >= 2"),
         ({"segment_length": 0}, "segment_length must be >= 1"),
         ({"gamma": 1.5}, "gamma must be in"),
-        ({"value_function": object()}, "value_function must be None or a rebel.estimators.ValueFunction, got object"),
+        ({"value_function": object()}, "value_function must be None or a rebel.control.estimators.ValueFunction, got object"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -11,7 +11,7 @@ if any(importlib.util.find_spec(name) is None for name in ("diffusers", "transfo
 @pytest.fixture(scope="session")
 def tiny_pipe(tmp_path_factory):
     """Folder of a random tiny StableDiffusionPipeline (8x8 pictures, 4x4x4 latents), saved with save_pretrained."""
-    from envs.diffusion_tasks import tiny_pipeline
+    from rebel_envs.diffusion_tasks import tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny_pipe")
     tiny_pipeline(image_size=8, width=8, seed=0).save_pretrained(str(path))

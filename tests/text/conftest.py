@@ -11,7 +11,7 @@ if any(importlib.util.find_spec(name) is None for name in ("transformers", "peft
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """Folder of a random two-layer GPT-2 (dropout on in its config) and a character tokenizer."""
-    from envs.text_tasks import char_tokenizer, tiny_gpt2
+    from rebel_envs.text_tasks import char_tokenizer, tiny_gpt2
 
     path = tmp_path_factory.mktemp("tiny_lm")
     tokenizer = char_tokenizer()
@@ -26,7 +26,7 @@ def sorting_lm(tmp_path_factory):
     """Folder of the embedded task's tiny GPT-2 after its (shortened) supervised warm-up."""
     import torch
 
-    from envs.text_tasks import SortingTaskConfig, make_sorting_model
+    from rebel_envs.text_tasks import SortingTaskConfig, make_sorting_model
 
     path = tmp_path_factory.mktemp("sorting_lm")
     threads = torch.get_num_threads()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from envs.text_tasks import sorted_digits_reward, sorting_dataset
+from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 from rebel.text import TextConfig, TextTrainer
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from envs.text_tasks import char_tokenizer, sorted_digits_reward, sorting_dataset
+from rebel_envs.text_tasks import char_tokenizer, sorted_digits_reward, sorting_dataset
 from rebel.runs import read_metrics
 from rebel.text import TextConfig, TextTrainer
 from rebel.text.rewards import RewardModel, as_reward_funcs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from envs.text_tasks import sorted_digits_reward, sorting_dataset
+from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 from rebel.runs import latest_checkpoint, read_metrics
 from rebel.text import RewardFunctionError, TextConfig, TextTrainer
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rebel.estimators import ReplayBuffer, Transitions, TwinQCritic, ValueFunction
+from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic, ValueFunction
 
 
 def transitions(start, n, obs_dim=2):
