@@ -1,9 +1,11 @@
-"""Dataclass configs: documented fields, command-line options and YAML round trips."""
+"""Dataclass configs: documented fields, command-line options, YAML round trips, and the
+checks of their values (one-line ``ValueError`` naming the setting, the value and what is expected)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -85,3 +87,24 @@ def _parser(kind: type, optional: bool) -> Any:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """``value`` must be an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``value`` must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import option
+from rebel.config import check_choice, check_int, check_positive, option
 from rebel.losses import PAIRINGS, group_advantage, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
 from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
@@ -85,20 +85,20 @@ class TrainerConfig:
         if self.iterations is None and self.budget is None:
             raise ValueError("iterations=None needs a budget: set iterations or budget")
         if self.iterations is not None:
-            _positive_int("iterations", self.iterations)
-        _positive_int("epochs", self.epochs)
-        _positive_int("checkpoint_every", self.checkpoint_every)
-        _positive_int("keep_checkpoints", self.keep_checkpoints)
+            check_int("iterations", self.iterations)
+        check_int("epochs", self.epochs)
+        check_int("checkpoint_every", self.checkpoint_every)
+        check_int("keep_checkpoints", self.keep_checkpoints)
         if self.minibatch_size is not None:
-            _positive_int("minibatch_size", self.minibatch_size)
+            check_int("minibatch_size", self.minibatch_size)
         if self.warmup_iterations < 0:
             raise ValueError(f"warmup_iterations must be >= 0, got {self.warmup_iterations}")
         for name in ("eta", "learning_rate", "clip_range", "adam_eps"):
-            _positive_float(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.max_grad_norm is not None:
-            _positive_float("max_grad_norm", self.max_grad_norm)
+            check_positive("max_grad_norm", self.max_grad_norm)
         if self.budget is not None:
-            _positive_float("budget", self.budget)
+            check_positive("budget", self.budget)
         for name, choices in (
             ("loss", LOSSES),
             ("pairs", PAIRINGS),
@@ -106,8 +106,7 @@ class TrainerConfig:
             ("reward_normalization", REWARD_NORMALIZATIONS),
             ("mixed_precision", MIXED_PRECISION),
         ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; expected one of {', '.join(choices)}")
+            check_choice(name, getattr(self, name), choices)
 
 
 class Trainer:
@@ -542,12 +541,3 @@ def _allow_new_mixed_precision(mixed_precision: str) -> None:
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
 
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
