@@ -105,12 +105,12 @@ SET_BY_BENCHMARK = ("env", "variant", "seed", "output_dir", "eval_every", "eval_
 def check_resumable(workdir: Path, env_id: str, variant: str, seed: int, options: dict[str, Any]) -> None:
     """Raise ValueError when an unfinished REBEL run of ``workdir`` was started with other settings
     than the variant's defaults with ``options`` (its rows would carry the wrong label)."""
-    from rebel.control.agent import resolve_configs, run_configs, settings_differences
+    from rebel.control.agent import resolve_config, run_config, settings_differences
 
     out = run_folder(workdir, env_id, f"rebel-{variant}", seed)
     if (out / "result.json").is_file() or latest_checkpoint(out) is None:
         return
-    differences = settings_differences(run_configs(out), resolve_configs(env_id, variant, seed, **options), SET_BY_BENCHMARK)
+    differences = settings_differences(run_config(out), resolve_config(env_id, variant, seed, **options), SET_BY_BENCHMARK)
     if differences:
         words = ", ".join(f"{k}={saved!r} (these options give {ours!r})" for k, (saved, ours) in sorted(differences.items()))
         raise ValueError(

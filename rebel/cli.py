@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Sequence
@@ -104,42 +105,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, defaults: dict[str, Any] | None = None) -> None:
+    """The options of an adapter's config ``cls`` (a TrainerConfig with the adapter's own
+    fields) in two groups: the adapter's own (``title``) and the trainer's."""
+    from rebel.trainer import TrainerConfig
+
+    shared = tuple(f.name for f in dataclasses.fields(TrainerConfig))
+    own = tuple(f.name for f in dataclasses.fields(cls) if f.name not in shared)
+    add_arguments(parser, cls, title, defaults, exclude=shared)
+    add_arguments(parser, cls, "trainer", defaults, exclude=own)
+
+
 def resolve_configs(
     args: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """The configs of a ``rebel train`` command: the command's ``defaults`` for a new run, or
-    each section of ``config.yaml`` when ``--resume`` names a run (its ``output_dir`` forced
-    to that folder), with the options given on the command line on top."""
+    each section of ``config.yaml`` when ``--resume`` names a run (a config that derives from
+    TrainerConfig reads the ``trainer`` section too, and its ``output_dir`` is that folder),
+    with the options given on the command line on top."""
+    from rebel.trainer import TrainerConfig
+
     saved: dict[str, Any] = dict(defaults or {})
     if args.resume:
         from rebel.runs import read_config
 
-        saved = read_config(args.resume)
-        saved.setdefault("trainer", {})["output_dir"] = str(args.resume)
-        if hasattr(args, "output_dir") and args.output_dir != args.resume:
+        if getattr(args, "output_dir", args.resume) != args.resume:
             raise ValueError(f"--output-dir {args.output_dir} conflicts with --resume {args.resume}; give only --resume")
-    return {key: from_args(cls, args, saved.get(key)) for key, cls in sections.items()}
-
-
-def resolve_model_run(
-    args: argparse.Namespace, section: str, config_cls: type, source_cls: type, task_cls: type, embedded_defaults: dict[str, Any]
-) -> tuple[Any, Any, Any]:
-    """``(config, source, task)`` of an adapter command that trains its embedded task unless
-    ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
-    folder; a new run refuses a folder that already holds one, before any model is built."""
-    import dataclasses
-
-    from rebel.runs import ensure_new_run, read_config
-
-    model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
-    defaults = {section: embedded_defaults} if model is None else {}
-    configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
-    config = configs[section]
-    if args.resume:
-        config = dataclasses.replace(config, output_dir=str(args.resume))
-    else:
-        ensure_new_run(config.output_dir)
-    return config, configs["source"], configs["task"]
+        saved = read_config(args.resume)
+    configs = {}
+    for key, cls in sections.items():
+        base = dict(saved.get(key) or {})
+        if issubclass(cls, TrainerConfig):
+            base = {**saved.get("trainer", {}), **base}  # older runs kept some trainer settings in both
+            if args.resume:
+                base["output_dir"] = str(args.resume)
+        configs[key] = from_args(cls, args, base)
+    return configs
 
 
 # ---------------------------------------------------------------- tabular
@@ -157,8 +158,6 @@ def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tabular_run(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
     from rebel_envs.tabular import TabularConfig, make_tabular

@@ -20,6 +20,21 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def with_defaults(base: type[T], **defaults: Any) -> type[T]:
+    """The dataclass ``base`` with other defaults for some of its fields (their type and help
+    stay ``base``'s): an adapter's config derives from ``with_defaults(TrainerConfig, ...)``
+    and declares only its own fields."""
+    fields = {f.name: f for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise TypeError(f"{base.__name__} has no field(s) {unknown}")
+    namespace: dict[str, Any] = {"__module__": base.__module__, "__qualname__": base.__qualname__, "__annotations__": {}}
+    for name, value in defaults.items():
+        namespace["__annotations__"][name] = fields[name].type
+        namespace[name] = option(value, fields[name].metadata.get("help", ""))
+    return dataclasses.dataclass(type(base.__name__, (base,), namespace))
+
+
 def add_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -108,3 +123,9 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) ->
     """``value`` must be one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
+
+
+def check_group_size(name: str, value: Any) -> None:
+    """``value`` samples per context must be an integer >= 2: REBEL compares the samples of one context."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{name} must be >= 2 (REBEL compares the samples of one context), got {value!r}")

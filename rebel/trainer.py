@@ -45,7 +45,9 @@ Callback = Callable[["Trainer", dict[str, Any]], None]
 
 @dataclass
 class TrainerConfig:
-    """Settings of the REBEL iteration shared by every adapter."""
+    """Settings of the REBEL iteration shared by every adapter. An adapter's config derives
+    from it (``with_defaults(TrainerConfig, ...)`` where the adapter's defaults differ) and
+    declares only its own fields; the trainer reads the fields declared here."""
 
     output_dir: str = option("runs/rebel", "run folder: config, metrics, TensorBoard, checkpoints, plots")
     iterations: int | None = option(100, "number of REBEL iterations (collect, then regress); none: until the budget")
@@ -75,11 +77,14 @@ class TrainerConfig:
     plot: bool = option(True, "draw curves.png at the end")
     progress: bool = option(True, "show a progress bar")
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> TrainerConfig:
-        """The trainer's settings taken from an adapter's config dataclass (the fields both have)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dataclasses.asdict(settings).items() if k in names})
+    def trainer_settings(self) -> dict[str, Any]:
+        """The values of TrainerConfig's own fields: ``config.yaml``'s ``trainer`` section."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerConfig)}
+
+    def adapter_settings(self) -> dict[str, Any]:
+        """The values of the fields an adapter's config adds to TrainerConfig's: its own section of ``config.yaml``."""
+        shared = {f.name for f in dataclasses.fields(TrainerConfig)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in shared}
 
     def __post_init__(self) -> None:
         if self.iterations is None and self.budget is None:
@@ -207,7 +212,7 @@ class Trainer:
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
-        self.run.write_config({**self.run_config, "trainer": dataclasses.asdict(self.config)})
+        self.run.write_config({**self.run_config, "trainer": self.config.trainer_settings()})
         if self.config.tensorboard:
             self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
         rows: list[dict[str, Any]] = []
@@ -282,13 +287,13 @@ class Trainer:
         if config.stats_forward:
             steps = self._score(first_epoch)
             logp_new = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(steps, first_epoch)], len(batch))
-        metrics = self._metrics(batch, raw_reward, logp_new, losses, grad_norms, start_log_ratio)
+        metrics, counts = self._metrics(batch, raw_reward, logp_new, losses, grad_norms, start_log_ratio)
         self.scheduler.step()  # after the counters moved: the schedule follows the run's progress
         metrics["collect_time"] = collect_time
         metrics["iteration_time"] = time.perf_counter() - start
         self.wall_time += metrics["iteration_time"]
         metrics["wall_time"] = self.wall_time
-        for key, value in self._iteration_counts.items():  # samples_per_second, env_steps_per_second, ...
+        for key, value in counts.items():  # samples_per_second, env_steps_per_second, ...
             metrics[f"{key}_per_second"] = value / metrics["iteration_time"]
         for callback in self.callbacks:
             callback(self, metrics)
@@ -326,7 +331,8 @@ class Trainer:
         losses: list[float],
         grad_norms: list[float],
         start_log_ratio: float,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The iteration's metric row, and its counts summed over processes."""
         config = self.config
         n_procs = self.accelerator.num_processes
         local: dict[str, float] = {
@@ -356,12 +362,11 @@ class Trainer:
             counts = {k: v * n_procs for k, v in self._mean_over_processes(counts).items()}
         for key, value in counts.items():
             self.totals[key] = self.totals.get(key, 0.0) + value
-        self._iteration_counts = counts
         row: dict[str, Any] = {"iteration": self.iteration}
         row.update({k: int(v) if float(v).is_integer() else v for k, v in self.totals.items()})
         row["learning_rate"] = self.scheduler.get_last_lr()[0]  # the rate this iteration used
         row.update(metrics)
-        return row
+        return row, counts
 
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         from accelerate.utils import gather_object

@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rebel.config import from_dict, option
+from rebel.config import check_choice, from_dict, option, with_defaults
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
@@ -32,7 +32,8 @@ from rebel.trainer import Callback, Trainer, TrainerConfig
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
 
-# Settings each variant starts from (measured: docs/control.md, docs/control_tuning.md); explicit options win.
+# Settings each variant starts from, the control task's and the trainer's alike (measured:
+# docs/control.md, docs/control_tuning.md); explicit options win.
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "trajectory": {
         "hidden_sizes": [64, 64],
@@ -44,6 +45,12 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "value_epochs": 4,
         "alpha": 0.0,
         "tune_alpha": False,
+        "eta": 0.5,
+        "learning_rate": 3e-4,
+        "epochs": 10,
+        "minibatch_size": 4,
+        "reward_normalization": "batch",
+        "max_grad_norm": 0.5,
     },
     "mc": {
         "hidden_sizes": [64, 64],
@@ -56,6 +63,12 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "value_bootstrap": True,
         "alpha": 0.0,
         "tune_alpha": False,
+        "eta": 0.3,
+        "learning_rate": 1e-3,
+        "epochs": 4,
+        "minibatch_size": 64,
+        "reward_normalization": "within_group",
+        "max_grad_norm": 0.5,
     },
     "critic": {
         "hidden_sizes": [256, 256],
@@ -67,26 +80,6 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "value_epochs": 4,
         "alpha": 0.1,
         "tune_alpha": False,
-    },
-}
-VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "trajectory": {
-        "eta": 0.5,
-        "learning_rate": 3e-4,
-        "epochs": 10,
-        "minibatch_size": 4,
-        "reward_normalization": "batch",
-        "max_grad_norm": 0.5,
-    },
-    "mc": {
-        "eta": 0.3,
-        "learning_rate": 1e-3,
-        "epochs": 4,
-        "minibatch_size": 64,
-        "reward_normalization": "within_group",
-        "max_grad_norm": 0.5,
-    },
-    "critic": {
         "eta": 2.0,
         "learning_rate": 1e-3,
         "epochs": 4,
@@ -98,13 +91,15 @@ VARIANT_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ControlConfig:
-    """The control task and the variant that forms REBEL's regression."""
+class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ignore[misc]
+    """The control task, the variant that forms REBEL's regression, and every
+    :class:`~rebel.TrainerConfig` setting. :func:`resolve_config` (what ``Rebel`` uses) starts
+    from the variant's :data:`VARIANT_DEFAULTS`; built directly, the fields left ``None`` take
+    them and the trainer's settings keep TrainerConfig's defaults."""
 
     env: str = option("HalfCheetah-v5", "gymnasium environment id")
     variant: str = option("critic", "critic | trajectory | mc: what a pair compares (two actions at one state, or rollouts from one start)")
     total_steps: int = option(1_000_000, "environment-step budget; every step counts, reset and branch rollouts included")
-    seed: int = option(0, "random seed")
     hidden_sizes: list[int] | None = option(None, "policy MLP sizes (default: 64 64; critic: 256 256)")  # noqa: RUF009 (option returns a dataclasses.field)
     activation: str | None = option(None, "tanh | relu | elu | silu (default: tanh; critic: relu)")
     squash: bool = option(True, "tanh-squash Gaussian actions into the bounds (else clip them for the env only)")
@@ -145,13 +140,15 @@ class ControlConfig:
     video: bool = option(False, "render the final evaluation into videos/eval.gif")
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is not supported; expected one of {', '.join(VARIANTS)}")
+        check_choice("variant", self.variant, VARIANTS)
+        own = self.adapter_settings()
         for key, value in VARIANT_DEFAULTS[self.variant].items():
-            if getattr(self, key) is None:
+            if key in own and own[key] is None:
                 setattr(self, key, copy.copy(value))
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.budget is None:
+            self.budget = float(self.total_steps)
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (REBEL compares samples of one context), got {self.group_size}")
         if self.value_bootstrap and self.variant == "critic":
@@ -160,53 +157,39 @@ class ControlConfig:
             raise ValueError(f"value_hidden_sizes must be a non-empty list of sizes >= 1, got {self.value_hidden_sizes!r}")
         if self.eval_episodes < 1 or self.eval_every < 0:
             raise ValueError(f"eval_episodes must be >= 1 and eval_every >= 0, got {self.eval_episodes} and {self.eval_every}")
-
-
-def trainer_defaults(variant: str) -> dict[str, Any]:
-    """TrainerConfig settings a control variant starts from."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is not supported; expected one of {', '.join(VARIANTS)}")
-    return dict(VARIANT_TRAINER_DEFAULTS[variant])
+        if self.variant == "critic" and not self.tune_alpha and self.alpha * self.eta > 1:
+            raise ValueError(
+                f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
+                f"got alpha={self.alpha} and eta={self.eta}"
+            )
+        super().__post_init__()
 
 
 def option_names() -> set[str]:
-    """The keyword options ``Rebel`` takes: every ControlConfig and TrainerConfig field."""
-    return {f.name for config in (ControlConfig, TrainerConfig) for f in dataclasses.fields(config)}
+    """The keyword options ``Rebel`` takes: every ControlConfig field (the trainer's included)."""
+    return {f.name for f in dataclasses.fields(ControlConfig)}
 
 
-def resolve_configs(
-    env_id: str, variant: str = "critic", seed: int = 0, output_dir: str | None = None, **options: Any
-) -> tuple[ControlConfig, TrainerConfig]:
-    """The two configs ``Rebel(env_id, variant, seed, output_dir, **options)`` trains with: the
+def resolve_config(env_id: str, variant: str = "critic", seed: int = 0, output_dir: str | None = None, **options: Any) -> ControlConfig:
+    """The config ``Rebel(env_id, variant, seed, output_dir, **options)`` trains with: the
     variant's defaults, ``options`` over them (raises ValueError on an unknown or bad option)."""
     unknown = sorted(set(options) - option_names())
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; see ControlConfig and TrainerConfig")
-    control_fields = {f.name for f in dataclasses.fields(ControlConfig)}
-    config = from_dict(ControlConfig, {k: v for k, v in options.items() if k in control_fields}, env=env_id, variant=variant, seed=seed)
-    trainer_options = {**trainer_defaults(variant), **{k: v for k, v in options.items() if k not in control_fields}}
-    trainer_options.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    trainer_options.setdefault("budget", float(config.total_steps))
-    trainer_config = from_dict(TrainerConfig, trainer_options, seed=seed, iterations=None)
-    if variant == "critic" and not config.tune_alpha and config.alpha * trainer_config.eta > 1:
-        raise ValueError(
-            f"alpha * eta must be <= 1 for the critic variant (the step raises pi_t to the power 1 - eta * alpha), "
-            f"got alpha={config.alpha} and eta={trainer_config.eta}"
-        )
-    return config, trainer_config
+    check_choice("variant", variant, VARIANTS)
+    values = {**VARIANT_DEFAULTS[variant], **options}
+    values.setdefault("output_dir", output_dir or f"runs/control/{env_id}-{variant}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return from_dict(ControlConfig, values, env=env_id, variant=variant, seed=seed, iterations=None)
 
 
-def settings_differences(
-    ours: tuple[ControlConfig, TrainerConfig], theirs: tuple[ControlConfig, TrainerConfig], ignore: Sequence[str] = ()
-) -> dict[str, tuple[Any, Any]]:
-    """``{field: (our value, their value)}`` for every field where two (control, trainer) config
-    pairs differ, skipping the fields named in ``ignore``."""
+def settings_differences(ours: ControlConfig, theirs: ControlConfig, ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """``{field: (our value, their value)}`` for every field where two configs differ,
+    skipping the fields named in ``ignore``."""
     differences = {}
-    for a, b in zip(ours, theirs, strict=True):
-        for field in dataclasses.fields(a):
-            x, y = getattr(a, field.name), getattr(b, field.name)
-            if field.name not in ignore and x != y:
-                differences[field.name] = (x, y)
+    for field in dataclasses.fields(ours):
+        x, y = getattr(ours, field.name), getattr(theirs, field.name)
+        if field.name not in ignore and x != y:
+            differences[field.name] = (x, y)
     return differences
 
 
@@ -234,7 +217,7 @@ class Rebel:
         self.callbacks = list(callbacks)
         self.env_source = _env_source(env)
         env_id = env if isinstance(env, str) else _env_id(env)
-        self.config, self.trainer_config = resolve_configs(env_id, variant, seed, output_dir, **options)
+        self.config = resolve_config(env_id, variant, seed, output_dir, **options)
         probe = make_env(self.env_source)
         torch.manual_seed(seed)
         self.policy = self._make_policy(probe.observation_space, probe.action_space)
@@ -308,16 +291,16 @@ class Rebel:
             env, self.policy, steps_per_iteration=c.steps_per_iteration, learning_starts=c.learning_starts, buffer_size=c.buffer_size,
             critic_batch_size=c.critic_batch_size, updates_per_step=c.updates_per_step, critic_lr=c.critic_lr,
             critic_hidden_sizes=tuple(c.critic_hidden_sizes), gamma=c.gamma, tau=c.tau, alpha=c.alpha,
-            tune_alpha=c.tune_alpha, target_entropy=c.target_entropy, max_alpha=1.0 / self.trainer_config.eta,
+            tune_alpha=c.tune_alpha, target_entropy=c.target_entropy, max_alpha=1.0 / c.eta,
             num_states=int(c.num_groups or 1), actions_per_state=c.group_size, seed=c.seed,
         )  # fmt: skip
 
     def _make_trainer(self) -> Trainer:
-        run_config = {"adapter": "control", "control": dataclasses.asdict(self.config)}
+        run_config = {"adapter": "control", "control": self.config.adapter_settings()}
         return Trainer(
             self.policy,
             self._make_sampler(),
-            self.trainer_config,
+            self.config,
             run_config=run_config,
             callbacks=[self._evaluation_callback, *self.callbacks],
         )
@@ -343,9 +326,10 @@ class Rebel:
         steps = self.config.total_steps if total_steps is None else total_steps
         if steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {steps}")
-        self.trainer.config.budget = float(steps if resume else self.env_steps + steps)
+        changes: dict[str, Any] = {"budget": float(steps if resume else self.env_steps + steps)}
         if progress is not None:
-            self.trainer.config.progress = progress
+            changes["progress"] = progress
+        self.trainer.config = dataclasses.replace(self.trainer.config, **changes)
         self.trainer.train(resume=resume)
         return self
 
@@ -373,8 +357,8 @@ class Rebel:
         torch.save(
             {
                 "format": AGENT_FORMAT,
-                "control": dataclasses.asdict(self.config),
-                "trainer": dataclasses.asdict(self.trainer_config),
+                "control": self.config.adapter_settings(),
+                "trainer": self.config.trainer_settings(),
                 "policy": self.policy.state_dict(),
                 "env_steps": self.env_steps,
             },
@@ -409,11 +393,11 @@ class Rebel:
         return cls(env if env is not None else env_id, variant=variant, seed=seed, **{**saved, **options})
 
 
-def run_configs(run_dir: str | Path) -> tuple[ControlConfig, TrainerConfig]:
-    """The (control, trainer) configs a control run folder trains with when resumed."""
+def run_config(run_dir: str | Path) -> ControlConfig:
+    """The config a control run folder trains with when resumed."""
     config = _control_run_config(run_dir)
     env_id, variant, seed, saved = _saved_options(config["control"], config["trainer"])
-    return resolve_configs(env_id, variant, seed, **saved)
+    return resolve_config(env_id, variant, seed, **saved)
 
 
 def _control_run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -425,12 +409,13 @@ def _control_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _saved_options(control: dict[str, Any], trainer: dict[str, Any]) -> tuple[str, str, int, dict[str, Any]]:
-    """``(env id, variant, seed, options)`` of saved configs, as ``Rebel`` takes them."""
+    """``(env id, variant, seed, options)`` of a saved config's two sections (older runs kept
+    the seed in both), as ``Rebel`` takes them."""
     # saved before these options existed: V learned raw returns, alpha stayed fixed
-    control = {"value_normalize_targets": False, "tune_alpha": False, **control}
-    trainer = {k: v for k, v in trainer.items() if k not in ("iterations", "budget", "seed")}
-    env_id, variant, seed = control.pop("env"), control.pop("variant"), control.pop("seed")
-    return env_id, variant, seed, {**control, **trainer}
+    saved = {"value_normalize_targets": False, "tune_alpha": False, **trainer, **control}
+    for key in ("iterations", "budget"):
+        saved.pop(key, None)
+    return saved.pop("env"), saved.pop("variant"), saved.pop("seed"), saved
 
 
 def _env_source(env: EnvSource | gym.Env) -> EnvSource:

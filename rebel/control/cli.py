@@ -10,7 +10,7 @@ from typing import Any
 
 from rebel.config import add_arguments as add_config_arguments
 
-TRAINER_ONLY_IN_CONTROL = ("seed", "iterations", "budget", "budget_counter")
+SET_BY_TOTAL_STEPS = ("iterations", "budget", "budget_counter")  # a control run stops at --total-steps env steps
 
 
 def variant_defaults_help(cls: type, table: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -28,19 +28,16 @@ def variant_defaults_help(cls: type, table: dict[str, dict[str, Any]]) -> dict[s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``rebel train control``: every ControlConfig and TrainerConfig field,
-    with the defaults of each variant where they differ."""
-    from rebel.control.agent import VARIANT_DEFAULTS, VARIANT_TRAINER_DEFAULTS, ControlConfig
+    """The options of ``rebel train control``: every ControlConfig field (the control task's
+    and the trainer's), with the defaults of each variant where they differ."""
+    from rebel.control.agent import VARIANT_DEFAULTS, ControlConfig
     from rebel.trainer import TrainerConfig
 
-    add_config_arguments(parser, ControlConfig, "control task", variant_defaults_help(ControlConfig, VARIANT_DEFAULTS))
-    add_config_arguments(
-        parser,
-        TrainerConfig,
-        "trainer",
-        variant_defaults_help(TrainerConfig, VARIANT_TRAINER_DEFAULTS),
-        exclude=TRAINER_ONLY_IN_CONTROL,
-    )
+    shared = {f.name for f in dataclasses.fields(TrainerConfig)}
+    own = tuple(f.name for f in dataclasses.fields(ControlConfig) if f.name not in shared)
+    shown = variant_defaults_help(ControlConfig, VARIANT_DEFAULTS)
+    add_config_arguments(parser, ControlConfig, "control task", shown, exclude=tuple(shared))
+    add_config_arguments(parser, ControlConfig, "trainer", shown, exclude=(*own, *SET_BY_TOTAL_STEPS))
 
 
 def run(args: argparse.Namespace) -> None:

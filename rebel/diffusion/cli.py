@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebel import config as rebel_config
 from rebel.config import option
 
 # Settings of the embedded task (a new run without --model); DiffusionConfig's defaults otherwise.
 # Measured: fixed-seed brightness 0.128 -> 0.189 (+47%) in 20 iterations, about 2.5 minutes on one busy CPU core.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "runs/diffusion",
     "iterations": 20,
     "prompts_per_iteration": 8,
     "num_generations": 4,
@@ -56,26 +52,21 @@ class DiffusionSource:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rebel train diffusion``."""
-    from rebel_envs.diffusion_tasks import ShapesTaskConfig
     from rebel.diffusion.trainer import DiffusionConfig
+    from rebel.hf import cli
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig
 
-    parser.description = (
-        "Fine-tune a Stable Diffusion pipeline with REBEL. Without --model it trains the embedded coloured-shapes task "
-        "(the defaults shown are the embedded task's; with --model, DiffusionConfig's own defaults apply)."
-    )
-    rebel_config.add_arguments(parser, DiffusionSource, "pipeline, prompts and reward")
-    rebel_config.add_arguments(parser, DiffusionConfig, "diffusion trainer", EMBEDDED_DEFAULTS)
-    rebel_config.add_arguments(parser, ShapesTaskConfig, "embedded shapes task")
+    cli.add_arguments(parser, "a Stable Diffusion pipeline", DiffusionConfig, DiffusionSource, ShapesTaskConfig, EMBEDDED_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     import torch
 
-    from rebel_envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
-    from rebel.cli import resolve_model_run
     from rebel.diffusion.rewards import brightness
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
+    from rebel.hf.cli import resolve_model_run, reward_summary
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
 
     config, source, task = resolve_model_run(args, "diffusion", DiffusionConfig, DiffusionSource, ShapesTaskConfig, EMBEDDED_DEFAULTS)
 
@@ -91,14 +82,9 @@ def run(args: argparse.Namespace) -> None:
     evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
     before = evaluate() if evaluate else None
     rows = trainer.train(resume=bool(args.resume))
-    if not trainer.trainer.accelerator.is_main_process or not rows:
+    if not trainer.accelerator.is_main_process or not rows:
         return
-    first, last = rows[: min(3, len(rows))], rows[-min(3, len(rows)) :]
-    mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
-    print(
-        f"reward_mean {mean(first):.4g} (iterations {first[0]['iteration']}-{first[-1]['iteration']}) -> "
-        f"{mean(last):.4g} (iterations {last[0]['iteration']}-{last[-1]['iteration']}); run folder {config.output_dir}"
-    )
+    print(reward_summary(rows, 3, config.output_dir, digits=".4g"))
     if evaluate is not None and before is not None:
         print(f"fixed-seed evaluation (every prompt, 4 images each): reward {before:.4g} -> {evaluate():.4g}")
     print(
@@ -146,16 +132,6 @@ def reward_from_source(source: DiffusionSource) -> Any:
         return REWARDS[spec]
     if ":" not in spec:
         raise ValueError(f"--reward {spec}: expected aesthetic, {', '.join(REWARDS)}, module:function or file.py:function")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        if module_spec is None or module_spec.loader is None or not Path(where).is_file():
-            raise ValueError(f"--reward {spec}: cannot load {where}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--reward {spec}: {where} has no function {name!r}")  # noqa: TRY004 - the CLI reports ValueErrors
-    return fn
+    from rebel.hf.cli import load_function
+
+    return load_function(spec)

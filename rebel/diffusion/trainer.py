@@ -9,7 +9,6 @@ builds a :class:`DiffusionPolicy` and a :class:`DiffusionSampler` and runs :clas
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +16,20 @@ from typing import Any
 
 import torch
 
-from rebel.config import option
+from rebel.config import check_group_size, check_int, option, with_defaults
 from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
+from rebel.hf.trainer import PretrainedTrainer
+from rebel.trainer import TrainerConfig
 
 
 @dataclass
-class DiffusionConfig:
-    """Settings of a REBEL run on a Stable Diffusion pipeline (maps onto ``TrainerConfig``)."""
+class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion")):  # type: ignore[misc]
+    """Settings of a REBEL run on a Stable Diffusion pipeline: every :class:`~rebel.TrainerConfig`
+    setting (``loss="ppo_clip"`` with per-prompt advantages is DDPO's loss; DDPO's ``clip_range``
+    is 1e-4 with ``log_prob_reduction="mean"``) and the diffusion adapter's own."""
 
-    output_dir: str = option("runs/diffusion", "run folder: config, metrics, image grids, checkpoints, trained LoRA")
-    iterations: int = option(100, "REBEL iterations (sample, then regress)")
     prompts_per_iteration: int = option(8, "prompts per iteration and process")
     num_generations: int = option(2, "images per prompt (>= 2; one group per prompt)")
     num_inference_steps: int = option(50, "DDIM steps of a trajectory")
@@ -40,38 +41,14 @@ class DiffusionConfig:
     timestep_fraction: float = option(1.0, "share of each chain's steps trained, chosen at random per image (1: all, exact)")
     resolution: int | None = option(None, "image side in pixels; none: the pipeline's default")
     sample_batch_size: int | None = option(None, "images per sampling pass; none: all at once")
-    eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
-    loss: str = option("rebel", "rebel | rloo | ppo_clip (ppo_clip with per-prompt advantages is DDPO's loss)")
-    pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
-    clip_range: float = option(0.2, "per-step ratio clipping of the ppo_clip loss (DDPO: 1e-4 with log_prob_reduction mean)")
-    learning_rate: float = option(3e-4, "AdamW learning rate")
-    lr_schedule: str = option("constant", "constant | linear | cosine")
-    warmup_iterations: int = option(0, "iterations of linear learning-rate warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
-    epochs: int = option(1, "passes over each iteration's images")
-    minibatch_size: int | None = option(None, "images per optimizer step (whole groups); none: the whole batch")
-    reward_normalization: str = option(
-        "none",
-        "none | batch | within_group (minus the prompt's mean, over the batch's within-prompt RMS) | per_context (running statistics per prompt)",
-    )
-    seed: int = option(0, "random seed (each process adds its rank)")
     use_lora: bool = option(True, "train a LoRA adapter on the UNet's attention (otherwise the whole UNet)")
     lora_rank: int = option(4, "LoRA rank")
     lora_alpha: int | None = option(None, "LoRA alpha; none: the rank")
-    mixed_precision: str = option("no", "no | bf16 | fp16: autocast of sampling and training (GPU)")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass")
     log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, TensorBoard); 0: none")
-    checkpoint_every: int = option(10, "iterations between checkpoints")
-    keep_checkpoints: int = option(2, "checkpoints kept on disk")
-    stats_forward: bool = option(True, "one extra forward after each update for kl and explained_variance")
-    tensorboard: bool = option(True, "write TensorBoard events")
-    plot: bool = option(True, "draw curves.png at the end")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (REBEL compares images of a prompt), got {self.num_generations}")
+        check_group_size("num_generations", self.num_generations)
         if not self.ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (deterministic DDIM has no log-probability), got {self.ddim_eta}")
         if self.log_prob_reduction not in LOG_PROB_REDUCTIONS:
@@ -81,18 +58,11 @@ class DiffusionConfig:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.trainer_config()  # validates the shared fields
-
-    def trainer_config(self) -> Any:
-        """The :class:`rebel.TrainerConfig` of these settings."""
-        from rebel.trainer import TrainerConfig
-
-        return TrainerConfig.from_settings(self)
+            check_int(name, getattr(self, name))
+        super().__post_init__()
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(PretrainedTrainer):
     """REBEL for a Stable Diffusion pipeline.
 
     Args:
@@ -104,6 +74,8 @@ class DiffusionTrainer:
         callbacks: ``fn(trainer, metrics)`` after each iteration (see :class:`rebel.Trainer`).
         pipeline_kwargs: more ``from_pretrained`` arguments (``torch_dtype``, ``variant``, ...).
     """
+
+    adapter = "diffusion"
 
     def __init__(
         self,
@@ -117,10 +89,8 @@ class DiffusionTrainer:
         pipeline_kwargs: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        from rebel.trainer import Trainer
-
-        self.config = config = config or DiffusionConfig()
-        self.policy = DiffusionPolicy(
+        config = config or DiffusionConfig()
+        policy = DiffusionPolicy(
             pipeline,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
@@ -133,7 +103,7 @@ class DiffusionTrainer:
             gradient_checkpointing=config.gradient_checkpointing,
             pipeline_kwargs=pipeline_kwargs,
         )
-        self.sampler = DiffusionSampler(
+        sampler = DiffusionSampler(
             prompts,
             reward_fn,
             reward_weights=reward_weights,
@@ -142,14 +112,8 @@ class DiffusionTrainer:
             timestep_fraction=config.timestep_fraction,
             sample_batch_size=config.sample_batch_size,
         )
-        self.image_logger = ImageGridLogger(self.sampler, config.log_images)
-        self.trainer = Trainer(
-            self.policy,
-            self.sampler,
-            config.trainer_config(),
-            run_config={"adapter": "diffusion", "diffusion": dataclasses.asdict(config), **(run_config or {})},
-            callbacks=[self.image_logger, *callbacks],
-        )
+        logger = ImageGridLogger(sampler, config.log_images)
+        super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
 
     @property
     def unet(self) -> Any:
@@ -159,24 +123,13 @@ class DiffusionTrainer:
         """A ``StableDiffusionPipeline`` with the trained UNet."""
         return self.trainer.policy.pipeline()  # type: ignore[attr-defined]
 
-    def train(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Run the REBEL iterations (``resume=True`` continues the run in ``output_dir``), then
-        save what was trained; returns this call's metric rows."""
-        rows = self.trainer.train(resume=resume)
-        self.save_model()
-        return rows
+    def model_folder(self) -> str:
+        return "lora" if self.config.use_lora else "model"  # type: ignore[attr-defined]
 
-    def save_model(self, path: str | Path | None = None) -> Path:
-        """Write the LoRA (diffusers format: ``pipeline.load_lora_weights(path)``) or, without
-        LoRA, the UNet (``path/unet``); default ``<run>/lora`` or ``<run>/model``."""
-        default = "lora" if self.config.use_lora else "model"
-        path = Path(path) if path is not None else Path(self.config.output_dir) / default
-        accelerator = self.trainer.accelerator
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.trainer.policy.save_pretrained(path)  # type: ignore[attr-defined]
-        accelerator.wait_for_everyone()
-        return path
+    def _save(self, path: Path) -> None:
+        """The LoRA (diffusers format: ``pipeline.load_lora_weights(path)``) or, without LoRA,
+        the UNet (``path/unet``)."""
+        self.trainer.policy.save_pretrained(path)  # type: ignore[attr-defined]
 
 
 class ImageGridLogger:

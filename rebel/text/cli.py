@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebel import config as rebel_config
 from rebel.config import option
 
 # Settings of the embedded task (a new run without --model); TextConfig's defaults otherwise.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "runs/text",
-    "iterations": 100,
     "prompts_per_iteration": 32,
     "num_generations": 4,
     "max_new_tokens": 8,
@@ -49,23 +44,18 @@ class TextSource:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rebel train text``."""
-    from rebel_envs.text_tasks import SortingTaskConfig
+    from rebel.hf import cli
     from rebel.text.trainer import TextConfig
+    from rebel_envs.text_tasks import SortingTaskConfig
 
-    parser.description = (
-        "Fine-tune a causal language model with REBEL. Without --model it trains the embedded digit-sorting task "
-        "(the defaults shown are the embedded task's; with --model, TextConfig's own defaults apply)."
-    )
-    rebel_config.add_arguments(parser, TextSource, "model, prompts and rewards")
-    rebel_config.add_arguments(parser, TextConfig, "text trainer", EMBEDDED_DEFAULTS)
-    rebel_config.add_arguments(parser, SortingTaskConfig, "embedded digit-sorting task")
+    cli.add_arguments(parser, "a causal language model", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> None:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
-    from rebel_envs.text_tasks import SortingTaskConfig
-    from rebel.cli import resolve_model_run
+    from rebel.hf.cli import resolve_model_run, reward_summary
     from rebel.text.trainer import TextConfig, TextTrainer
+    from rebel_envs.text_tasks import SortingTaskConfig
 
     config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
 
@@ -86,14 +76,9 @@ def run(args: argparse.Namespace) -> None:
         run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
     )
     rows = trainer.train(resume=bool(args.resume))
-    if not trainer.trainer.accelerator.is_main_process or not rows:
+    if not trainer.accelerator.is_main_process or not rows:
         return
-    first, last = rows[: min(5, len(rows))], rows[-min(5, len(rows)) :]
-    mean = lambda rs: sum(r["reward_mean"] for r in rs) / len(rs)
-    print(
-        f"reward_mean {mean(first):.3f} (iterations {first[0]['iteration']}-{first[-1]['iteration']}) -> "
-        f"{mean(last):.3f} (iterations {last[0]['iteration']}-{last[-1]['iteration']}); run folder {config.output_dir}"
-    )
+    print(reward_summary(rows, 5, config.output_dir))
     if embedded and before is not None:
         after = evaluation()
         print(
@@ -149,22 +134,9 @@ def _dataset(source: TextSource, task: Any) -> Any:
 def _reward(spec: str) -> Any:
     """``module:function`` or ``file.py:function`` -> the function; anything else is a
     reward model (folder or hub id), loaded by the sampler."""
-    spec = spec.strip()
-    if ":" not in spec:
-        return spec
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        if module_spec is None or module_spec.loader is None or not Path(where).is_file():
-            raise ValueError(f"--reward {spec}: cannot load {where}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--reward {spec}: {where} has no function {name!r}")
-    return fn
+    from rebel.hf.cli import load_function
+
+    return load_function(spec) if ":" in spec else spec.strip()
 
 
 def _embedded_reward() -> list[Any]:

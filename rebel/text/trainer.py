@@ -10,7 +10,6 @@ builds a :class:`CausalLMPolicy` and a :class:`TextSampler` and runs :class:`reb
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +17,20 @@ from typing import Any
 
 import torch
 
-from rebel.config import option
+from rebel.config import check_choice, check_group_size, check_positive, option, with_defaults
+from rebel.hf.trainer import PretrainedTrainer
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.sampler import TextSampler
+from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class TextConfig:
-    """Settings of a REBEL run on a causal language model (maps onto ``TrainerConfig``)."""
+class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_rate=1e-6)):  # type: ignore[misc]
+    """Settings of a REBEL run on a causal language model: every :class:`~rebel.TrainerConfig`
+    setting (a learning rate of 1e-6 by default, as TRL's) and the text adapter's own."""
 
-    output_dir: str = option("runs/text", "run folder: config, metrics, completions, checkpoints, final model")
-    iterations: int = option(100, "REBEL iterations (sample, then regress)")
     prompts_per_iteration: int = option(8, "prompts per iteration and process")
     num_generations: int = option(2, "completions per prompt (>= 2; one group per prompt)")
     max_new_tokens: int = option(64, "longest completion")
@@ -39,53 +39,25 @@ class TextConfig:
     top_p: float = option(1.0, "nucleus sampling (1: the full distribution, which the policy scores)")
     top_k: int = option(0, "top-k sampling (0: none)")
     generation_batch_size: int | None = option(None, "sequences per generate call; none: all at once")
-    eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
-    loss: str = option("rebel", "rebel | rloo | ppo_clip")
-    pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
-    learning_rate: float = option(1e-6, "AdamW learning rate")
-    lr_schedule: str = option("constant", "constant | linear | cosine")
-    warmup_iterations: int = option(0, "iterations of linear learning-rate warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = option(1.0, "gradient-norm clipping; none to disable")
-    epochs: int = option(1, "passes over each iteration's completions")
-    minibatch_size: int | None = option(None, "completions per optimizer step (whole groups); none: the whole batch")
-    reward_normalization: str = option("none", "none | batch | per_context (running statistics per prompt)")
     missing_eos_penalty: float | None = option(None, "subtracted from the reward of a completion without EOS; none: off")
     kl_coef: float = option(0.0, "weight of the KL to the reference policy folded into the reward (0: off)")
-    seed: int = option(0, "random seed (each process adds its rank; the prompt order uses it as is)")
-    shuffle: bool = option(True, "reshuffle the prompts every pass over the dataset")
+    shuffle: bool = option(True, "reshuffle the prompts every pass over the dataset (the order's seed is seed, the same on every process)")
     use_lora: bool = option(False, "train a LoRA adapter (when no peft_config is given)")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_target_modules: str = option("all-linear", "LoRA target modules: all-linear or comma-separated names")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
-    mixed_precision: str = option("no", "no | bf16 | fp16 (autocast; TRL's bf16=True is mixed_precision='bf16')")
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
-    checkpoint_every: int = option(10, "iterations between checkpoints")
-    keep_checkpoints: int = option(2, "checkpoints kept on disk")
-    stats_forward: bool = option(True, "one extra forward after each update for kl and explained_variance")
-    tensorboard: bool = option(True, "write TensorBoard events")
-    plot: bool = option(True, "draw curves.png at the end")
-    progress: bool = option(True, "show a progress bar")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "more transformers GenerationConfig fields")  # noqa: RUF009 - option() builds a field
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (REBEL compares completions of a prompt), got {self.num_generations}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        self.trainer_config()  # validates the shared fields
-
-    def trainer_config(self) -> Any:
-        """The :class:`rebel.TrainerConfig` of these settings."""
-        from rebel.trainer import TrainerConfig
-
-        return TrainerConfig.from_settings(self)
+        check_group_size("num_generations", self.num_generations)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_positive("temperature", self.temperature)
+        super().__post_init__()
 
     def lora_config(self) -> Any:
         """A ``peft.LoraConfig`` from the ``lora_*`` fields (dropout 0: REBEL scores deterministically)."""
@@ -99,7 +71,7 @@ class TextConfig:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
 
 
-class TextTrainer:
+class TextTrainer(PretrainedTrainer):
     """REBEL for a causal language model, with TRL's argument names.
 
     Args:
@@ -117,6 +89,8 @@ class TextTrainer:
             of the starting model).
     """
 
+    adapter = "text"
+
     def __init__(
         self,
         model: Any,
@@ -132,9 +106,7 @@ class TextTrainer:
         reference_model: Any = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
-        from rebel.trainer import Trainer
-
-        self.config = config = config or TextConfig()
+        config = config or TextConfig()
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})
@@ -143,7 +115,7 @@ class TextTrainer:
 
             key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
             kwargs.setdefault(key, getattr(torch, config.dtype))
-        self.policy = CausalLMPolicy(
+        policy = CausalLMPolicy(
             model,
             processing_class,
             temperature=config.temperature,
@@ -151,9 +123,9 @@ class TextTrainer:
             gradient_checkpointing=config.gradient_checkpointing,
             model_kwargs=kwargs,
         )
-        if config.kl_coef > 0 and reference_model is None and not self.policy.is_peft:
-            reference_model = copy.deepcopy(self.policy.model)
-        self.sampler = TextSampler(
+        if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
+            reference_model = copy.deepcopy(policy.model)
+        sampler = TextSampler(
             train_dataset,
             reward_funcs,
             reward_weights=config.reward_weights,
@@ -172,14 +144,8 @@ class TextTrainer:
             data_seed=config.seed,
             shuffle=config.shuffle,
         )
-        self.completion_logger = CompletionLogger(self.sampler, config.log_completions)
-        self.trainer = Trainer(
-            self.policy,
-            self.sampler,
-            config.trainer_config(),
-            run_config={"adapter": "text", "text": dataclasses.asdict(config), **(run_config or {})},
-            callbacks=[self.completion_logger, *callbacks],
-        )
+        logger = CompletionLogger(sampler, config.log_completions)
+        super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
 
     @property
     def model(self) -> Any:
@@ -190,27 +156,16 @@ class TextTrainer:
     def tokenizer(self) -> Any:
         return self.policy.tokenizer
 
-    def train(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Run the REBEL iterations (``resume=True`` continues the run in ``output_dir``),
-        then save the model; returns this call's metric rows."""
-        rows = self.trainer.train(resume=resume)
-        self.save_model()
-        return rows
+    def model_folder(self) -> str:
+        return "model"
 
-    def save_model(self, path: str | Path | None = None) -> Path:
-        """Write the model and tokenizer with ``save_pretrained`` (default: ``<run>/model``;
-        with LoRA the adapter there, and the merged model in ``<run>/model_merged`` when
-        ``save_merged``). Only the main process writes."""
-        path = Path(path) if path is not None else Path(self.config.output_dir) / "model"
-        accelerator = self.trainer.accelerator
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
-            policy.save_pretrained(path)
-            if policy.is_peft and self.config.save_merged:
-                policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True)
-        accelerator.wait_for_everyone()
-        return path
+    def _save(self, path: Path) -> None:
+        """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
+        merged model in ``<path>_merged`` when ``save_merged``."""
+        policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
+        policy.save_pretrained(path)
+        if policy.is_peft and self.config.save_merged:
+            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True)
 
 
 class CompletionLogger:

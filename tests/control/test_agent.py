@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rebel.cli import main
-from rebel.control.agent import Rebel, resolve_configs, run_configs, settings_differences
+from rebel.control.agent import Rebel, resolve_config, run_config, settings_differences
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -94,9 +94,9 @@ def test_resume_of_a_control_run_is_bit_identical(tmp_path, variant, extra):
     resumed.learn(resume=True)
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
-    assert (resumed.config, resumed.trainer_config) == run_configs(tmp_path / "b")  # what a resume trains with
-    fresh = resolve_configs("Hopper-v5", variant, 1, str(tmp_path / "b"), total_steps=1000, **{**options, "eta": 0.25})
-    assert settings_differences(run_configs(tmp_path / "b"), fresh, ignore=["budget"]) == {"eta": (resumed.trainer_config.eta, 0.25)}
+    assert resumed.config == run_config(tmp_path / "b")  # what a resume trains with
+    fresh = resolve_config("Hopper-v5", variant, 1, str(tmp_path / "b"), total_steps=1000, **{**options, "eta": 0.25})
+    assert settings_differences(run_config(tmp_path / "b"), fresh, ignore=["budget"]) == {"eta": (resumed.config.eta, 0.25)}
     strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k} for r in rows]
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
@@ -168,7 +168,7 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
 def test_critic_is_the_default_variant(tmp_path):
     agent = Rebel("Pendulum-v1", output_dir=str(tmp_path / "r"), **FAST)
     assert agent.config.variant == "critic" and agent.config.num_groups == 4096
-    assert agent.trainer_config.eta == 2.0 and agent.trainer_config.reward_normalization == "within_group"
+    assert agent.config.eta == 2.0 and agent.config.reward_normalization == "within_group"
     assert not agent.policy.normalize_observations and agent.policy.state_dependent_std
 
 
@@ -186,12 +186,12 @@ def test_critic_keeps_a_fixed_alpha_by_default_and_tunes_it_within_one_over_eta_
     with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.1 and eta=20.0"):
         Rebel("Hopper-v5", seed=0, eta=20.0, output_dir=str(tmp_path / "too-steep"), **FAST)  # the fixed default too
     assert Rebel("Hopper-v5", variant="mc", output_dir=str(tmp_path / "mc"), **FAST).config.tune_alpha is False
-    control = dataclasses.asdict(agent.config)
+    control = agent.config.adapter_settings()
     del control["tune_alpha"]  # a config written before the option existed
-    old = Rebel._from_configs({**control, "alpha": 0.0}, dataclasses.asdict(agent.trainer_config), None, {})
+    old = Rebel._from_configs({**control, "alpha": 0.0}, agent.config.trainer_settings(), None, {})
     assert (old.config.alpha, old.config.tune_alpha) == (0.0, False)  # so that such a run resumes as it started
     control["tune_alpha"] = True  # a run saved while tuning was the default resumes tuned
-    was_tuned = Rebel._from_configs({**control, "alpha": 0.2}, dataclasses.asdict(agent.trainer_config), None, {})
+    was_tuned = Rebel._from_configs({**control, "alpha": 0.2}, agent.config.trainer_settings(), None, {})
     assert (was_tuned.config.alpha, was_tuned.config.tune_alpha) == (0.2, True)
 
 
@@ -212,9 +212,9 @@ def test_value_targets_are_normalised_by_default_but_not_in_runs_saved_before_th
     assert agent._make_value_function().normalize_targets is True
     off = Rebel("Pendulum-v1", variant="mc", seed=0, value_normalize_targets=False, output_dir=str(tmp_path / "off"), **FAST)
     assert off._make_value_function().normalize_targets is False
-    control = dataclasses.asdict(agent.config)
+    control = agent.config.adapter_settings()
     del control["value_normalize_targets"]  # a config written before the option existed
-    old = Rebel._from_configs(control, dataclasses.asdict(agent.trainer_config), None, {})
+    old = Rebel._from_configs(control, agent.config.trainer_settings(), None, {})
     assert old.config.value_normalize_targets is False  # so that such a run resumes as it started
 
 

@@ -71,7 +71,7 @@ def test_user_model_dataset_and_reward(tiny_lm, tmp_path, capsys):
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and "rewards/starts_right" in rows[0]
     config = read_config(tmp_path / "run")
-    assert config["source"]["model"] == tiny_lm and config["text"]["learning_rate"] == 1e-6  # TextConfig's defaults with --model
+    assert config["source"]["model"] == tiny_lm and config["trainer"]["learning_rate"] == 1e-6  # TextConfig's defaults with --model
     assert config["text"]["max_new_tokens"] == 4 and config["trainer"]["iterations"] == 2
     assert main(["train", "text", "--model", tiny_lm, "--dataset", str(prompts), "--output-dir", str(tmp_path / "x"), *QUIET]) == 2
     assert "--dataset needs --reward" in capsys.readouterr().err

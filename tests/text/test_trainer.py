@@ -138,10 +138,13 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_lm, tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_text_config_maps_onto_the_trainer_config_and_checks_values():
-    trainer_config = TextConfig(output_dir="x", eta=0.5, epochs=3, learning_rate=2e-5, mixed_precision="bf16").trainer_config()
-    assert (trainer_config.output_dir, trainer_config.eta, trainer_config.epochs, trainer_config.learning_rate) == ("x", 0.5, 3, 2e-5)
-    assert trainer_config.mixed_precision == "bf16"
+def test_text_config_is_a_trainer_config_and_checks_values():
+    config = TextConfig(output_dir="x", eta=0.5, epochs=3, learning_rate=2e-5, mixed_precision="bf16", adam_beta2=0.99, clip_range=0.1)
+    trainer = config.trainer_settings()
+    assert (trainer["output_dir"], trainer["eta"], trainer["epochs"], trainer["learning_rate"]) == ("x", 0.5, 3, 2e-5)
+    assert (trainer["mixed_precision"], trainer["adam_beta2"], trainer["clip_range"]) == ("bf16", 0.99, 0.1)  # every trainer setting
+    assert "eta" not in config.adapter_settings() and config.adapter_settings()["max_new_tokens"] == 64
+    assert (TextConfig().learning_rate, TextConfig().output_dir) == (1e-6, "runs/text")  # the text adapter's defaults
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         TextConfig(num_generations=1)
     with pytest.raises(ValueError, match="eta must be a finite number > 0"):

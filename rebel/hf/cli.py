@@ -1,0 +1,76 @@
+"""The command-line glue of ``rebel train text`` and ``rebel train diffusion``: each trains
+an embedded task unless ``--model`` names a real model, reads its rewards from
+``module:function`` specs, and prints how the reward moved."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from rebel.cli import add_config_arguments, resolve_configs
+from rebel.config import add_arguments as add_dataclass_arguments
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, what: str, config_cls: type, source_cls: type, task_cls: type, embedded_defaults: dict[str, Any]
+) -> None:
+    """The options of a command that fine-tunes ``what`` (``"a causal language model"``): the
+    source (model, prompts, rewards), the config and the embedded task, whose defaults the
+    help shows (a run with ``--model`` starts from the config's own)."""
+    parser.description = (
+        f"Fine-tune {what} with REBEL. Without --model it trains the embedded task (the defaults shown are the "
+        f"embedded task's; with --model, {config_cls.__name__}'s own defaults apply)."
+    )
+    add_dataclass_arguments(parser, source_cls, "what to train")
+    add_config_arguments(parser, config_cls, config_cls.__name__, embedded_defaults)
+    add_dataclass_arguments(parser, task_cls, "embedded task")
+
+
+def resolve_model_run(
+    args: argparse.Namespace, section: str, config_cls: type, source_cls: type, task_cls: type, embedded_defaults: dict[str, Any]
+) -> tuple[Any, Any, Any]:
+    """``(config, source, task)`` of an adapter command that trains its embedded task unless
+    ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
+    folder; a new run refuses a folder that already holds one, before any model is built."""
+    from rebel.runs import ensure_new_run, read_config
+
+    model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
+    defaults = {section: embedded_defaults} if model is None else {}
+    configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
+    if not args.resume:
+        ensure_new_run(configs[section].output_dir)
+    return configs[section], configs["source"], configs["task"]
+
+
+def load_function(spec: str, option: str = "--reward") -> Any:
+    """The function ``module:function`` or ``path/file.py:function`` names."""
+    where, _, name = spec.strip().rpartition(":")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if module_spec is None or module_spec.loader is None or not Path(where).is_file():
+            raise ValueError(f"{option} {spec}: cannot load {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{option} {spec}: {where} has no function {name!r}")
+    return fn
+
+
+def reward_summary(rows: list[dict[str, Any]], window: int, output_dir: str, digits: str = ".3f") -> str:
+    """``reward_mean A (iterations i-j) -> B (iterations k-l); run folder D``: the mean reward
+    of the first and the last ``window`` iterations of this call."""
+    first, last = rows[: min(window, len(rows))], rows[-min(window, len(rows)) :]
+
+    def mean(part: list[dict[str, Any]]) -> float:
+        return sum(r["reward_mean"] for r in part) / len(part)
+
+    return (
+        f"reward_mean {mean(first):{digits}} (iterations {first[0]['iteration']}-{first[-1]['iteration']}) -> "
+        f"{mean(last):{digits}} (iterations {last[0]['iteration']}-{last[-1]['iteration']}); run folder {output_dir}"
+    )

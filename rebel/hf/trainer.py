@@ -1,0 +1,74 @@
+"""``PretrainedTrainer``: what ``TextTrainer`` and ``DiffusionTrainer`` share.
+
+The adapter builds its policy and sampler from its config (a :class:`~rebel.TrainerConfig`
+with the adapter's own fields) and hands them over; this class runs :class:`rebel.Trainer`,
+writes the adapter's settings to ``config.yaml`` and saves the trained model at the end.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rebel.policy import Policy
+from rebel.sampler import Sampler
+from rebel.trainer import Callback, Trainer, TrainerConfig
+
+
+class PretrainedTrainer(ABC):
+    """Trains a pretrained model's policy with REBEL and saves it.
+
+    Subclasses set ``adapter`` (the section of ``config.yaml`` that holds their own settings)
+    and implement :meth:`model_folder` and :meth:`_save`.
+    """
+
+    adapter: ClassVar[str]
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler,
+        config: TrainerConfig,
+        *,
+        callbacks: Sequence[Callback] = (),
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.config, self.policy, self.sampler = config, policy, sampler
+        self.trainer = Trainer(
+            policy,
+            sampler,
+            config,
+            run_config={"adapter": self.adapter, self.adapter: config.adapter_settings(), **(run_config or {})},
+            callbacks=callbacks,
+        )
+
+    @property
+    def accelerator(self) -> Any:
+        return self.trainer.accelerator
+
+    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Run the REBEL iterations (``resume=True`` continues the run in ``output_dir``),
+        then save the model; returns this call's metric rows."""
+        rows = self.trainer.train(resume=resume)
+        self.save_model()
+        return rows
+
+    def save_model(self, path: str | Path | None = None) -> Path:
+        """Save what was trained to ``path`` (default: ``<run>/<model_folder>``); only the
+        main process writes, every process waits for it."""
+        path = Path(path) if path is not None else Path(self.config.output_dir) / self.model_folder()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._save(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    @abstractmethod
+    def model_folder(self) -> str:
+        """The folder of the run that :meth:`save_model` writes to by default."""
+
+    @abstractmethod
+    def _save(self, path: Path) -> None:
+        """Write the trained model to ``path`` (main process only)."""
