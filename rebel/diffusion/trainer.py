@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rebel.config import option
+from rebel.losses import LOSSES
 from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
@@ -41,7 +42,7 @@ class DiffusionConfig:
     resolution: int | None = option(None, "image side in pixels; none: the pipeline's default")
     sample_batch_size: int | None = option(None, "images per sampling pass; none: all at once")
     eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
-    loss: str = option("rebel", "rebel | rloo | ppo_clip (ppo_clip with per-prompt advantages is DDPO's loss)")
+    loss: str = option("rebel", f"{' | '.join(LOSSES)} (ppo_clip with per-prompt advantages is DDPO's loss)")
     pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
     clip_range: float = option(0.2, "per-step ratio clipping of the ppo_clip loss (DDPO: 1e-4 with log_prob_reduction mean)")
     learning_rate: float = option(3e-4, "AdamW learning rate")

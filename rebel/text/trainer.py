@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rebel.config import option
+from rebel.losses import LOSSES
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.sampler import TextSampler
 
@@ -40,7 +41,7 @@ class TextConfig:
     top_k: int = option(0, "top-k sampling (0: none)")
     generation_batch_size: int | None = option(None, "sequences per generate call; none: all at once")
     eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
-    loss: str = option("rebel", "rebel | rloo | ppo_clip")
+    loss: str = option("rebel", " | ".join(LOSSES))
     pairs: str = option("all", "pairs of a group regressed: all | adjacent | best_worst")
     learning_rate: float = option(1e-6, "AdamW learning rate")
     lr_schedule: str = option("constant", "constant | linear | cosine")
