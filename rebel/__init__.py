@@ -10,7 +10,18 @@ import importlib
 from typing import Any
 
 from rebel.batch import RolloutBatch
-from rebel.losses import group_advantage, pair_indices, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
+from rebel.losses import (
+    LOSSES,
+    TrainingLoss,
+    explained_variance,
+    group_advantage,
+    pair_indices,
+    ppo_clip_loss,
+    rebel_loss,
+    register_loss,
+    rloo_loss,
+    trajectory_log_prob,
+)
 from rebel.normalize import RewardNormalizer, RunningMeanStd
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -20,11 +31,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "Trainer": "rebel.trainer",
     "TrainerConfig": "rebel.trainer",
-    "explained_variance": "rebel.trainer",
 }
 _ADAPTERS = ("control", "text", "diffusion")
 
 __all__ = [
+    "LOSSES",
     "Policy",
     "RewardNormalizer",
     "RolloutBatch",
@@ -32,11 +43,13 @@ __all__ = [
     "Sampler",
     "Trainer",
     "TrainerConfig",
+    "TrainingLoss",
     "explained_variance",
     "group_advantage",
     "pair_indices",
     "ppo_clip_loss",
     "rebel_loss",
+    "register_loss",
     "rloo_loss",
     "trajectory_log_prob",
 ]

@@ -24,7 +24,8 @@ class RolloutBatch:
         context: optional ``[B]`` hashable keys stable across iterations (a prompt, a start
             seed), used by per-context reward normalisation.
         logp_old: ``[B]`` log pi_t of each trajectory, filled by the trainer.
-        step_logp_old: ``[B, T]`` per-step log pi_t, filled by the trainer when a loss needs it.
+        step_logp_old: ``[B, T]`` per-step log pi_t, filled by the trainer when the loss needs
+            per-step old log-probs (``register_loss(..., needs_step_logp_old=True)``).
         counts: this iteration's counters (``env_steps``, ``tokens``, ...); the trainer sums
             them over processes and writes their running totals to the metrics.
         stats: scalar statistics of the collection (episode returns, lengths, ...), averaged

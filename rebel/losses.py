@@ -8,14 +8,23 @@ For trajectories ``i`` and ``j`` sampled from pi_t for the same context::
 With ``d_i = Delta_i / eta - r_i`` a pair's loss is ``(d_i - d_j) ** 2``, and over
 all pairs of a group of n members ``sum_{i<j} (d_i - d_j)**2 = n * sum_i (d_i - mean(d))**2``:
 the all-pairs loss is a centred regression computed in O(N).
+
+The trainer runs the loss registered under ``TrainerConfig.loss`` (:data:`LOSSES`);
+:func:`register_loss` adds one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from rebel.batch import RolloutBatch
 
 PAIRINGS = ("all", "adjacent", "best_worst")
 REDUCTIONS = ("mean", "sum", "none")
@@ -147,6 +156,65 @@ def ppo_clip_loss(
         return per_step
     total = per_step.sum()
     return total if reduction == "sum" else total / mask.sum().clamp_min(1)
+
+
+def explained_variance(logp: Tensor, logp_old: Tensor, reward: Tensor, group: Tensor | None, *, eta: float, pairs: str = "all") -> float:
+    """Share of the pairwise reward differences the log-ratio regression explains:
+    ``1 - sum_pairs (pred - target)^2 / sum_pairs target^2``; 0 at theta_t, 1 for a perfect fit."""
+    residual = rebel_loss(logp, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
+    total = rebel_loss(logp_old, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
+    return float("nan") if total.item() == 0 else 1.0 - (residual / total).item()
+
+
+# --------------------------------------------------------------------------- the trainer's losses
+
+LossFn = Callable[["RolloutBatch", Tensor, Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """A loss :class:`rebel.Trainer` runs as ``fn(minibatch, logp, step_logp, config)``.
+
+    ``minibatch`` is a :class:`~rebel.RolloutBatch` with ``logp_old`` filled (and
+    ``step_logp_old`` when ``needs_step_logp_old``); ``logp`` ``[B]`` and ``step_logp`` ``[B, T]``
+    are log pi_theta with gradients; ``config`` is the :class:`~rebel.TrainerConfig`.
+    """
+
+    name: str
+    fn: LossFn
+    needs_step_logp_old: bool = False
+
+
+LOSSES: dict[str, TrainingLoss] = {}
+
+
+def register_loss(name: str, *, needs_step_logp_old: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: ``fn`` becomes ``TrainerConfig(loss=name)``; ``needs_step_logp_old`` asks the
+    trainer for the ``[B, T]`` per-step log pi_t on each minibatch."""
+
+    def add(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered")
+        LOSSES[name] = TrainingLoss(name, fn, needs_step_logp_old)
+        return fn
+
+    return add
+
+
+@register_loss("rebel")
+def _rebel(mb: RolloutBatch, logp: Tensor, step_logp: Tensor, config: Any) -> Tensor:
+    return rebel_loss(logp, mb.logp_old, mb.reward, mb.group, eta=config.eta, pairs=config.pairs)
+
+
+@register_loss("rloo")
+def _rloo(mb: RolloutBatch, logp: Tensor, step_logp: Tensor, config: Any) -> Tensor:
+    return rloo_loss(logp, mb.logp_old, mb.reward, mb.group)
+
+
+@register_loss("ppo_clip", needs_step_logp_old=True)
+def _ppo_clip(mb: RolloutBatch, logp: Tensor, step_logp: Tensor, config: Any) -> Tensor:
+    advantage = group_advantage(mb.reward, mb.group, kind="normalized")
+    return ppo_clip_loss(step_logp, mb.step_logp_old, mb.mask, advantage, clip_range=config.clip_range)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,7 +4,7 @@
     batch.logp_old = log_prob(batch)           # no grad, the training forward itself
     for epoch in range(epochs):
         for minibatch in batch.minibatches():  # whole groups only
-            loss = rebel_loss(log_prob(minibatch), minibatch.logp_old, minibatch.reward, minibatch.group, eta=eta)
+            loss = LOSSES[config.loss].fn(minibatch, log_prob(minibatch), ...)  # REBEL's regression by default
             backward, clip, step
 
 Runs on accelerate (one process or many; every process collects its own contexts).
@@ -30,13 +30,12 @@ from torch import Tensor
 
 from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_int, check_positive, option
-from rebel.losses import PAIRINGS, group_advantage, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
+from rebel.losses import LOSSES, PAIRINGS, explained_variance, trajectory_log_prob
 from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
 from rebel.runs import RunDir, ensure_new_run, load_file, save_file
 from rebel.sampler import Sampler
 
-LOSSES = ("rebel", "rloo", "ppo_clip")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -53,7 +52,7 @@ class TrainerConfig:
     iterations: int | None = option(100, "number of REBEL iterations (collect, then regress); none: until the budget")
     budget: float | None = option(None, "also stop once the running total budget_counter reaches this (e.g. env steps)")
     budget_counter: str = option("env_steps", "the counter budget limits (a key of the sampler's batch.counts, or samples)")
-    loss: str = option("rebel", "rebel | rloo | ppo_clip (the baselines use the same adapters)")
+    loss: str = option("rebel", f"{' | '.join(LOSSES)} (the baselines use the same adapters; rebel.register_loss adds one)")
     eta: float = option(1.0, "REBEL step size; 1/eta weighs the KL to the previous policy")
     pairs: str = option("all", "which pairs of a group are regressed: all | adjacent | best_worst")
     clip_range: float = option(0.2, "ratio clipping of the ppo_clip loss")
@@ -105,7 +104,7 @@ class TrainerConfig:
         if self.budget is not None:
             check_positive("budget", self.budget)
         for name, choices in (
-            ("loss", LOSSES),
+            ("loss", tuple(LOSSES)),
             ("pairs", PAIRINGS),
             ("lr_schedule", LR_SCHEDULES),
             ("reward_normalization", REWARD_NORMALIZATIONS),
@@ -261,7 +260,7 @@ class Trainer:
         batch.logp_old = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(step_logp_old, first_epoch)], len(batch))
         for mb, index in zip(first_epoch, partition):
             mb.logp_old = batch.logp_old[index.to(self.device)]
-        if config.loss == "ppo_clip":
+        if LOSSES[config.loss].needs_step_logp_old:
             for mb, steps in zip(first_epoch, step_logp_old):
                 mb.step_logp_old = steps
             batch.step_logp_old = _scatter(partition, step_logp_old, len(batch))
@@ -275,7 +274,7 @@ class Trainer:
                 logp = trajectory_log_prob(step_logp.float(), mb.mask)
                 if epoch == 0 and k == 0:
                     start_log_ratio = (logp.detach() - mb.logp_old).abs().max().item()
-                loss = self._loss(step_logp.float(), logp, mb)
+                loss = LOSSES[config.loss].fn(mb, logp, step_logp.float(), config)
                 self.accelerator.backward(loss)
                 grad_norms.append(self._clip_gradients())
                 self.optimizer.step()
@@ -308,15 +307,6 @@ class Trainer:
                 with self.accelerator.autocast():
                     out.append(self.model(mb).float())
             return out
-
-    def _loss(self, step_logp: Tensor, logp: Tensor, mb: RolloutBatch) -> Tensor:
-        config = self.config
-        if config.loss == "rebel":
-            return rebel_loss(logp, mb.logp_old, mb.reward, mb.group, eta=config.eta, pairs=config.pairs)
-        if config.loss == "rloo":
-            return rloo_loss(logp, mb.logp_old, mb.reward, mb.group)
-        advantage = group_advantage(mb.reward, mb.group, kind="normalized")
-        return ppo_clip_loss(step_logp, mb.step_logp_old, mb.mask, advantage, clip_range=config.clip_range)
 
     def _clip_gradients(self) -> float:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
@@ -492,14 +482,6 @@ class Trainer:
             unit_scale=budget is not None,
             disable=not (self.config.progress and self.accelerator.is_main_process),
         )
-
-
-def explained_variance(logp: Tensor, logp_old: Tensor, reward: Tensor, group: Tensor | None, *, eta: float, pairs: str = "all") -> float:
-    """Share of the pairwise reward differences the log-ratio regression explains:
-    ``1 - sum_pairs (pred - target)^2 / sum_pairs target^2``; 0 at theta_t, 1 for a perfect fit."""
-    residual = rebel_loss(logp, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
-    total = rebel_loss(logp_old, logp_old, reward, group, eta=eta, pairs=pairs, reduction="sum")
-    return float("nan") if total.item() == 0 else 1.0 - (residual / total).item()
 
 
 def _scatter(partition: list[Tensor], parts: list[Tensor], size: int) -> Tensor:

@@ -15,8 +15,15 @@ SNIPPETS = [
 
 @pytest.mark.parametrize(("doc", "index", "code"), SNIPPETS, ids=[f"{d}-{k}" for d, k, _ in SNIPPETS])
 def test_doc_snippet_runs(doc, index, code, tmp_path, monkeypatch):
+    from rebel import LOSSES
+
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"{doc}[{index}]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102 (the docs' own snippets)
+    builtins = dict(LOSSES)
+    try:
+        exec(compile(code, f"{doc}[{index}]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102 (the docs' own snippets)
+    finally:  # a snippet may register a loss: the registry is global
+        LOSSES.clear()
+        LOSSES.update(builtins)
 
 
 def test_loss_doc_example_values():

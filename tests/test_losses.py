@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rebel import LOSSES, RolloutBatch, TrainerConfig, register_loss
 from rebel import group_advantage, pair_indices, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
 
 
@@ -198,3 +199,32 @@ def test_ppo_clip_loss_matches_the_clipped_surrogate():
         ppo_clip_loss(step_logp, step_logp_old, mask, advantage, clip_range=0)
     with pytest.raises(ValueError, match=r"advantage has shape \(3,\); expected \(2,\)"):
         ppo_clip_loss(step_logp, step_logp_old, mask, torch.zeros(3))
+
+
+def test_the_registered_losses_are_the_functional_ones_with_the_trainers_settings():
+    g = torch.Generator().manual_seed(1)
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]] * 2, dtype=torch.bool)
+    step_logp = torch.randn(6, 3, generator=g).clamp_max(-0.1)
+    mb = RolloutBatch(group=group, reward=torch.randn(6, generator=g), mask=mask)
+    mb.step_logp_old = step_logp + 0.3 * torch.randn(6, 3, generator=g)
+    mb.logp_old = trajectory_log_prob(mb.step_logp_old, mask)
+    logp = trajectory_log_prob(step_logp, mask)
+    config = TrainerConfig(eta=0.7, pairs="best_worst", clip_range=0.05)
+    expected = {
+        "rebel": rebel_loss(logp, mb.logp_old, mb.reward, group, eta=0.7, pairs="best_worst"),
+        "rloo": rloo_loss(logp, mb.logp_old, mb.reward, group),
+        "ppo_clip": ppo_clip_loss(step_logp, mb.step_logp_old, mask, group_advantage(mb.reward, group, kind="normalized"), clip_range=0.05),
+    }
+    assert list(LOSSES) == list(expected)
+    for name, value in expected.items():
+        assert LOSSES[name].name == name
+        assert LOSSES[name].fn(mb, logp, step_logp, config).item() == value.item()
+    assert {name for name, loss in LOSSES.items() if loss.needs_step_logp_old} == {"ppo_clip"}
+
+
+def test_registering_a_name_twice_is_an_error_naming_it():
+    builtin = LOSSES["rebel"]
+    with pytest.raises(ValueError, match="a loss named 'rebel' is already registered"):
+        register_loss("rebel")(lambda mb, logp, step_logp, config: logp.sum())
+    assert LOSSES["rebel"] is builtin

@@ -1,5 +1,7 @@
 """The REBEL iteration: exact start, learning, metrics, run folder, checkpoints and resume."""
 
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -9,7 +11,8 @@ import torch
 import yaml
 
 from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
-from rebel import RolloutBatch, Sampler, Trainer, TrainerConfig
+import rebel.trainer
+from rebel import LOSSES, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, register_loss
 from rebel.runs import latest_checkpoint, read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -44,6 +47,62 @@ def test_rebel_learns_the_tabular_mdp(tmp_path):
 def test_baseline_losses_run_through_the_same_trainer_and_learn(tmp_path, loss):
     rows = tabular_trainer(tmp_path, loss=loss, iterations=30, learning_rate=0.2).train()
     assert rows[-1]["expected_return"] > rows[0]["expected_return"] + 1.0
+
+
+@pytest.fixture
+def register():
+    """register_loss for a test: its losses leave the (global) registry afterwards."""
+    names = []
+
+    def add(name, **kwargs):
+        names.append(name)
+        return register_loss(name, **kwargs)
+
+    yield add
+    for name in names:
+        LOSSES.pop(name, None)
+
+
+@pytest.mark.parametrize("needs_step_logp_old", [False, True])
+def test_a_registered_loss_trains_through_the_trainer(tmp_path, register, needs_step_logp_old):
+    calls = []
+
+    @register("rebel_x2", needs_step_logp_old=needs_step_logp_old)
+    def rebel_x2(mb, logp, step_logp, config):
+        calls.append((mb.step_logp_old, step_logp.detach(), logp.detach(), mb.logp_old, config))
+        return 2 * rebel_loss(logp, mb.logp_old, mb.reward, mb.group, eta=config.eta, pairs=config.pairs)
+
+    mine = tabular_trainer(tmp_path, "mine", loss="rebel_x2", iterations=2, epochs=1, eta=0.5)
+    rows = mine.train()
+    reference = tabular_trainer(tmp_path, "rebel", loss="rebel", iterations=1, epochs=1, eta=0.5).train()
+    assert len(calls) == 2  # one minibatch per iteration
+    assert rows[0]["loss"] == pytest.approx(2 * reference[0]["loss"], rel=1e-6)  # same batch, same theta_t
+    for step_logp_old, step_logp, logp, logp_old, config in calls:
+        assert config is mine.config
+        assert torch.equal(logp, logp_old)  # each call is an iteration's first: theta = theta_t
+        if needs_step_logp_old:
+            assert torch.equal(step_logp_old, step_logp)
+            assert step_logp_old.shape == step_logp.shape
+        else:
+            assert step_logp_old is None
+
+
+def test_a_registered_name_is_a_valid_choice_until_it_is_removed(register):
+    register("mine")(lambda mb, logp, step_logp, config: logp.sum())
+    assert TrainerConfig(loss="mine").loss == "mine"
+    with pytest.raises(ValueError, match="^loss='ppo' is not supported; expected one of rebel, rloo, ppo_clip, mine$"):
+        TrainerConfig(loss="ppo")
+    LOSSES.pop("mine")
+    with pytest.raises(ValueError, match="^loss='mine' is not supported; expected one of rebel, rloo, ppo_clip$"):
+        TrainerConfig(loss="mine")
+
+
+def test_the_trainer_names_no_particular_loss():
+    code = [line for line in inspect.getsource(rebel.trainer).splitlines() if "option(" not in line]  # help texts may name one
+    for name in ("ppo_clip", "rloo", "rebel_loss", "group_advantage", "loss =="):
+        assert not [line for line in code if name in line], name
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(TrainerConfig) if f.name == "loss")
+    assert help_text.startswith("rebel | rloo | ppo_clip ")
 
 
 def test_metrics_rows_hold_the_documented_keys(tmp_path):
