@@ -1,5 +1,10 @@
 """The critic variant: REBEL's regression on Q(s, a) - Q(s, a') from twin Q critics trained
-off-policy on a replay buffer (SAC's critic, REBEL's actor update)."""
+off-policy on a replay buffer (SAC's critic, REBEL's actor update).
+
+:class:`CriticSampler` is more than a sampler: it owns the critic and trains it (TD on the
+replay buffer, step 2 below) inside ``collect``, before it builds the REBEL batch. The
+trainer sees only that batch and fits the policy; the critic, its optimizer and the buffer
+are the sampler's state (saved in checkpoints through ``state_dict``)."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from rebel.sampler import Sampler
 
 
 class CriticSampler(Sampler):
-    """Each iteration: act, fit the critic, then compare actions at replay states.
+    """Each iteration: act, fit the critic (its own TD learner), then compare actions at replay states.
 
     1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv`` that resets an
        ended episode in the same step) for ``steps_per_iteration`` environment steps in
