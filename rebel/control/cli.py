@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     shared = {f.name for f in dataclasses.fields(TrainerConfig)}
     own = tuple(f.name for f in dataclasses.fields(ControlConfig) if f.name not in shared)
-    shown = variant_defaults_help(ControlConfig, VARIANT_DEFAULTS)
+    shown = {**variant_defaults_help(ControlConfig, VARIANT_DEFAULTS), "output_dir": "runs/control/ENV-VARIANT-sSEED-TIME"}
     add_config_arguments(parser, ControlConfig, "control task", shown, exclude=tuple(shared))
     add_config_arguments(parser, ControlConfig, "trainer", shown, exclude=(*own, *SET_BY_TOTAL_STEPS))
 
