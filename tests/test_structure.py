@@ -134,3 +134,12 @@ def test_a_control_run_written_before_the_merge_resumes_with_its_settings(tmp_pa
     resumed = run_config(run)
     assert (resumed.seed, resumed.eta, resumed.num_groups, resumed.variant) == (4, 0.7, 8, "mc")
     assert dataclasses.replace(resumed, output_dir=agent.config.output_dir) == agent.config
+
+
+def test_the_package_list_installs_every_subpackage():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(path.parent.relative_to(ROOT.parent).parts) for path in ROOT.rglob("__init__.py")}
+    assert set(setuptools["packages"]) == found | {"rebel_envs"}
+    assert setuptools["package-dir"] == {"rebel_envs": "envs"}  # no top-level module named envs
