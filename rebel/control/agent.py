@@ -256,43 +256,30 @@ class Rebel:
 
     def _make_sampler(self) -> Sampler:
         c, env = self.config, self.env_source
+        contexts = int(c.num_groups or 1)
+        shared = {"gamma": c.gamma, "seed": c.seed}
         if c.variant == "trajectory":
             from rebel.control.trajectory import TrajectorySampler
 
             return TrajectorySampler(
-                env,
-                self.policy,
-                num_groups=int(c.num_groups or 1),
-                group_size=c.group_size,
-                segment_length=c.segment_length,
-                gamma=c.gamma,
-                seed=c.seed,
-                value_function=self._make_value_function(),
-            )
+                env, self.policy, num_groups=contexts, group_size=c.group_size, segment_length=c.segment_length,
+                value_function=self._make_value_function(), **shared,
+            )  # fmt: skip
         if c.variant == "mc":
             from rebel.control.mc import MonteCarloSampler
 
             return MonteCarloSampler(
-                env,
-                self.policy,
-                num_states=int(c.num_groups or 1),
-                actions_per_state=c.group_size,
-                rollouts_per_action=c.rollouts_per_action,
-                horizon=c.horizon,
-                gamma=c.gamma,
-                value_function=self._make_value_function(),
-                seed=c.seed,
-                spread_walkers=c.spread_walkers,
-                state_stride=c.state_stride,
-            )
+                env, self.policy, num_states=contexts, actions_per_state=c.group_size, rollouts_per_action=c.rollouts_per_action,
+                horizon=c.horizon, value_function=self._make_value_function(), spread_walkers=c.spread_walkers,
+                state_stride=c.state_stride, **shared,
+            )  # fmt: skip
         from rebel.control.critic import CriticSampler
 
         return CriticSampler(
             env, self.policy, steps_per_iteration=c.steps_per_iteration, learning_starts=c.learning_starts, buffer_size=c.buffer_size,
             critic_batch_size=c.critic_batch_size, updates_per_step=c.updates_per_step, critic_lr=c.critic_lr,
-            critic_hidden_sizes=tuple(c.critic_hidden_sizes), gamma=c.gamma, tau=c.tau, alpha=c.alpha,
-            tune_alpha=c.tune_alpha, target_entropy=c.target_entropy, max_alpha=1.0 / c.eta,
-            num_states=int(c.num_groups or 1), actions_per_state=c.group_size, seed=c.seed,
+            critic_hidden_sizes=tuple(c.critic_hidden_sizes), tau=c.tau, alpha=c.alpha, tune_alpha=c.tune_alpha,
+            target_entropy=c.target_entropy, max_alpha=1.0 / c.eta, num_states=contexts, actions_per_state=c.group_size, **shared,
         )  # fmt: skip
 
     def _make_trainer(self) -> Trainer:
