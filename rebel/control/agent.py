@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rebel.config import check_choice, from_dict, option, with_defaults
+from rebel.config import check_choice, check_group_size, from_dict, option, with_defaults
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
@@ -149,8 +149,7 @@ class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ign
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.budget is None:
             self.budget = float(self.total_steps)
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (REBEL compares samples of one context), got {self.group_size}")
+        check_group_size("group_size", self.group_size)
         if self.value_bootstrap and self.variant == "critic":
             raise ValueError("value_bootstrap applies to the mc and trajectory variants (critic learns Q by TD), got variant='critic'")
         if self.value_hidden_sizes is not None and (not self.value_hidden_sizes or any(int(h) < 1 for h in self.value_hidden_sizes)):
