@@ -1,9 +1,14 @@
-"""Helpers shared by the benchmark scripts: memory peaks, versions, mean ± std."""
+"""Helpers shared by the benchmark scripts: memory peaks, versions, mean ± std, report lines."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shlex
 import statistics
+import sys
 import threading
+from pathlib import Path
 from typing import Self
 
 
@@ -63,3 +68,30 @@ def mean_std(xs: list[float], fmt: str = ".3f") -> str:
     if len(xs) == 1:
         return format(xs[0], fmt)
     return f"{format(mean(xs), fmt)} ± {format(statistics.pstdev(xs), fmt)}"
+
+
+def command_line() -> str:
+    """The command that ran this script, as a report quotes it: ``python <script> <options>``,
+    the script's path relative to the working directory."""
+    return " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
+
+
+def machine(packages: tuple[str, ...], threads: int, device: str) -> str:
+    """The report's sentence on the machine: CPU, cores, RAM, the versions of Python, torch and
+    ``packages``, the torch threads of every run and the device."""
+    import torch
+
+    versions = "".join(f"{name} {package_version(name)}, " for name in packages)
+    return (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {versions}{threads} torch thread(s) per run, device {device}."
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return [_table_row(header), _table_row(["---"] * len(header)), *map(_table_row, rows)]
+
+
+def _table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, mean, mean_std, memory_gb, package_version
+from benchmarks.common import PeakRSS, command_line, machine, mean, mean_std, table
 
 ALGORITHMS = ("rebel", "ddpo")
 LABELS = {"rebel": "REBEL", "ddpo": "DDPO (clipped per-step loss)"}
@@ -55,6 +52,9 @@ LOSS_SETTINGS: dict[str, dict[str, Any]] = {
     "rebel": {"loss": "rebel", "log_prob_reduction": "sum", "reward_normalization": "within_group"},
     "ddpo": {"loss": "ppo_clip", "log_prob_reduction": "mean", "clip_range": 1e-4, "reward_normalization": "none"},
 }
+# The command line's options that are DiffusionConfig settings of the same name (the same for every algorithm).
+CONFIG_OPTIONS = ("iterations", "prompts_per_iteration", "num_generations", "num_inference_steps", "guidance_scale", "learning_rate",
+                  "epochs", "minibatch_size", "lora_rank", "mixed_precision", "eta")  # fmt: skip
 EVAL_IMAGES_PER_PROMPT = 4
 EVAL_SEED = 12_345
 
@@ -111,17 +111,7 @@ def config_for(algo: str, seed: int, args: argparse.Namespace, output_dir: Path)
 
     return DiffusionConfig(
         output_dir=str(output_dir),
-        iterations=args.iterations,
-        prompts_per_iteration=args.prompts_per_iteration,
-        num_generations=args.num_generations,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        learning_rate=args.learning_rate,
-        epochs=args.epochs,
-        minibatch_size=args.minibatch_size,
-        lora_rank=args.lora_rank,
-        mixed_precision=args.mixed_precision,
-        eta=args.eta,
+        **{name: getattr(args, name) for name in CONFIG_OPTIONS},
         seed=seed,
         log_images=0,
         checkpoint_every=args.iterations,
@@ -241,12 +231,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], start_eval: float, ar
         "",
         f"```bash\n{command}\n```",
         "",
-        (
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {package_version('diffusers')}, "
-            f"peft {package_version('peft')}, {args.threads} torch thread(s) per run, "
-            f"device {'cuda' if torch.cuda.is_available() else 'cpu'}."
-        ),
+        machine(("diffusers", "peft"), args.threads, "cuda" if torch.cuda.is_available() else "cpu"),
         "",
         (
             f"Pipeline: {args.model or 'the embedded tiny shapes pipeline (envs/diffusion_tasks.py), brightness reward'}"
@@ -258,35 +243,10 @@ def write_report(results: dict[str, list[dict[str, Any]]], start_eval: float, ar
             f"{EVAL_IMAGES_PER_PROMPT} images of each of {len(eval_prompts(args)) // EVAL_IMAGES_PER_PROMPT} prompts with the same noise for every model."
         ),
         "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
+        *table(header, [row(algo, runs, w, cuda) for algo, runs in results.items()]),
     ]
-    for algo, runs in results.items():
-        cells = [
-            LABELS[algo],
-            mean_std([mean(r["seconds"]) for r in runs], ".2f"),
-            mean_std([r["rss_peak_mb"] for r in runs], ".0f"),
-            mean_std([r["rss_peak_mb"] - r["rss_before_mb"] for r in runs], ".0f"),
-            *([mean_std([r["cuda_peak_mb"] for r in runs], ".0f")] if cuda else []),
-            mean_std([mean(r["reward"][:w]) for r in runs], ".4f"),
-            mean_std([mean(r["reward"][-w:]) for r in runs], ".4f"),
-            mean_std([mean(r["reward"]) for r in runs], ".4f"),
-            mean_std([r["eval_reward"] for r in runs], ".4f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
     if "rebel" in results and "ddpo" in results:
-        rebel, ddpo = results["rebel"], results["ddpo"]
-        lines += [
-            "",
-            (
-                "Against the target (higher reward than DDPO at equal reward queries, no more time or memory): "
-                f"fixed-seed evaluation {mean([r['eval_reward'] for r in rebel]) - mean([r['eval_reward'] for r in ddpo]):+.4f}, "
-                f"mean training reward {mean([mean(r['reward']) for r in rebel]) - mean([mean(r['reward']) for r in ddpo]):+.4f}, "
-                f"time per iteration x{mean([mean(r['seconds']) for r in rebel]) / mean([mean(r['seconds']) for r in ddpo]):.2f} of DDPO's, "
-                f"peak RSS x{mean([r['rss_peak_mb'] for r in rebel]) / mean([r['rss_peak_mb'] for r in ddpo]):.2f} "
-                "(differences between seed means; compare with the std over seeds)."
-            ),
-        ]
+        lines += ["", against_ddpo(results["rebel"], results["ddpo"])]
     if args.note:
         lines += ["", args.note]
     lines += [
@@ -296,11 +256,37 @@ def write_report(results: dict[str, list[dict[str, Any]]], start_eval: float, ar
         "Fixed-seed evaluation images (seed 0 of each algorithm; rows are prompts, each tile captioned with its reward):",
         "",
     ]
-    lines += ["| start | " + " | ".join(LABELS[a] for a in results) + " |", "| --- | " + " | ".join("---" for _ in results) + " |"]
-    lines.append("| ![start](diffusion_grid_start.png) | " + " | ".join(f"![{a}](diffusion_grid_{a}.png)" for a in results) + " |")
-    lines.append("")
+    grids = ["![start](diffusion_grid_start.png)", *(f"![{a}](diffusion_grid_{a}.png)" for a in results)]
+    lines += [*table(["start", *(LABELS[a] for a in results)], [grids]), ""]
     (out / "diffusion.md").write_text("\n".join(lines))
     plot(results, queries, out / "diffusion.png")
+
+
+def row(algo: str, runs: list[dict[str, Any]], w: int, cuda: bool) -> list[str]:
+    """One algorithm's cells of the table (``w``: iterations averaged at the start and at the end)."""
+    return [
+        LABELS[algo],
+        mean_std([mean(r["seconds"]) for r in runs], ".2f"),
+        mean_std([r["rss_peak_mb"] for r in runs], ".0f"),
+        mean_std([r["rss_peak_mb"] - r["rss_before_mb"] for r in runs], ".0f"),
+        *([mean_std([r["cuda_peak_mb"] for r in runs], ".0f")] if cuda else []),
+        mean_std([mean(r["reward"][:w]) for r in runs], ".4f"),
+        mean_std([mean(r["reward"][-w:]) for r in runs], ".4f"),
+        mean_std([mean(r["reward"]) for r in runs], ".4f"),
+        mean_std([r["eval_reward"] for r in runs], ".4f"),
+    ]
+
+
+def against_ddpo(rebel: list[dict[str, Any]], ddpo: list[dict[str, Any]]) -> str:
+    """The sentence comparing REBEL's runs with DDPO's: differences and ratios of the seed means."""
+    return (
+        "Against the target (higher reward than DDPO at equal reward queries, no more time or memory): "
+        f"fixed-seed evaluation {mean([r['eval_reward'] for r in rebel]) - mean([r['eval_reward'] for r in ddpo]):+.4f}, "
+        f"mean training reward {mean([mean(r['reward']) for r in rebel]) - mean([mean(r['reward']) for r in ddpo]):+.4f}, "
+        f"time per iteration x{mean([mean(r['seconds']) for r in rebel]) / mean([mean(r['seconds']) for r in ddpo]):.2f} of DDPO's, "
+        f"peak RSS x{mean([r['rss_peak_mb'] for r in rebel]) / mean([r['rss_peak_mb'] for r in ddpo]):.2f} "
+        "(differences between seed means; compare with the std over seeds)."
+    )
 
 
 def plot(results: dict[str, list[dict[str, Any]]], queries: int, path: Path) -> None:
@@ -364,7 +350,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="diffusion-vs-ddpo-") as tmp:
@@ -375,7 +360,7 @@ def main() -> None:
         results = run_all(pipeline_dir, args, Path(tmp), out)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "start_eval": start_eval, "results": results}, indent=1))
-    write_report(results, start_eval, args, out, command)
+    write_report(results, start_eval, args, out, command_line())
     print(f"wrote {out / 'diffusion.md'}, {out / 'diffusion.png'} and the grids")
 
 

@@ -31,9 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, mean, mean_std, memory_gb, package_version
+from benchmarks.common import PeakRSS, command_line, machine, mean, mean_std, table
 
 ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo")  # rebel-rloo: rebel.text with loss="rloo" (a diagnostic, not run by default)
 LABELS = {
@@ -303,7 +301,7 @@ def task_section(
     header += [f"reward, iterations 1-{w}", f"reward, last {w}", "reward, mean of all iterations"]
     if held_out:
         header += [f"held-out reward (start {start_eval['reward']:.3f})", f"held-out exact (start {start_eval['exact']:.1%})"]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
     for algo, s in sums.items():
         cells = [
             LABELS[algo], mean_std(s["mean_s"]), mean_std(s["median_s"]), mean_std(s["total_s"], ".1f"),
@@ -314,7 +312,8 @@ def task_section(
         cells += [mean_std(s["first"]), mean_std(s["last"]), mean_std(s["auc"])]
         if held_out:
             cells += [mean_std(s["eval"]), mean_std([100 * x for x in s["exact"]], ".1f") + "%"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += table(header, rows)
     if "rebel" in sums and "trl-rloo" in sums:
         r, t = sums["rebel"], sums["trl-rloo"]
         lines += [
@@ -345,8 +344,6 @@ def write_report(
     out: Path,
     command: str,
 ) -> None:
-    import torch
-
     device = next(iter(next(iter(all_results.values())).values()))[0]["device"]
     lines = [
         "# Text: REBEL against TRL's RLOO and GRPO",
@@ -358,11 +355,7 @@ def write_report(
         "",
         f"```bash\n{command}\n```",
         "",
-        (
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory_gb()} GB RAM, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {package_version('transformers')}, "
-            f"trl {package_version('trl')}, accelerate {package_version('accelerate')}, {args.threads} torch thread(s) per run, device {device}."
-        ),
+        machine(("transformers", "trl", "accelerate"), args.threads, device),
         "",
         "## Results",
         "",
@@ -633,7 +626,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]])
+    command = command_line()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_from:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,16 +76,7 @@ class RolloutBatch:
                 return value[index.to(value.device)]
             return [value[k] for k in idx]
 
-        return replace(
-            self,
-            group=take(self.group),
-            reward=take(self.reward),
-            mask=take(self.mask),
-            data={k: take(v) for k, v in self.data.items()},
-            context=None if self.context is None else take(self.context),
-            logp_old=None if self.logp_old is None else take(self.logp_old),
-            step_logp_old=None if self.step_logp_old is None else take(self.step_logp_old),
-        )
+        return self._map(take)
 
     def minibatch_indices(self, size: int | None, generator: torch.Generator | None = None, shuffle: bool = True) -> list[Tensor]:
         """Index tensors of minibatches of about ``size`` trajectories made of whole groups
@@ -122,12 +113,22 @@ class RolloutBatch:
         def move(value: Any) -> Any:
             return value.to(device) if isinstance(value, Tensor) else value
 
+        return self._map(move)
+
+    def _map(self, fn: Callable[[Any], Any]) -> RolloutBatch:
+        """A copy with ``fn`` applied to every per-trajectory field (``group``, ``reward``,
+        ``mask``, each ``data`` entry, and ``context``, ``logp_old``, ``step_logp_old`` when set)."""
+
+        def optional(value: Any) -> Any:
+            return None if value is None else fn(value)
+
         return replace(
             self,
-            group=move(self.group),
-            reward=move(self.reward),
-            mask=move(self.mask),
-            data={k: move(v) for k, v in self.data.items()},
-            logp_old=move(self.logp_old),
-            step_logp_old=move(self.step_logp_old),
+            group=fn(self.group),
+            reward=fn(self.reward),
+            mask=fn(self.mask),
+            data={k: fn(v) for k, v in self.data.items()},
+            context=optional(self.context),
+            logp_old=optional(self.logp_old),
+            step_logp_old=optional(self.step_logp_old),
         )

@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_int, check_positive
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.policy import MLPPolicy
+from rebel.control.rollouts import check_counts, check_discount
 from rebel.control.snapshots import restore, snapshot
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.policy import Policy
@@ -104,23 +106,14 @@ class CriticSampler(Sampler):
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        for name, value, low in (
-            ("num_envs", num_envs, 1),
-            ("steps_per_iteration", steps_per_iteration, 1),
-            ("learning_starts", learning_starts, 0),
-            ("buffer_size", buffer_size, 1),
-            ("critic_batch_size", critic_batch_size, 1),
-            ("num_states", num_states, 1),
-            ("actions_per_state", actions_per_state, 2),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_counts(num_envs=num_envs, steps_per_iteration=steps_per_iteration, num_states=num_states)
+        check_counts(buffer_size=buffer_size, critic_batch_size=critic_batch_size)
+        check_int("learning_starts", learning_starts, minimum=0)
+        check_int("actions_per_state", actions_per_state, minimum=2)  # actions compared per state
         if not (math.isfinite(updates_per_step) and updates_per_step >= 0):
             raise ValueError(f"updates_per_step must be a finite number >= 0, got {updates_per_step!r}")
-        if not (math.isfinite(critic_lr) and critic_lr > 0):
-            raise ValueError(f"critic_lr must be a finite number > 0, got {critic_lr!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        check_positive("critic_lr", critic_lr)
+        check_discount(gamma)
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {tau!r}")
         if not (math.isfinite(alpha) and alpha >= 0):

@@ -105,7 +105,29 @@ def _normal_log_prob(x: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     return -0.5 * z * z - log_std - _LOG_SQRT_2PI
 
 
-class SquashedGaussian:
+class _DiagonalGaussian:
+    """What both Gaussians share: ``mean`` and ``log_std`` broadcast to one shape, and their
+    reparameterized draw."""
+
+    def __init__(self, mean: Tensor, log_std: Tensor) -> None:
+        self.mean, self.log_std = _gaussian_params(mean, log_std)
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of one sample (batch shape + action dimension)."""
+        return self.mean.shape
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(self.log_std)
+
+    def _draw(self, generator: torch.Generator | None) -> Tensor:
+        """``mean + std * noise`` with standard normal ``noise`` drawn from ``generator``."""
+        noise = torch.randn(self.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        return self.mean + self.std * noise
+
+
+class SquashedGaussian(_DiagonalGaussian):
     """Diagonal Gaussian in pre-tanh space, squashed by tanh and affinely rescaled.
 
     ``action = loc + scale * tanh(u)``, ``u ~ N(mean, exp(log_std)^2)``, with
@@ -126,7 +148,7 @@ class SquashedGaussian:
         high: BoundLike = None,
         eps: float = ATANH_EPS,
     ) -> None:
-        self.mean, self.log_std = _gaussian_params(mean, log_std)
+        super().__init__(mean, log_std)
         bounds = _bounds(low, high, self.mean)
         if bounds is None:
             self.loc = torch.zeros((), dtype=self.mean.dtype, device=self.mean.device)
@@ -138,19 +160,9 @@ class SquashedGaussian:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         self.eps = eps
 
-    @property
-    def shape(self) -> torch.Size:
-        """Shape of one sample (batch shape + action dimension)."""
-        return self.mean.shape
-
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(self.log_std)
-
     def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Reparameterized sample: returns ``(action, pre_tanh)``."""
-        noise = torch.randn(self.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
-        pre_tanh = self.mean + self.std * noise
+        pre_tanh = self._draw(generator)
         return self.loc + self.scale * torch.tanh(pre_tanh), pre_tanh
 
     def log_prob(self, action: Tensor, pre_tanh: Tensor | None = None) -> Tensor:
@@ -180,7 +192,7 @@ class SquashedGaussian:
         raise NotImplementedError("SquashedGaussian has no closed-form entropy; estimate it with -log_prob of samples")
 
 
-class ClippedGaussian:
+class ClippedGaussian(_DiagonalGaussian):
     """Plain diagonal Gaussian whose samples are clipped to the bounds only for the env.
 
     As in Stable-Baselines3's PPO, :meth:`log_prob` and :meth:`entropy` are those of
@@ -190,16 +202,8 @@ class ClippedGaussian:
     """
 
     def __init__(self, mean: Tensor, log_std: Tensor, low: BoundLike = None, high: BoundLike = None) -> None:
-        self.mean, self.log_std = _gaussian_params(mean, log_std)
+        super().__init__(mean, log_std)
         self.bounds = _bounds(low, high, self.mean)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.mean.shape
-
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(self.log_std)
 
     def clip(self, action: Tensor) -> Tensor:
         """Clip ``action`` to the bounds (identity without bounds)."""
@@ -209,8 +213,7 @@ class ClippedGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Reparameterized sample: returns ``(clipped action, unclipped sample)``."""
-        noise = torch.randn(self.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
-        raw = self.mean + self.std * noise
+        raw = self._draw(generator)
         return self.clip(raw), raw
 
     def log_prob(self, action: Tensor, unclipped: Tensor | None = None) -> Tensor:

@@ -24,7 +24,6 @@ control adapter.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from rebel.config import check_int, check_positive
 
 __all__ = ["NextActionFn", "ReplayBuffer", "Transitions", "TwinQCritic", "ValueFunction"]
 
@@ -79,8 +80,7 @@ class ReplayBuffer:
         obs_dtype: Any = np.float32,
         action_dtype: Any = np.float32,
     ) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        check_int("capacity", capacity)
         self.capacity = capacity
         self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
         self.next_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
@@ -179,11 +179,9 @@ class TwinQCritic(nn.Module):
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"critic lr must be a finite number > 0, got {lr!r}")
+        check_int("obs_dim", obs_dim)
+        check_int("act_dim", act_dim)
+        check_positive("critic lr", lr)
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {tau!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -303,15 +301,12 @@ class ValueFunction(nn.Module):
         normalize_targets: bool = False,
     ) -> None:
         super().__init__()
-        if obs_dim < 1:
-            raise ValueError(f"obs_dim must be >= 1, got {obs_dim}")
+        check_int("obs_dim", obs_dim)
         if not hidden_sizes or any(int(h) < 1 for h in hidden_sizes):
             raise ValueError(f"value hidden_sizes must be a non-empty list of sizes >= 1, got {hidden_sizes!r}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"value lr must be a finite number > 0, got {lr!r}")
-        for name, value in (("epochs", epochs), ("minibatch_size", minibatch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"value {name} must be an integer >= 1, got {value!r}")
+        check_positive("value lr", lr)
+        check_int("value epochs", epochs)
+        check_int("value minibatch_size", minibatch_size)
         self.epochs, self.minibatch_size, self.normalize_targets = epochs, minibatch_size, normalize_targets
         self.net = _mlp([obs_dim, *(int(h) for h in hidden_sizes), 1], nn.Tanh)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)

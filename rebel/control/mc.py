@@ -21,11 +21,14 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_int
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     Rollout,
     bootstrapped_return,
+    check_counts,
+    check_discount,
     check_value_function,
     end_values,
     fit_value,
@@ -111,18 +114,9 @@ class MonteCarloSampler(Sampler):
         common_random_numbers: bool = True,
         spread_walkers: bool = False,
     ) -> None:
-        for name, value, low in (
-            ("num_states", num_states, 1),
-            ("actions_per_state", actions_per_state, 2),
-            ("rollouts_per_action", rollouts_per_action, 1),
-            ("horizon", horizon, 1),
-            ("state_stride", state_stride, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                why = " (actions compared per state)" if name == "actions_per_state" else ""
-                raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        check_counts(num_states=num_states, rollouts_per_action=rollouts_per_action, horizon=horizon, state_stride=state_stride)
+        check_int("actions_per_state", actions_per_state, minimum=2)  # actions compared per state
+        check_discount(gamma)
         if bootstrap is not None and not callable(bootstrap):
             raise ValueError(f"bootstrap must be None or a callable obs -> values, got {type(bootstrap).__name__}")
         check_value_function(value_function)

@@ -8,10 +8,13 @@ import numpy as np
 import torch
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_int
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     bootstrapped_return,
+    check_counts,
+    check_discount,
     check_value_function,
     end_values,
     fit_value,
@@ -54,13 +57,9 @@ class TrajectorySampler(Sampler):
         env_kwargs: dict[str, Any] | None = None,
         value_function: ValueFunction | None = None,
     ) -> None:
-        if group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (rollouts compared per start state), got {group_size}")
-        for name, value in (("num_groups", num_groups), ("segment_length", segment_length)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        check_int("group_size", group_size, minimum=2)  # rollouts compared per start state
+        check_counts(num_groups=num_groups, segment_length=segment_length)
+        check_discount(gamma)
         check_value_function(value_function)
         self.value_function = value_function
         self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma

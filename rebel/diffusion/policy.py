@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_choice, check_int
 from rebel.diffusion.step import ddim_step_mean_std, ddim_step_with_log_prob
 from rebel.policy import Policy
 
@@ -74,14 +75,11 @@ class DiffusionPolicy(Policy):
         super().__init__()
         from diffusers import DDIMScheduler
 
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        check_int("num_inference_steps", num_inference_steps)
         if not ddim_eta > 0:
             raise ValueError(f"ddim_eta must be > 0 (a deterministic DDIM chain has no log-probability), got {ddim_eta}")
-        if log_prob_reduction not in LOG_PROB_REDUCTIONS:
-            raise ValueError(f"log_prob_reduction={log_prob_reduction!r}; expected one of {', '.join(LOG_PROB_REDUCTIONS)}")
-        if sample_precision not in AUTOCAST:
-            raise ValueError(f"sample_precision={sample_precision!r}; expected one of {', '.join(AUTOCAST)}")
+        check_choice("log_prob_reduction", log_prob_reduction, LOG_PROB_REDUCTIONS)
+        check_choice("sample_precision", sample_precision, tuple(AUTOCAST))
         pipe = load_pipeline(pipeline, pipeline_kwargs)
         self.source = pipeline if isinstance(pipeline, (str, Path)) else getattr(pipe, "name_or_path", None)
         self.unet = pipe.unet

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_int
 from rebel.diffusion.policy import DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, call_reward, reward_name
 from rebel.policy import Policy
@@ -89,8 +90,7 @@ class DiffusionSampler(Sampler):
     ) -> None:
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (REBEL compares images of a prompt), got {num_generations}")
-        if prompts_per_iteration < 1:
-            raise ValueError(f"prompts_per_iteration must be >= 1, got {prompts_per_iteration}")
+        check_int("prompts_per_iteration", prompts_per_iteration)
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         self.prompt_fn = prompt_source(prompts)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.config import check_int
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 from rebel.text.data import PromptDataset, is_conversation, render_prompt
@@ -65,9 +66,8 @@ class TextSampler(Sampler):
     ) -> None:
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (REBEL compares completions of a prompt), got {num_generations}")
-        for name, value in (("prompts_per_iteration", prompts_per_iteration), ("max_new_tokens", max_new_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int("prompts_per_iteration", prompts_per_iteration)
+        check_int("max_new_tokens", max_new_tokens)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if kl_coef < 0:

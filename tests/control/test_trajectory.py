@@ -110,8 +110,8 @@ def test_state_dict_round_trip_reproduces_the_next_batch():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"group_size": 1}, "group_size must be >= 2"),
-        ({"segment_length": 0}, "segment_length must be >= 1"),
+        ({"group_size": 1}, "group_size must be an integer >= 2"),
+        ({"segment_length": 0}, "segment_length must be an integer >= 1"),
         ({"gamma": 1.5}, "gamma must be in"),
         ({"value_function": object()}, "value_function must be None or a rebel.control.estimators.ValueFunction, got object"),
     ],

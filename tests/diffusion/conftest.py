@@ -16,14 +16,3 @@ def tiny_pipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_pipe")
     tiny_pipeline(image_size=8, width=8, seed=0).save_pretrained(str(path))
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster, and much faster on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

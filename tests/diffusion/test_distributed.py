@@ -1,24 +1,13 @@
 """Two CPU processes (gloo) through torchrun: each draws its own images, the LoRA stays identical."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 
-def test_two_processes_draw_their_own_images_and_keep_identical_lora(tiny_pipe, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    worker = Path(__file__).with_name("distributed_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29547", str(worker), tiny_pipe, str(tmp_path)],
-        check=False, capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_two_processes_draw_their_own_images_and_keep_identical_lora(torchrun_two_processes, tiny_pipe, tmp_path):
+    rank0, rank1 = torchrun_two_processes(Path(__file__).with_name("distributed_worker.py"), tiny_pipe, port=29547)
     assert rank0["world"] == rank1["world"] == 2
     assert rank0["params"] and all("lora" in name for name in rank0["params"])
     for name, value in rank0["params"].items():

@@ -46,7 +46,7 @@ def test_mean_reduction_divides_each_step_by_the_latent_size(tiny_pipe):
     batch = sampler.collect(summed)
     with torch.no_grad():
         torch.testing.assert_close(averaged.step_log_probs(batch), summed.step_log_probs(batch) / 64)
-    with pytest.raises(ValueError, match="log_prob_reduction='median'; expected one of sum, mean"):
+    with pytest.raises(ValueError, match="log_prob_reduction='median' is not supported; expected one of sum, mean"):
         make(tiny_pipe, log_prob_reduction="median")
 
 

@@ -40,17 +40,8 @@ def bright(images, prompts):
 
 
 def test_each_update_regresses_the_reward_differences(tiny_pipe, tmp_path):
-    cfg = config(
-        tmp_path,
-        iterations=4,
-        prompts_per_iteration=4,
-        num_generations=4,
-        eta=10.0,
-        learning_rate=1e-3,
-        epochs=2,
-        minibatch_size=8,
-        guidance_scale=1.0,
-    )
+    batches = {"iterations": 4, "prompts_per_iteration": 4, "num_generations": 4, "epochs": 2, "minibatch_size": 8}
+    cfg = config(tmp_path, **batches, eta=10.0, learning_rate=1e-3, guidance_scale=1.0)
     torch.manual_seed(0)
     rows = DiffusionTrainer(tiny_pipe, bright, PROMPTS, cfg).train()
     # after each update, (Delta_i - Delta_j) / eta explains part of r_i - r_j on the batch, at a bounded KL
