@@ -150,8 +150,8 @@ TABULAR_TRAINER_DEFAULTS = {"iterations": 60, "learning_rate": 0.1, "epochs": 4,
 
 
 def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
-    from rebel_envs.tabular import TabularConfig
     from rebel.trainer import TrainerConfig
+    from rebel_envs.tabular import TabularConfig
 
     add_arguments(parser, TabularConfig, "tabular task")
     add_arguments(parser, TrainerConfig, "trainer", TABULAR_TRAINER_DEFAULTS)
@@ -160,8 +160,8 @@ def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
 def _tabular_run(args: argparse.Namespace) -> None:
     import torch
 
-    from rebel_envs.tabular import TabularConfig, make_tabular
     from rebel.trainer import Trainer, TrainerConfig
+    from rebel_envs.tabular import TabularConfig, make_tabular
 
     configs = resolve_configs(args, {"tabular": TabularConfig, "trainer": TrainerConfig}, {"trainer": TABULAR_TRAINER_DEFAULTS})
     trainer_config: TrainerConfig = configs["trainer"]

@@ -35,6 +35,11 @@ def with_defaults(base: type[T], **defaults: Any) -> type[T]:
     return dataclasses.dataclass(type(base.__name__, (base,), namespace))
 
 
+def pick(config: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """``{name: config.name}``: the settings a config hands on under their own names."""
+    return {name: getattr(config, name) for name in names}
+
+
 def add_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -128,4 +133,4 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) ->
 def check_group_size(name: str, value: Any) -> None:
     """``value`` samples per context must be an integer >= 2: REBEL compares the samples of one context."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{name} must be >= 2 (REBEL compares the samples of one context), got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 2 (REBEL compares the samples of one context), got {value!r}")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 from rebel import Trainer, TrainerConfig
+from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 
 
 class RecordingSampler(TabularSampler):

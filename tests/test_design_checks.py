@@ -2,8 +2,8 @@
 
 import torch
 
-from rebel_envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
 from rebel import Policy, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, trajectory_log_prob
+from rebel_envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
 
 ARM_REWARDS = torch.tensor([0.1, 0.9, 0.4, -0.3, 0.6], dtype=torch.float64)
 

@@ -6,8 +6,18 @@ import math
 import pytest
 import torch
 
-from rebel import LOSSES, RolloutBatch, TrainerConfig, register_loss
-from rebel import group_advantage, pair_indices, ppo_clip_loss, rebel_loss, rloo_loss, trajectory_log_prob
+from rebel import (
+    LOSSES,
+    RolloutBatch,
+    TrainerConfig,
+    group_advantage,
+    pair_indices,
+    ppo_clip_loss,
+    rebel_loss,
+    register_loss,
+    rloo_loss,
+    trajectory_log_prob,
+)
 
 
 def explicit_pairs(group, pairs, reward):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 import rebel.trainer
 from rebel import LOSSES, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, register_loss
 from rebel.runs import latest_checkpoint, read_metrics
+from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 

@@ -22,9 +22,9 @@ import torch
 
 from rebel.config import check_choice, check_group_size, from_dict, option, with_defaults
 from rebel.control.envs import EnvSource, make_env
+from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
-from rebel.control.estimators import ValueFunction
 from rebel.runs import latest_checkpoint, load_file, read_config
 from rebel.sampler import Sampler
 from rebel.trainer import Callback, Trainer, TrainerConfig

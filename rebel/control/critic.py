@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_int, check_positive
+from rebel.config import check_group_size, check_int, check_positive
 from rebel.control.envs import EnvSource, make_env
+from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import check_counts, check_discount
 from rebel.control.snapshots import restore, snapshot
-from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -109,7 +109,7 @@ class CriticSampler(Sampler):
         check_counts(num_envs=num_envs, steps_per_iteration=steps_per_iteration, num_states=num_states)
         check_counts(buffer_size=buffer_size, critic_batch_size=critic_batch_size)
         check_int("learning_starts", learning_starts, minimum=0)
-        check_int("actions_per_state", actions_per_state, minimum=2)  # actions compared per state
+        check_group_size("actions_per_state", actions_per_state)
         if not (math.isfinite(updates_per_step) and updates_per_step >= 0):
             raise ValueError(f"updates_per_step must be a finite number >= 0, got {updates_per_step!r}")
         check_positive("critic_lr", critic_lr)

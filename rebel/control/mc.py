@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_int
+from rebel.config import check_group_size
 from rebel.control.envs import EnvPool, EnvSource
+from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     Rollout,
@@ -36,7 +37,6 @@ from rebel.control.rollouts import (
     rollout,
     value_function_state,
 )
-from rebel.control.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -115,7 +115,7 @@ class MonteCarloSampler(Sampler):
         spread_walkers: bool = False,
     ) -> None:
         check_counts(num_states=num_states, rollouts_per_action=rollouts_per_action, horizon=horizon, state_stride=state_stride)
-        check_int("actions_per_state", actions_per_state, minimum=2)  # actions compared per state
+        check_group_size("actions_per_state", actions_per_state)
         check_discount(gamma)
         if bootstrap is not None and not callable(bootstrap):
             raise ValueError(f"bootstrap must be None or a callable obs -> values, got {type(bootstrap).__name__}")

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from rebel.config import check_int
 from rebel.control.envs import EnvPool
-from rebel.control.policy import MLPPolicy
 from rebel.control.estimators import ValueFunction
+from rebel.control.policy import MLPPolicy
 
 
 @dataclass

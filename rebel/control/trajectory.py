@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_int
+from rebel.config import check_group_size
 from rebel.control.envs import EnvPool, EnvSource
+from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     bootstrapped_return,
@@ -22,7 +23,6 @@ from rebel.control.rollouts import (
     rollout,
     value_function_state,
 )
-from rebel.control.estimators import ValueFunction
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
@@ -57,7 +57,7 @@ class TrajectorySampler(Sampler):
         env_kwargs: dict[str, Any] | None = None,
         value_function: ValueFunction | None = None,
     ) -> None:
-        check_int("group_size", group_size, minimum=2)  # rollouts compared per start state
+        check_group_size("group_size", group_size)
         check_counts(num_groups=num_groups, segment_length=segment_length)
         check_discount(gamma)
         check_value_function(value_function)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_int
+from rebel.config import check_group_size, check_int
 from rebel.diffusion.policy import DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, call_reward, reward_name
 from rebel.policy import Policy
@@ -88,8 +88,7 @@ class DiffusionSampler(Sampler):
         sample_batch_size: int | None = None,
         reward_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (REBEL compares images of a prompt), got {num_generations}")
+        check_group_size("num_generations", num_generations)
         check_int("prompts_per_iteration", prompts_per_iteration)
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")

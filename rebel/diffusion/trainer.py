@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_group_size, check_int, option, with_defaults
+from rebel.config import check_group_size, check_int, option, pick, with_defaults
 from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.trainer import TrainerConfig
+
+# DiffusionConfig fields that DiffusionSampler takes under the same names
+SAMPLER_SETTINGS = ("num_generations", "prompts_per_iteration", "timestep_fraction", "sample_batch_size")
 
 
 @dataclass
@@ -103,15 +106,7 @@ class DiffusionTrainer(PretrainedTrainer):
             gradient_checkpointing=config.gradient_checkpointing,
             pipeline_kwargs=pipeline_kwargs,
         )
-        sampler = DiffusionSampler(
-            prompts,
-            reward_fn,
-            reward_weights=reward_weights,
-            num_generations=config.num_generations,
-            prompts_per_iteration=config.prompts_per_iteration,
-            timestep_fraction=config.timestep_fraction,
-            sample_batch_size=config.sample_batch_size,
-        )
+        sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
         logger = ImageGridLogger(sampler, config.log_images)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
 

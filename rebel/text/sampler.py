@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_int
+from rebel.config import check_group_size, check_int
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 from rebel.text.data import PromptDataset, is_conversation, render_prompt
@@ -64,8 +64,7 @@ class TextSampler(Sampler):
         data_seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        if num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (REBEL compares completions of a prompt), got {num_generations}")
+        check_group_size("num_generations", num_generations)
         check_int("prompts_per_iteration", prompts_per_iteration)
         check_int("max_new_tokens", max_new_tokens)
         if not 0 < top_p <= 1:

@@ -17,13 +17,16 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_choice, check_group_size, check_positive, option, with_defaults
+from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# TextConfig fields that TextSampler takes under the same names
+SAMPLER_SETTINGS = ("reward_weights", "num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs",
+                    "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle")  # fmt: skip
 
 
 @dataclass
@@ -128,21 +131,10 @@ class TextTrainer(PretrainedTrainer):
         sampler = TextSampler(
             train_dataset,
             reward_funcs,
-            reward_weights=config.reward_weights,
             reward_processing_classes=reward_processing_classes,
-            num_generations=config.num_generations,
-            prompts_per_iteration=config.prompts_per_iteration,
-            max_new_tokens=config.max_new_tokens,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            generation_kwargs=config.generation_kwargs,
-            generation_batch_size=config.generation_batch_size,
-            max_prompt_length=config.max_prompt_length,
-            missing_eos_penalty=config.missing_eos_penalty,
-            kl_coef=config.kl_coef,
             reference_model=reference_model,
             data_seed=config.seed,
-            shuffle=config.shuffle,
+            **pick(config, SAMPLER_SETTINGS),
         )
         logger = CompletionLogger(sampler, config.log_completions)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)

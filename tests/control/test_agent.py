@@ -1,6 +1,5 @@
 """The SB3-shaped agent: learning, budget, save/load, resume, errors, command line."""
 
-import dataclasses
 import json
 
 import gymnasium as gym

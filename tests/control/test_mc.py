@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rebel import Trainer, TrainerConfig
+from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import evaluate
 from rebel.control.mc import MonteCarloSampler
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
-from rebel.control.estimators import ValueFunction
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import restore
 from rebel.control.trajectory import TrajectorySampler
-from rebel.control.estimators import ValueFunction
 
 
 def make(env_id="Hopper-v5", **kwargs):

@@ -54,8 +54,8 @@ def test_each_update_regresses_the_reward_differences(tiny_pipe, tmp_path):
 def test_rebel_makes_the_shapes_brighter(tmp_path):
     """The embedded default of `rebel train diffusion` (its EMBEDDED_DEFAULTS): a visible gain.
     Measured: 0.128 -> 0.189 on this evaluation (+47%; the evaluation's standard error is 0.016)."""
-    from rebel_envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline, shape_prompts
     from rebel.diffusion.cli import EMBEDDED_DEFAULTS
+    from rebel_envs.diffusion_tasks import ShapesTaskConfig, make_shapes_pipeline, shape_prompts
 
     make_shapes_pipeline(ShapesTaskConfig(), save_to=tmp_path / "base")
     settings = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k != "output_dir"}

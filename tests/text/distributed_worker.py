@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 from rebel.text import TextConfig, TextTrainer
+from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=4, num_generations=2, max_new_tokens=6, learning_rate=1e-3,

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from rebel_envs.text_tasks import char_tokenizer, sorted_digits_reward, sorting_dataset
 from rebel.runs import read_metrics
 from rebel.text import TextConfig, TextTrainer
 from rebel.text.rewards import RewardModel, as_reward_funcs
+from rebel_envs.text_tasks import char_tokenizer, sorted_digits_reward, sorting_dataset
 
 
 def tiny_classifier(num_labels=1, seed=0):

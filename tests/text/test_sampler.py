@@ -170,7 +170,7 @@ def test_state_dict_resumes_the_same_prompts_and_completions(tiny_lm):
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+    with pytest.raises(ValueError, match="num_generations must be an integer >= 2"):
         TextSampler(RECORDS, zero_reward, num_generations=1)
     with pytest.raises(ValueError, match="reward_weights has 2 entries for 1 reward functions"):
         TextSampler(RECORDS, zero_reward, reward_weights=[1.0, 2.0])

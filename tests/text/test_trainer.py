@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 from rebel.runs import latest_checkpoint, read_metrics
 from rebel.text import RewardFunctionError, TextConfig, TextTrainer
+from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 DATA = sorting_dataset(200, seed=0)
@@ -145,7 +145,7 @@ def test_text_config_is_a_trainer_config_and_checks_values():
     assert (trainer["mixed_precision"], trainer["adam_beta2"], trainer["clip_range"]) == ("bf16", 0.99, 0.1)  # every trainer setting
     assert "eta" not in config.adapter_settings() and config.adapter_settings()["max_new_tokens"] == 64
     assert (TextConfig().learning_rate, TextConfig().output_dir) == (1e-6, "runs/text")  # the text adapter's defaults
-    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+    with pytest.raises(ValueError, match="num_generations must be an integer >= 2"):
         TextConfig(num_generations=1)
     with pytest.raises(ValueError, match="eta must be a finite number > 0"):
         TextConfig(eta=0.0)
