@@ -271,10 +271,11 @@ class Trainer:
             for k, mb in enumerate(minibatches):
                 with self.accelerator.autocast():
                     step_logp = model(mb)
-                logp = trajectory_log_prob(step_logp.float(), mb.mask)
+                step_logp = step_logp.float()
+                logp = trajectory_log_prob(step_logp, mb.mask)
                 if epoch == 0 and k == 0:
                     start_log_ratio = (logp.detach() - mb.logp_old).abs().max().item()
-                loss = LOSSES[config.loss].fn(mb, logp, step_logp.float(), config)
+                loss = LOSSES[config.loss].fn(mb, logp, step_logp, config)
                 self.accelerator.backward(loss)
                 grad_norms.append(self._clip_gradients())
                 self.optimizer.step()
