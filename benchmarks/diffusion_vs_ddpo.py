@@ -107,11 +107,12 @@ def save_grid(images: Any, rewards: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- one run
 def config_for(algo: str, seed: int, args: argparse.Namespace, output_dir: Path) -> Any:
+    from rebel.config import pick
     from rebel.diffusion import DiffusionConfig
 
     return DiffusionConfig(
         output_dir=str(output_dir),
-        **{name: getattr(args, name) for name in CONFIG_OPTIONS},
+        **pick(args, CONFIG_OPTIONS),
         seed=seed,
         log_images=0,
         checkpoint_every=args.iterations,

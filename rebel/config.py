@@ -118,6 +118,12 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_counts(**counts: Any) -> None:
+    """Each keyword (an argument's name) must be an integer >= 1."""
+    for name, value in counts.items():
+        check_int(name, value)
+
+
 def check_positive(name: str, value: Any) -> None:
     """``value`` must be a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_group_size, check_int, check_positive
+from rebel.config import check_counts, check_group_size, check_int, check_positive
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import check_counts, check_discount
+from rebel.control.rollouts import check_discount
 from rebel.control.snapshots import restore, snapshot
 from rebel.policy import Policy
 from rebel.sampler import Sampler

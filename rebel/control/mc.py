@@ -21,14 +21,13 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_group_size
+from rebel.config import check_counts, check_group_size
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     Rollout,
     bootstrapped_return,
-    check_counts,
     check_discount,
     check_value_function,
     end_values,

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rebel.config import check_int
 from rebel.control.envs import EnvPool
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
@@ -120,12 +119,6 @@ def returns_to_go(out: Rollout, end_value: np.ndarray, gamma: float) -> Tensor:
         to_go = torch.where(out.mask[:, h], rewards[:, h] + gamma * to_go, to_go)
         targets[:, h] = torch.where(out.mask[:, h], to_go, 0.0)
     return targets
-
-
-def check_counts(**counts: Any) -> None:
-    """Each keyword (a sampler's argument name) must be an integer >= 1."""
-    for name, value in counts.items():
-        check_int(name, value)
 
 
 def check_discount(gamma: float) -> None:

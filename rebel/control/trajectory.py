@@ -8,13 +8,12 @@ import numpy as np
 import torch
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_group_size
+from rebel.config import check_counts, check_group_size
 from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
     bootstrapped_return,
-    check_counts,
     check_discount,
     check_value_function,
     end_values,
