@@ -4,7 +4,8 @@
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
 
 ``rebel train NAME`` looks for the adapter's command in ``rebel.NAME.cli``: a module with
-``add_arguments(parser)`` and ``run(args)``. The adapters' heavy libraries load only then.
+``add_arguments(parser)`` and ``run(args)`` (returning the exit code: 0, or 130 / 143 when
+SIGINT / SIGTERM stopped the run after its checkpoint). The adapters' heavy libraries load only then.
 """
 
 from __future__ import annotations
@@ -63,7 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(name: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"rebel train {name}", description=f"Train {ADAPTERS[name]} with REBEL.")
-    parser.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR exactly where its last checkpoint left it")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR exactly where its newest intact checkpoint left it (or name one: DIR/checkpoints/iter_N)",
+    )
+    start.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (its files are deleted)")
     if name == "tabular":
         module: Any = sys.modules[__name__]
         add, run = _tabular_arguments, _tabular_run
@@ -82,12 +90,14 @@ def _train(name: str, argv: list[str]) -> int:
         add, run = module.add_arguments, module.run
     add(parser)
     args = parser.parse_args(argv)
+    from rebel.runs import claims_released
+
     try:
-        run(args)
+        with claims_released():
+            return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel train {name}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -126,21 +136,40 @@ def resolve_configs(
     from rebel.trainer import TrainerConfig
 
     saved: dict[str, Any] = dict(defaults or {})
-    if args.resume:
+    run_dir = resumed_folder(args)
+    if run_dir is not None:
         from rebel.runs import read_config
 
-        if getattr(args, "output_dir", args.resume) != args.resume:
-            raise ValueError(f"--output-dir {args.output_dir} conflicts with --resume {args.resume}; give only --resume")
-        saved = read_config(args.resume)
+        saved = read_config(run_dir)
     configs = {}
     for key, cls in sections.items():
         base = dict(saved.get(key) or {})
         if issubclass(cls, TrainerConfig):
             base = {**saved.get("trainer", {}), **base}  # older runs kept some trainer settings in both
-            if args.resume:
-                base["output_dir"] = str(args.resume)
+            if run_dir is not None:
+                base["output_dir"] = run_dir
         configs[key] = from_args(cls, args, base)
     return configs
+
+
+def resumed_folder(args: argparse.Namespace) -> str | None:
+    """The run folder ``--resume`` names (itself, or the folder of the checkpoint it names)."""
+    if not args.resume:
+        return None
+    from rebel.runs import checkpoint_of
+
+    run_dir = str(checkpoint_of(args.resume)[0])
+    if getattr(args, "output_dir", None) not in (None, args.resume, run_dir):
+        raise ValueError(f"--output-dir {args.output_dir} conflicts with --resume {args.resume}; give only --resume")
+    return run_dir
+
+
+def start_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``Trainer.train`` takes from ``--resume`` and ``--overwrite``."""
+    from rebel.runs import checkpoint_of
+
+    resume = (checkpoint_of(args.resume)[1] or True) if args.resume else False
+    return {"resume": resume, "overwrite": bool(getattr(args, "overwrite", False))}
 
 
 # ---------------------------------------------------------------- tabular
@@ -157,7 +186,7 @@ def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, TrainerConfig, "trainer", TABULAR_TRAINER_DEFAULTS)
 
 
-def _tabular_run(args: argparse.Namespace) -> None:
+def _tabular_run(args: argparse.Namespace) -> int:
     import torch
 
     from rebel.trainer import Trainer, TrainerConfig
@@ -168,7 +197,7 @@ def _tabular_run(args: argparse.Namespace) -> None:
     torch.manual_seed(trainer_config.seed)
     policy, sampler = make_tabular(configs["tabular"], seed=trainer_config.seed)
     trainer = Trainer(policy, sampler, trainer_config, run_config={"adapter": "tabular", "tabular": dataclasses.asdict(configs["tabular"])})
-    rows = trainer.train(resume=bool(args.resume))
+    rows = trainer.train(**start_options(args))
     if rows and trainer.accelerator.is_main_process:
         last = rows[-1]
         print(
@@ -176,6 +205,7 @@ def _tabular_run(args: argparse.Namespace) -> None:
             f"(optimal {last['optimal_return']:.3f}; {rows[0]['expected_return']:.3f} at iteration {rows[0]['iteration']}); "
             f"run folder {trainer_config.output_dir}"
         )
+    return trainer.exit_code
 
 
 if __name__ == "__main__":

@@ -2,26 +2,37 @@
 
 Layout of a run folder::
 
+    .lock                  held (flock) by the process that runs it; names that process
     config.yaml            the resolved configuration
     metrics.jsonl          one JSON object per iteration
     tensorboard/           TensorBoard event files
     checkpoints/iter_N/    written atomically; ``checkpoints/latest`` names the newest
     curves.png             learning curves, drawn at the end of a run
+
+One run owns a folder: :func:`claim_run` takes its lock for the life of the run and
+refuses a folder in use, or a new run into a folder that holds another run's files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import socket
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CHECKPOINT_PREFIX = "iter_"
+LOCK_FILE = ".lock"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # a folder with any of these holds a run
 CURVE_KEYS = ("reward_mean", "episode_return", "expected_return", "eval_return", "loss", "kl", "explained_variance")
 
 
@@ -33,8 +44,6 @@ class RunDir:
         self.is_main = is_main
         self.checkpoints = self.path / "checkpoints"
         self._writer: Any = None
-        if is_main:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- config
     @property
@@ -45,6 +54,7 @@ class RunDir:
         import yaml
 
         if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
             _atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
@@ -101,14 +111,27 @@ class RunDir:
         if not self.is_main:
             return
         for path in sorted(self.path.glob("*.jsonl")):
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
-            if len(kept) != len(lines):
+            text = path.read_text(errors="replace")
+            kept = [line for line, row in _jsonl_rows(path, text) if row.get("iteration", 0) <= iteration]
+            if text != "".join(line + "\n" for line in kept):
                 _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The run's checkpoints, newest first."""
+        return checkpoint_dirs(self.path)
+
+    def set_aside(self, checkpoint: Path, label: str) -> Path:
+        """Rename ``checkpoints/iter_N`` to ``checkpoints/<label>-iter_N`` (out of the
+        checkpoints a resume considers; kept for inspection)."""
+        target = checkpoint.with_name(f"{label}-{checkpoint.name}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(checkpoint, target)
+        return target
 
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{iteration:06d}"
@@ -120,8 +143,8 @@ class RunDir:
     def commit_checkpoint(self, iteration: int, keep: int) -> Path:
         """Atomically publish the staged checkpoint and drop all but the newest ``keep``."""
         final = self.checkpoint_dir(iteration)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a checkpoint of this iteration from a run resumed before it: set it aside, then drop it
+            shutil.rmtree(self.set_aside(final, "replaced"))
         os.replace(self.staging_dir(iteration), final)
         _atomic_write_text(self.checkpoints / "latest", final.name + "\n")
         existing = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
@@ -152,37 +175,210 @@ class RunDir:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run folder's ``config.yaml``; a malformed one is an error naming the file and line."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {path} does not exist")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text(errors="replace"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}{where}: malformed YAML ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
+    return config
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The rows of a run's ``metrics.jsonl`` (a torn last line is skipped with a warning)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file the run appends to (none if it does not exist). A torn
+    last line (a run killed while writing it) is dropped with a warning; a bad line before
+    the last is an error naming the file and line."""
+    path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _jsonl_rows(path, path.read_text(errors="replace"))]
 
 
-def ensure_new_run(run_dir: str | os.PathLike) -> None:
-    """Refuse a folder that already holds a run (call it before any expensive set-up)."""
-    if latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True / --resume) or choose another output_dir")
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        elif k == len(lines) - 1:
+            warnings.warn(f"{path} line {number}: dropping a torn last line (the run stopped while writing it)", stacklevel=3)
+        else:
+            raise ValueError(f"{path} line {number}: not a JSON object: {line[:80]!r}")
+    return rows
+
+
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a run's files (config.yaml, metrics.jsonl or a checkpoint)."""
+    path = Path(run_dir)
+    return any((path / name).exists() and not _empty_dir(path / name) for name in RUN_FILES)
+
+
+def ensure_new_run(run_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse a folder that already holds a run, or with ``overwrite`` empty it (call it
+    before any expensive set-up, holding the folder's lock)."""
+    if not holds_run(run_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; resume it (resume=True / --resume), replace it (overwrite=True / --overwrite) "
+            "or choose another output_dir"
+        )
+    for entry in Path(run_dir).iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a run folder, newest first."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return sorted((p for p in checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    pointer = checkpoints / "latest"
-    if pointer.is_file():
-        candidate = checkpoints / pointer.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    found = sorted(p for p in checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-    return found[-1] if found else None
+    found = checkpoint_dirs(run_dir)
+    return found[0] if found else None
+
+
+def checkpoint_of(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``(run folder, checkpoint or None)`` of a ``--resume`` argument: a run folder, or one
+    of its checkpoints (``RUN/checkpoints/iter_N``) to resume from that one."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith(CHECKPOINT_PREFIX):
+        return path.parent.parent, path
+    return path, None
+
+
+# ------------------------------------------------------------------ lock
+
+
+class RunInUseError(FileExistsError):
+    """The run folder is held by another running process."""
+
+
+_HELD: dict[Path, list[Any]] = {}  # folder -> [open lock file, claims, made by the claim]; a process may claim again
+
+
+class RunLock:
+    """This process's hold on a run folder (see :func:`claim_run`); :meth:`release` it when the run ends."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def release(self) -> None:
+        if self.path is None or self.path not in _HELD:
+            return
+        entry = _HELD[self.path]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[self.path]
+            lock_file = self.path / LOCK_FILE
+            lock_file.unlink(missing_ok=True)  # still holding it: nobody can have taken it meanwhile
+            entry[0].close()
+            if entry[2] and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()  # made for this run and nothing was written: leave nothing behind
+        self.path = None
+
+
+def claim_run(run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, is_main: bool | None = None) -> RunLock:
+    """Take ``run_dir``'s lock for this process and check the folder suits the run: a folder
+    in use by another process is refused (naming it and its holder); a new run refuses a
+    folder that holds a run unless ``overwrite`` (which empties it). The lock lives in the
+    kernel (``flock``): a process that dies leaves no stale lock. Only the main process of a
+    multi-process launch claims (``is_main``; default: ``RANK`` is 0)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+    if is_main is None:
+        is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        return RunLock(None)
+    path = Path(run_dir).resolve()
+    if path in _HELD:
+        _HELD[path][1] += 1
+        return RunLock(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output_dir {run_dir} is a file, not a folder")
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = _lock_folder(path, run_dir)
+    except BaseException:
+        if made and not any(path.iterdir()):
+            path.rmdir()
+        raise
+    _HELD[path] = [handle, 1, made]
+    lock = RunLock(path)
+    try:
+        if not resume:
+            ensure_new_run(path, overwrite=overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def claims_released() -> Iterator[None]:
+    """Release, on leaving, every run folder claimed inside (a command holds its folder
+    from its first check to its end, through the claims of the code it calls)."""
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for path in [p for p in _HELD if p not in before]:
+            _HELD[path][1] = 1
+            RunLock(path).release()
+
+
+def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
+    """Open and ``flock`` ``path/.lock`` (retrying if it was replaced meanwhile) and write
+    who holds it; a folder held by another process is a :class:`RunInUseError`."""
+    import fcntl
+
+    lock_file = path / LOCK_FILE
+    while True:
+        handle = open(lock_file, "a+")  # noqa: SIM115 (held open for the life of the run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunInUseError(f"{shown} is in use by {holder}; wait for that run to end or choose another output_dir") from None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # released and removed by its holder between our open and our lock: take the new file
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.seek(0)
+    handle.truncate()
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
+    handle.flush()
+    return handle
 
 
 def plot_runs(
@@ -230,6 +426,36 @@ def save_file(obj: Any, path: Path) -> None:
 
 def load_file(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, torn, missing)."""
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """:func:`load_file`, with any failure a :class:`DamagedCheckpointError` naming the file."""
+    try:
+        return load_file(path)
+    except Exception as error:  # noqa: BLE001 (torn, truncated or missing: torch raises many kinds)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DamagedCheckpointError(f"checkpoint file {path} is damaged or unreadable ({reason})") from None
+
+
+def newest_intact(run_dir: str | os.PathLike, name: str = "trainer.pt") -> tuple[Path, Any]:
+    """``(checkpoint, its file name loaded)`` of the newest checkpoint whose ``name`` reads,
+    warning about each damaged one passed over."""
+    problems = []
+    for checkpoint in checkpoint_dirs(run_dir):
+        try:
+            return checkpoint, load_checkpoint_file(checkpoint / name)
+        except DamagedCheckpointError as error:
+            warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
+            problems.append(str(error))
+    raise FileNotFoundError(f"{run_dir} holds no intact checkpoint" + (": " + "; ".join(problems) if problems else ""))
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:

@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from rebel.config import check_choice, check_int, check_positive, option
 from rebel.losses import LOSSES, PAIRINGS, explained_variance, trajectory_log_prob
 from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
-from rebel.runs import RunDir, ensure_new_run, load_file, save_file
+from rebel.runs import DamagedCheckpointError, RunDir, checkpoint_of, claim_run, load_checkpoint_file, save_file
 from rebel.sampler import Sampler
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -171,6 +172,8 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self._stop_requested = False
+        self._stop_signal: int | None = None
+        self.stop_reason: str | None = None  # how the last train() call ended (see train)
         self._rng_at_iteration_start: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
@@ -193,21 +196,36 @@ class Trainer:
         """Finish the current iteration, write a checkpoint and return from :meth:`train`."""
         self._stop_requested = True
 
-    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+    def train(self, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> list[dict[str, Any]]:
         """Run until ``config.iterations`` iterations are done or the ``budget`` is reached; return this call's metric rows.
 
-        With ``resume=True`` the newest checkpoint of ``config.output_dir`` is loaded first
-        and the run continues exactly where it stopped. Ctrl-C finishes the iteration,
-        writes a checkpoint and returns; a second Ctrl-C aborts at once.
+        ``resume=True`` loads the newest intact checkpoint of ``config.output_dir`` (a damaged
+        one is set aside with a warning) and continues exactly where it stopped; ``resume`` may
+        also name one checkpoint folder. A new run refuses a folder that holds a run unless
+        ``overwrite=True`` (which empties it); a folder in use by another process is refused.
+        SIGINT (Ctrl-C) or SIGTERM finishes the iteration, writes a checkpoint and returns; a
+        second one aborts at once. :attr:`stop_reason` then says how the call ended: ``"done"``
+        (iterations or budget reached), ``"stopped"`` (:meth:`request_stop`), ``"SIGINT"`` or
+        ``"SIGTERM"``; :attr:`exit_code` is what a command should exit with.
         """
+        lock = claim_run(
+            self.config.output_dir, resume=bool(resume) or self.iteration > 0, overwrite=overwrite, is_main=self.accelerator.is_main_process
+        )
+        try:
+            return self._train(resume)
+        finally:
+            lock.release()
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the last :meth:`train` call finished or was stopped by a callback; 128 +
+        the signal's number when a signal stopped it (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self._stop_signal if self._stop_signal is not None else 0
+
+    def _train(self, resume: bool | str | os.PathLike) -> list[dict[str, Any]]:
         if resume:
-            checkpoint = self.run.latest_checkpoint()
-            if checkpoint is None:
-                raise FileNotFoundError(f"cannot resume: {self.run.checkpoints} holds no checkpoint")
-            self.load_checkpoint(checkpoint)
-            self.run.truncate_logs(self.iteration)
+            self._resume(None if resume is True else Path(resume))
         elif self.iteration == 0:
-            ensure_new_run(self.config.output_dir)
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
@@ -215,9 +233,9 @@ class Trainer:
         if self.config.tensorboard:
             self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
         rows: list[dict[str, Any]] = []
-        self._stop_requested = False
+        self._stop_requested, self._stop_signal, self.stop_reason = False, None, None
         progress = self._progress_bar()
-        restore_sigint = self._install_sigint()
+        restore_signals = self._install_signal_handlers()
         try:
             while not self._done() and not self._should_stop():
                 row = self._iteration()
@@ -227,12 +245,63 @@ class Trainer:
                 if self.finishing or self.iteration % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
-            restore_sigint()
+            restore_signals()
             progress.close()
             self.run.close()
+        if self._stop_signal is not None:
+            self.stop_reason = signal.Signals(self._stop_signal).name
+            if self.accelerator.is_main_process:
+                print(
+                    f"rebel: stopped by {self.stop_reason} after iteration {self.iteration}; its checkpoint is in "
+                    f"{self.run.checkpoints} (resume to continue)",
+                    flush=True,
+                )
+        else:
+            self.stop_reason = "done" if self._done() else "stopped"
         if self.config.plot:
             self.run.plot_curves()
         return rows
+
+    def _resume(self, chosen: Path | None) -> None:
+        """Load ``chosen``, or else the newest checkpoint that every process can read; the
+        damaged ones (and the ones newer than ``chosen``) are set aside; the logs are trimmed."""
+        found = self.run.checkpoint_dirs()
+        if chosen is not None:
+            run_dir, checkpoint = checkpoint_of(chosen)
+            if checkpoint is None or run_dir.resolve() != self.run.path.resolve():
+                raise ValueError(f"resume={str(chosen)!r} is not a checkpoint of {self.run.path} (expected {self.run.checkpoints}/iter_N)")
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"cannot resume: checkpoint {checkpoint} does not exist")
+        elif not found:
+            raise FileNotFoundError(f"cannot resume: {self.run.checkpoints} holds no checkpoint")
+        problems: dict[Path, str] = {}
+        for path in [chosen] if chosen is not None else found:
+            try:
+                state, own = self._read_checkpoint(path)
+                problem = None
+            except DamagedCheckpointError as error:
+                problem = str(error)
+            if self.accelerator.num_processes > 1:  # every process resumes from the same one
+                flag = torch.tensor([float(problem is not None)], device=self.device)
+                if self.accelerator.reduce(flag, "sum").item() > 0 and problem is None:
+                    problem = f"checkpoint {path} is damaged in another process's file"
+            if problem is None:
+                break
+            if chosen is not None:
+                raise ValueError(problem)
+            problems[path] = problem
+            if self.accelerator.is_main_process:
+                warnings.warn(f"{problem}; set aside as damaged-{path.name}, trying an older checkpoint", stacklevel=4)
+        else:
+            raise FileNotFoundError(f"cannot resume: no intact checkpoint in {self.run.checkpoints}: " + "; ".join(problems.values()))
+        self._apply_checkpoint(path, state, own)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for newer in (p for p in found if p.name > path.name):
+                if newer not in problems:
+                    warnings.warn(f"resuming from {path}: the newer {newer} is set aside as discarded-{newer.name}", stacklevel=4)
+                self.run.set_aside(newer, "damaged" if newer in problems else "discarded")
+        self.run.truncate_logs(self.iteration)
 
     # --------------------------------------------------------------- iteration
     def _iteration(self) -> dict[str, Any]:
@@ -244,8 +313,9 @@ class Trainer:
                 batch = self.sampler.collect(self.policy)
         except BaseException:
             # Parameters are still those of the last iteration: keep them (sampler errors,
-            # reward errors, Ctrl-C during a long collection) before the error goes up.
-            if self.iteration > 0:
+            # reward errors, an abort during a long collection) before the error goes up,
+            # unless that iteration's checkpoint exists (it is exact: never replace it).
+            if self.iteration > 0 and not self.run.checkpoint_dir(self.iteration).is_dir():
                 self.save_checkpoint(rng=self._rng_at_iteration_start)
             raise
         batch = batch.to(self.device)
@@ -401,7 +471,15 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote (this process's RNG and sampler)."""
         path = Path(path)
-        state = load_file(path / "trainer.pt")
+        self._apply_checkpoint(path, *self._read_checkpoint(path))
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint's shared state and this process's own (a damaged file raises
+        :class:`~rebel.runs.DamagedCheckpointError` naming it)."""
+        shared = load_checkpoint_file(path / "trainer.pt")
+        return shared, load_checkpoint_file(path / f"process_{self.accelerator.process_index}.pt")
+
+    def _apply_checkpoint(self, path: Path, state: dict[str, Any], own: dict[str, Any]) -> None:
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
@@ -416,7 +494,6 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.totals = dict(state["totals"])
         self.wall_time = float(state.get("wall_time", 0.0))
-        own = load_file(path / f"process_{self.accelerator.process_index}.pt")
         self.sampler.load_state_dict(own["sampler"])
         _set_rng_state(own["rng"], self.generator)
 
@@ -456,20 +533,35 @@ class Trainer:
             self._stop_requested = bool(self.accelerator.reduce(flag, "sum").item() > 0)
         return self._stop_requested
 
-    def _install_sigint(self) -> Callable[[], None]:
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT and SIGTERM: the first finishes the iteration and stops (a checkpoint is
+        written); a second aborts at once (KeyboardInterrupt, or SystemExit(143) for SIGTERM)."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
 
         def handler(signum: int, frame: Any) -> None:
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
+            if self._stop_requested and self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
+            self._stop_requested, self._stop_signal = True, signum
             if self.accelerator.is_main_process:
-                print("\nrebel: stopping after this iteration and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                print(
+                    f"\nrebel: {signal.Signals(signum).name}: stopping after this iteration and writing a checkpoint ({again} again to abort)",
+                    flush=True,
+                )
 
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+        for s in signals:
+            signal.signal(s, handler)
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
 
     def _progress_bar(self) -> Any:
         from tqdm.auto import tqdm
@@ -528,4 +620,3 @@ def _allow_new_mixed_precision(mixed_precision: str) -> None:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-

@@ -25,7 +25,7 @@ from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.policy import MLPPolicy
-from rebel.runs import latest_checkpoint, load_file, read_config
+from rebel.runs import newest_intact, read_config
 from rebel.sampler import Sampler
 from rebel.trainer import Callback, Trainer, TrainerConfig
 
@@ -303,10 +303,14 @@ class Rebel:
     def env_steps(self) -> int:
         return int(self.trainer.totals.get("env_steps", 0)) if self.trainer else 0
 
-    def learn(self, total_steps: int | None = None, resume: bool = False, progress: bool | None = None) -> Rebel:
+    def learn(
+        self, total_steps: int | None = None, resume: bool | str | Path = False, progress: bool | None = None, overwrite: bool = False
+    ) -> Rebel:
         """Train for ``total_steps`` more environment steps (default: ``config.total_steps``);
         stops within one iteration of the budget. ``resume=True`` first loads the newest
-        checkpoint of the run folder."""
+        intact checkpoint of the run folder (or the checkpoint ``resume`` names);
+        ``overwrite=True`` replaces a run the folder holds. :attr:`stop_reason` says how it
+        ended (``"done"``, or ``"SIGINT"`` / ``"SIGTERM"`` after a checkpoint)."""
         if self.trainer is None:
             self.trainer = self._make_trainer()
         steps = self.config.total_steps if total_steps is None else total_steps
@@ -316,8 +320,13 @@ class Rebel:
         if progress is not None:
             changes["progress"] = progress
         self.trainer.config = dataclasses.replace(self.trainer.config, **changes)
-        self.trainer.train(resume=resume)
+        self.trainer.train(resume=resume, overwrite=overwrite)
         return self
+
+    @property
+    def stop_reason(self) -> str | None:
+        """How the last :meth:`learn` ended (see :meth:`rebel.Trainer.train`)."""
+        return self.trainer.stop_reason if self.trainer else None
 
     def predict(self, observation: Any, deterministic: bool = True) -> tuple[np.ndarray, None]:
         """Action(s) for one observation or a batch, SB3-style ``(action, state)``."""
@@ -369,7 +378,7 @@ class Rebel:
         override the saved settings; ``learn(resume=True)`` continues the run exactly)."""
         config = _control_run_config(run_dir)
         agent = cls._from_configs(config["control"], config["trainer"], env, options)
-        state = load_file(_checkpoint(run_dir) / "trainer.pt")
+        _, state = newest_intact(run_dir)
         agent.policy.load_state_dict(state["policy"], strict=False)
         return agent
 
@@ -418,9 +427,3 @@ def _env_id(env: Any) -> str:
         return env.spec.id
     return getattr(env, "__name__", type(env).__name__)
 
-
-def _checkpoint(run_dir: str | Path) -> Path:
-    found = latest_checkpoint(run_dir)
-    if found is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-    return found

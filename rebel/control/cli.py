@@ -40,16 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ControlConfig, "trainer", shown, exclude=(*own, *SET_BY_TOTAL_STEPS))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
+    from rebel.cli import resumed_folder, start_options
     from rebel.control.agent import Rebel
 
-    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "resume"}
-    if args.resume:
-        if "output_dir" in options and options["output_dir"] != args.resume:
-            raise ValueError(f"--output-dir {options['output_dir']} conflicts with --resume {args.resume}; give only --resume")
+    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    run_dir = resumed_folder(args)
+    if run_dir is not None:
         options.pop("output_dir", None)
-        agent = Rebel.from_run(args.resume, **options)
-        agent.learn(resume=True)
+        agent = Rebel.from_run(run_dir, **options)
+        agent.learn(resume=start_options(args)["resume"])
     else:
         env = options.pop("env", "HalfCheetah-v5")
         agent = Rebel(
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
             output_dir=options.pop("output_dir", None),
             **options,
         )
-        agent.learn()
+        agent.learn(overwrite=args.overwrite)
     assert agent.trainer is not None
     if agent.trainer.accelerator.is_main_process:
         from rebel.runs import read_metrics
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> None:
         if evals:
             line += f", eval return {evals[0]['eval_return']:.1f} at {evals[0]['env_steps']} steps -> {evals[-1]['eval_return']:.1f}"
         print(f"{line}; run folder {agent.trainer.run.path}")
+    return agent.trainer.exit_code
 
 
 def evaluate_run(args: argparse.Namespace) -> None:

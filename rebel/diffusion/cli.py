@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_arguments(parser, "a Stable Diffusion pipeline", DiffusionConfig, DiffusionSource, ShapesTaskConfig, EMBEDDED_DEFAULTS)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     import torch
 
+    from rebel.cli import start_options
     from rebel.diffusion.rewards import brightness
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
     from rebel.hf.cli import resolve_model_run, reward_summary
@@ -81,15 +82,16 @@ def run(args: argparse.Namespace) -> None:
     )
     evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
     before = evaluate() if evaluate else None
-    rows = trainer.train(resume=bool(args.resume))
-    if not trainer.accelerator.is_main_process or not rows:
-        return
+    rows = trainer.train(**start_options(args))
+    if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
+        return trainer.exit_code
     print(reward_summary(rows, 3, config.output_dir, digits=".4g"))
     if evaluate is not None and before is not None:
         print(f"fixed-seed evaluation (every prompt, 4 images each): reward {before:.4g} -> {evaluate():.4g}")
     print(
         f"image grids in {Path(config.output_dir) / 'images'}; trained weights in {Path(config.output_dir) / ('lora' if config.use_lora else 'model')}"
     )
+    return 0
 
 
 # ------------------------------------------------------------------ helpers

@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from rebel.cli import add_config_arguments, resolve_configs
+from rebel.cli import add_config_arguments, resolve_configs, resumed_folder
 from rebel.config import add_arguments as add_dataclass_arguments
 
 
@@ -34,14 +34,16 @@ def resolve_model_run(
 ) -> tuple[Any, Any, Any]:
     """``(config, source, task)`` of an adapter command that trains its embedded task unless
     ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
-    folder; a new run refuses a folder that already holds one, before any model is built."""
-    from rebel.runs import ensure_new_run, read_config
+    folder. The command claims its run folder (see :func:`rebel.runs.claim_run`) before any
+    model is built: a folder in use is refused, and so is a new run into a folder that holds
+    one unless ``--overwrite``."""
+    from rebel.runs import claim_run, read_config
 
-    model = getattr(args, "model", None) if not args.resume else read_config(args.resume).get("source", {}).get("model")
+    run_dir = resumed_folder(args)
+    model = getattr(args, "model", None) if run_dir is None else read_config(run_dir).get("source", {}).get("model")
     defaults = {section: embedded_defaults} if model is None else {}
     configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
-    if not args.resume:
-        ensure_new_run(configs[section].output_dir)
+    claim_run(configs[section].output_dir, resume=run_dir is not None, overwrite=args.overwrite)  # held until the command ends
     return configs[section], configs["source"], configs["task"]
 
 

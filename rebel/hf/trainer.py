@@ -48,12 +48,23 @@ class PretrainedTrainer(ABC):
     def accelerator(self) -> Any:
         return self.trainer.accelerator
 
-    def train(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Run the REBEL iterations (``resume=True`` continues the run in ``output_dir``),
-        then save the model; returns this call's metric rows."""
-        rows = self.trainer.train(resume=resume)
-        self.save_model()
+    def train(self, resume: bool | str | Path = False, overwrite: bool = False) -> list[dict[str, Any]]:
+        """Run the REBEL iterations (``resume``, ``overwrite``, signals and :attr:`stop_reason`
+        as in :meth:`rebel.Trainer.train`), then save the model unless a signal stopped the
+        run (its checkpoint holds it); returns this call's metric rows."""
+        rows = self.trainer.train(resume=resume, overwrite=overwrite)
+        if self.trainer.exit_code == 0:
+            self.save_model()
         return rows
+
+    @property
+    def stop_reason(self) -> str | None:
+        """How the last :meth:`train` call ended (see :meth:`rebel.Trainer.train`)."""
+        return self.trainer.stop_reason
+
+    @property
+    def exit_code(self) -> int:
+        return self.trainer.exit_code
 
     def save_model(self, path: str | Path | None = None) -> Path:
         """Save what was trained to ``path`` (default: ``<run>/<model_folder>``); only the

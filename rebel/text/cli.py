@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_arguments(parser, "a causal language model", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
+    from rebel.cli import start_options
     from rebel.hf.cli import resolve_model_run, reward_summary
     from rebel.text.trainer import TextConfig, TextTrainer
     from rebel_envs.text_tasks import SortingTaskConfig
@@ -75,9 +76,9 @@ def run(args: argparse.Namespace) -> None:
         model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
         run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
     )
-    rows = trainer.train(resume=bool(args.resume))
-    if not trainer.accelerator.is_main_process or not rows:
-        return
+    rows = trainer.train(**start_options(args))
+    if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
+        return trainer.exit_code
     print(reward_summary(rows, 5, config.output_dir))
     if embedded and before is not None:
         after = evaluation()
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
             f"exactly sorted {before['exact']:.1%} -> {after['exact']:.1%}"
         )
     print(f"model saved to {Path(config.output_dir) / 'model'}")
+    return 0
 
 
 # ------------------------------------------------------------------ helpers
