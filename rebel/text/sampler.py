@@ -271,7 +271,7 @@ class TextSampler(Sampler):
         else:
             with policy.adapter_disabled():
                 ref = policy.token_log_probs(input_ids, attention_mask, t)
-        return ((logp - ref) * mask).sum(1).double().cpu()
+        return torch.where(mask, logp - ref, 0.0).sum(1).double().cpu()  # a select: nan/inf at masked positions stay out
 
 
 def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:

@@ -172,6 +172,51 @@ def test_kl_penalty_to_a_frozen_reference(tiny_lm):
     assert batch.stats["ref_kl"] == pytest.approx((logp - ref).mean().item(), abs=1e-5)
 
 
+class MaskedTargetsNonFinite(torch.nn.Module):
+    """A reference model whose logits are ``fill`` (at ``token``, or everywhere) where the
+    next token is masked out, as some attention kernels give at padded positions."""
+
+    def __init__(self, model, fill, token=None):
+        super().__init__()
+        self.model, self.fill, self.token = model, fill, token
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = out.logits.clone()
+        target_masked = torch.nn.functional.pad(attention_mask[:, 1:] == 0, (0, 1))
+        columns = slice(None) if self.token is None else [self.token]
+        logits[..., columns] = torch.where(target_masked[..., None], self.fill, logits[..., columns])
+        out.logits = logits
+        return out
+
+
+@pytest.mark.parametrize(("fill", "token"), [(math.nan, None), (-math.inf, 0)], ids=["nan", "pad-impossible"])
+def test_reference_kl_ignores_non_finite_values_at_masked_positions(tiny_lm, monkeypatch, fill, token):
+    """A nan (or -inf: the pad token impossible) reference log-prob after the EOS stays out of the KL."""
+    from transformers import AutoModelForCausalLM
+
+    policy = CausalLMPolicy(tiny_lm)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(1.5)  # another policy than pi
+    sampler = TextSampler(["12:"], zero_reward, prompts_per_iteration=1, max_new_tokens=4, kl_coef=0.5,
+                          reference_model=MaskedTargetsNonFinite(reference, fill, token))  # fmt: skip
+    digit, eos, pad = policy.tokenizer.convert_tokens_to_ids, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    completions = torch.tensor([[digit("1"), eos, pad, pad], [digit("1"), digit("2"), digit("3"), digit("4")]])
+    monkeypatch.setattr(sampler, "_generate", lambda policy, ids, mask: completions)
+    batch = sampler.collect(policy)
+    assert batch.mask.tolist() == [[True, True, False, False], [True] * 4]
+    ids, attention = batch.data["input_ids"], batch.data["attention_mask"]
+    with torch.no_grad():
+        broken = policy.token_log_probs(ids, attention, 4, model=sampler.reference_model)
+        kl = (policy.token_log_probs(ids, attention, 4) - policy.token_log_probs(ids, attention, 4, model=reference)).double()
+    assert not broken[0, 2:].isfinite().any() and broken[0, :2].isfinite().all()  # non-finite exactly where masked
+    expected = (kl * batch.mask).sum(1)
+    assert expected.abs().min().item() > 1e-3
+    assert batch.reward.double().tolist() == pytest.approx((-0.5 * expected).tolist(), abs=1e-5)
+    assert batch.stats["ref_kl"] == pytest.approx(expected.mean().item(), abs=1e-5)
+
+
 def test_processes_take_disjoint_slices_of_one_prompt_order(monkeypatch):
     records = [{"prompt": f"{k}:"} for k in range(12)]
     samplers = [TextSampler(records, zero_reward, prompts_per_iteration=3, data_seed=7) for _ in range(2)]
