@@ -29,6 +29,7 @@ from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
+    PendingObservations,
     Rollout,
     bootstrapped_return,
     check_discount,
@@ -103,9 +104,8 @@ class MonteCarloSampler(Sampler):
     ``q_mean`` follows the current policy.
 
     **Observation statistics.** The policy's normalisation statistics take in the
-    observations the walkers met in an iteration at the start of the next :meth:`collect`,
-    and stay fixed until then: the policy that samples a batch, the pi_t it is scored as and
-    the policy the update moves differ only in the parameters the regression fits.
+    observations the walkers met in an iteration at the start of the next :meth:`collect`
+    (:class:`~rebel.control.rollouts.PendingObservations`), and stay fixed until then.
     """
 
     def __init__(
@@ -144,6 +144,7 @@ class MonteCarloSampler(Sampler):
             name = spec.id if spec is not None else type(self.walkers.envs[0].unwrapped).__name__
             raise ValueError(f"spread_walkers needs an env with a time limit (spec.max_episode_steps); {name} has none")
         self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, **(env_kwargs or {}))
+        self.pending = PendingObservations(self.walkers.observation_space)  # walker observations not yet in the statistics
         self.seed(seed)
 
     def seed(self, seed: int) -> None:
@@ -153,21 +154,16 @@ class MonteCarloSampler(Sampler):
         self.walker_return = np.zeros(self.num_states)  # undiscounted return of each walker's episode so far
         self.walker_age = np.zeros(self.num_states, dtype=np.int64)  # steps into each walker's episode
         self.cut = np.full(self.num_states, -1, dtype=np.int64)  # length at which a first episode is cut (-1: none)
-        space = self.walkers.observation_space
-        self.pending_obs = np.zeros((0, *space.shape), dtype=space.dtype)  # walker observations not yet in the statistics
         if self.spread_walkers:
             self.cut = self.rng.integers(1, self.episode_limit, size=self.num_states, endpoint=True)
 
     # ---------------------------------------------------------------- collect
     def collect(self, policy: Policy) -> RolloutBatch:
         assert isinstance(policy, MLPPolicy)
-        # The statistics move here and only here, before this iteration samples anything: the
-        # batch, its scoring as pi_t and the update then see the same normalisation. They come
-        # from the walkers' observations: the branch observations are on-policy too, but they
-        # repeat each state's neighbourhood n * m times; the walkers' are the states the
-        # regression is made on.
-        policy.update_observation_stats(self.pending_obs)
-        self.pending_obs = self.pending_obs[:0]
+        # The statistics come from the walkers' observations: the branch observations are
+        # on-policy too, but they repeat each state's neighbourhood n * m times; the walkers'
+        # are the states the regression is made on.
+        self.pending.apply(policy)
         n = self.actions_per_state
         walker_steps, branch_steps = self.walkers.steps, self.branches.steps
         walker_obs, finished = self._advance_walkers(policy)
@@ -180,7 +176,7 @@ class MonteCarloSampler(Sampler):
         branches, end_value, q_branches = self._branch(policy, states, raw_actions, noise, env_seeds)
         q = q_branches.mean(-1)  # [S, n]
         value_stats = {} if self.value_function is None else fit_value(self.value_function, branches, end_value, self.gamma, self.generator)
-        self.pending_obs = walker_obs
+        self.pending.add(walker_obs)
 
         pairs = list(itertools.combinations(range(n), 2))
         stats = {
@@ -317,7 +313,7 @@ class MonteCarloSampler(Sampler):
             "walker_return": self.walker_return.copy(),
             "walker_age": self.walker_age.copy(),
             "cut": self.cut.copy(),
-            "pending_observations": self.pending_obs.copy(),
+            **self.pending.state_dict(),
             **value_function_state(self.value_function),
         }
 
@@ -333,6 +329,5 @@ class MonteCarloSampler(Sampler):
         self.walker_return = np.array(state["walker_return"])
         self.walker_age = np.array(state.get("walker_age", np.zeros(self.num_states, dtype=np.int64)))
         self.cut = np.array(state.get("cut", np.full(self.num_states, -1, dtype=np.int64)))
-        # Checkpoints written before the statistics waited for the next collect hold none.
-        self.pending_obs = np.array(state.get("pending_observations", self.pending_obs[:0]))
+        self.pending.load_state_dict(state)
         load_value_function_state(self.value_function, state)

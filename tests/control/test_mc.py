@@ -1,6 +1,6 @@
 """The Monte-Carlo reset variant: exact Q estimates, independent env noise across branches and
-common random numbers across actions, bootstrap, step accounting, observation statistics fixed
-within an iteration, learning through the trainer, exact resume."""
+common random numbers across actions, bootstrap, step accounting, learning through the trainer,
+exact resume (observation statistics fixed within an iteration: test_observation_statistics.py)."""
 
 import copy
 import json
@@ -343,43 +343,6 @@ def test_spread_walkers_needs_a_time_limit():
     policy, _ = make("Pendulum-v1")
     with pytest.raises(ValueError, match="spread_walkers needs an env with a time limit .* PendulumEnv has none"):
         MonteCarloSampler(PendulumEnv, policy, spread_walkers=True)
-
-
-def test_observation_statistics_stay_fixed_from_the_batch_through_the_update(tmp_path):
-    """pi_t samples the batch, scores it and is updated under one normalisation: after the
-    update the policy, applied to the batch's states, sees the batch's inputs, so the policy
-    the regression fitted is the one evaluated and saved. An iteration's walker observations
-    enter the statistics at the next collect."""
-    torch.manual_seed(0)
-    probe = gym.make("Pendulum-v1")
-    policy = MLPPolicy(probe.observation_space, probe.action_space)
-    sampler = MonteCarloSampler("Pendulum-v1", policy, num_states=4, horizon=5)
-    seen = []
-    collect = sampler.collect
-
-    def recorded(policy):
-        batch = collect(policy)
-        states = sampler.walkers.obs.repeat(2, axis=0)  # the branched states, one row per action
-        seen.append({"batch": batch, "states": states, "pi_t": copy.deepcopy(policy), "walker_obs": sampler.pending_obs.copy()})
-        return batch
-
-    def check(trainer, metrics):
-        now, it = trainer.policy, seen[-1]
-        for name in ("obs_mean", "obs_var", "obs_count"):
-            assert torch.equal(getattr(now, name), getattr(it["pi_t"], name)), name
-        assert not torch.equal(now.net[0].weight, it["pi_t"].net[0].weight)  # the update moved the parameters
-        assert torch.equal(now.preprocess(it["states"]), it["batch"].data["inputs"][:, 0])
-        assert metrics["start_log_ratio_max"] == 0.0  # the batch is scored as the pi_t that sampled it
-
-    sampler.collect = recorded
-    config = TrainerConfig(output_dir=str(tmp_path / "run"), iterations=4, epochs=2, minibatch_size=4, **FAST)
-    Trainer(policy, sampler, config, callbacks=[check]).train()
-    assert seen[0]["pi_t"].obs_count == 0  # the first iteration samples with the initial statistics
-    for t in range(1, 4):
-        earlier = np.concatenate([it["walker_obs"] for it in seen[:t]]).astype(np.float64)
-        pi_t = seen[t]["pi_t"]
-        assert pi_t.obs_count == len(earlier)
-        np.testing.assert_allclose(pi_t.obs_mean.numpy(), earlier.mean(0), rtol=1e-9)
 
 
 def test_learns_cartpole_through_the_trainer(tmp_path):
