@@ -24,7 +24,7 @@ from rebel.config import check_counts, check_group_size, check_int, check_positi
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
-from rebel.control.rollouts import check_discount
+from rebel.control.rollouts import PendingObservations, check_discount
 from rebel.control.snapshots import restore, snapshot
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -66,8 +66,10 @@ class CriticSampler(Sampler):
 
     Observations are stored raw; the critic and the policy both see ``policy.preprocess``
     of them. Use ``MLPPolicy(..., normalize_observations=False)``: the critic's inputs
-    must not drift. If the policy does normalise, its statistics are updated during the
-    uniformly random warm-up only (the first ``learning_starts`` steps) and frozen after.
+    must not drift. If the policy does normalise, its statistics take in the observations of
+    the uniformly random warm-up only (the first ``learning_starts`` steps), each iteration's
+    at the start of the next :meth:`collect`
+    (:class:`~rebel.control.rollouts.PendingObservations`), and are frozen after.
     ``Box`` actions reach the critic rescaled to ``[-1, 1]`` (``tanh`` of the raw sample
     for a squashed policy); ``Discrete`` actions as indices into a Q head over actions.
 
@@ -141,6 +143,7 @@ class CriticSampler(Sampler):
                 f"but the env has {obs_space} -> {action_space}"
             )
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.pending = PendingObservations(obs_space)  # warm-up observations not yet in the statistics
         if not self.discrete:
             low, high = action_space.low, action_space.high
             self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
@@ -187,6 +190,7 @@ class CriticSampler(Sampler):
     def collect(self, policy: Policy) -> RolloutBatch:
         if not isinstance(policy, MLPPolicy):
             raise TypeError(f"CriticSampler needs a rebel.control.MLPPolicy, got {type(policy).__name__}")
+        self.pending.apply(policy)
         device = policy.obs_mean.device
         self.critic.to(device)
         steps, finished = self._act(policy)
@@ -208,7 +212,7 @@ class CriticSampler(Sampler):
         steps = 0
         for _ in range(-(-self.steps_per_iteration // self.num_envs)):
             if self.total_steps < self.learning_starts:
-                policy.update_observation_stats(self.obs)  # a no-op without normalisation
+                self.pending.add(self.obs)
                 env_actions = self._random_actions()
             else:
                 env_actions, _ = policy.act(policy.preprocess(self.obs), generator=self.generator)
@@ -348,6 +352,7 @@ class CriticSampler(Sampler):
             "alpha_optimizer": copy.deepcopy(self.alpha_optimizer.state_dict()),
             "critic": self.critic.checkpoint_state(),
             "buffer": self.buffer.state_dict(),
+            **self.pending.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -368,6 +373,7 @@ class CriticSampler(Sampler):
                 self.alpha = math.exp(self.log_alpha.item())  # as _alpha_step sets it
         self.critic.load_checkpoint_state(state["critic"])
         self.buffer.load_state_dict(state["buffer"])
+        self.pending.load_state_dict(state)
 
     def close(self) -> None:
         self.envs.close()

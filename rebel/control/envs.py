@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 
 from rebel.control.policy import check_spaces
-from rebel.control.snapshots import restore, snapshot
+from rebel.control.snapshots import reseed, restore, snapshot
 
 EnvSource = str | Callable[[], gym.Env]
 
@@ -95,10 +95,13 @@ class EnvPool:
         """Copy ``i``'s exact state and its current observation."""
         return snapshot(self.envs[i]), self.obs[i].copy()
 
-    def restore(self, i: int, state: tuple[dict[str, Any], np.ndarray]) -> None:
-        """Put copy ``i`` in a state from :meth:`snapshot` (of any copy)."""
+    def restore(self, i: int, state: tuple[dict[str, Any], np.ndarray], seed: int | None = None) -> None:
+        """Put copy ``i`` in a state from :meth:`snapshot` (of any copy); with ``seed``, then
+        restart its random generator from it (:func:`~rebel.control.snapshots.reseed`)."""
         env_state, obs = state
         restore(self.envs[i], env_state)
+        if seed is not None:
+            reseed(self.envs[i], seed)
         self.obs[i] = obs
 
     def close(self) -> None:

@@ -4,9 +4,12 @@ For a state ``s`` and actions ``a_1..a_n ~ pi_t(.|s)``::
 
     Q(s, a) ~ (1/m) sum_j [ sum_{h<H} gamma^h r_h  (+ gamma^H V(s_H) if the branch is still running) ]
 
-where branch ``j`` restores the simulator to ``s``, takes ``a`` and then follows pi_t. REBEL
-regresses ``(Delta(a_i) - Delta(a_k)) / eta`` on ``Q(s, a_i) - Q(s, a_k)`` with one-step
-log-ratios (docs/math.md, "Q-critic variant").
+where branch ``j`` restores the simulator to ``s``, restarts its random generator from a seed
+of its own, takes ``a`` and then follows pi_t. REBEL regresses ``(Delta(a_i) - Delta(a_k)) / eta``
+on ``Q(s, a_i) - Q(s, a_k)`` with one-step log-ratios (docs/math.md, "Q-critic variant").
+Without ``V`` and with branches that run to the episode's end the estimate is unbiased; a
+branch cut at ``H`` replaces the rest of its return by ``V(s_H)``, and the estimate inherits
+``gamma^H`` times V's error (docs/control.md, "Monte-Carlo reset estimator").
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
+    PendingObservations,
     Rollout,
     bootstrapped_return,
     check_discount,
@@ -63,7 +67,8 @@ class MonteCarloSampler(Sampler):
 
     **Q estimates.** At each state ``n = actions_per_state`` raw actions are drawn from
     pi_t. Each (state, action) gets ``m = rollouts_per_action`` branches: restore the
-    snapshot, take the action, follow pi_t for ``horizon - 1`` more steps or until the
+    snapshot, restart the env's random generator from the branch's seed (see below), take
+    the action, follow pi_t for ``horizon - 1`` more steps or until the
     episode terminates or is truncated, sum the discounted rewards; ``bootstrap(obs)``
     (raw observations ``[k, *obs_shape]`` -> values ``[k]``), when given, adds
     ``gamma**k * V(s_k)`` to a branch that stopped after ``k`` steps without terminating:
@@ -83,17 +88,24 @@ class MonteCarloSampler(Sampler):
     ``value_loss`` and ``value_explained_variance`` (of the targets, by V before the fit),
     ``value_at_horizon`` (mean V added at the branches' ends).
 
-    **Common random numbers.** Branch ``j`` of every action of a state uses the same
-    policy sampling noise and, restored from the same snapshot, the same env RNG, so
+    **Independent branches, common random numbers.** The ``m`` branches of an action get
+    independent policy noise and independent env noise: after the restore each branch's env
+    generator restarts from a seed drawn from the sampler's RNG for (state, ``j``), so the
+    mean over ``m`` averages the env's randomness too, not only the policy's (restored
+    alone, every branch of a state would replay the snapshot's env generator). Branch ``j``
+    of every action of a state gets the same policy noise and the same env seed, so
     ``Q(s, a) - Q(s, a')`` is not blurred by independent continuation noise.
-    ``common_random_numbers=False`` draws independent noise per branch (for ablations).
+    ``common_random_numbers=False`` draws both per (state, action, ``j``) (for ablations).
 
     **Counting and statistics.** ``env_steps`` counts every step: walker steps plus
     branch steps. ``episode_return`` is the mean undiscounted return of the walker
     episodes that ended this iteration. Walker episodes span many iterations (about
     ``episode_length / ((state_stride + 1) / 2)``), so this curve lags the policy;
-    ``q_mean`` follows the current policy. The policy's observation statistics are
-    updated with the observations the walkers met (see :meth:`collect`).
+    ``q_mean`` follows the current policy.
+
+    **Observation statistics.** The policy's normalisation statistics take in the
+    observations the walkers met in an iteration at the start of the next :meth:`collect`
+    (:class:`~rebel.control.rollouts.PendingObservations`), and stay fixed until then.
     """
 
     def __init__(
@@ -132,6 +144,7 @@ class MonteCarloSampler(Sampler):
             name = spec.id if spec is not None else type(self.walkers.envs[0].unwrapped).__name__
             raise ValueError(f"spread_walkers needs an env with a time limit (spec.max_episode_steps); {name} has none")
         self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, **(env_kwargs or {}))
+        self.pending = PendingObservations(self.walkers.observation_space)  # walker observations not yet in the statistics
         self.seed(seed)
 
     def seed(self, seed: int) -> None:
@@ -147,6 +160,10 @@ class MonteCarloSampler(Sampler):
     # ---------------------------------------------------------------- collect
     def collect(self, policy: Policy) -> RolloutBatch:
         assert isinstance(policy, MLPPolicy)
+        # The statistics come from the walkers' observations: the branch observations are
+        # on-policy too, but they repeat each state's neighbourhood n * m times; the walkers'
+        # are the states the regression is made on.
+        self.pending.apply(policy)
         n = self.actions_per_state
         walker_steps, branch_steps = self.walkers.steps, self.branches.steps
         walker_obs, finished = self._advance_walkers(policy)
@@ -155,14 +172,12 @@ class MonteCarloSampler(Sampler):
         inputs = policy.preprocess(self.walkers.obs).repeat_interleave(n, dim=0)  # [S * n, obs_dim]
         _, raw = policy.act(inputs, generator=self.generator)
         raw_actions = raw.reshape(self.num_states, n, *raw.shape[1:])
-        branches, end_value, q_branches = self._branch(policy, states, raw_actions, self._branch_noise(policy))
+        noise, env_seeds = self._branch_noise(policy), self._env_seeds(self.num_states, n)
+        branches, end_value, q_branches = self._branch(policy, states, raw_actions, noise, env_seeds)
         q = q_branches.mean(-1)  # [S, n]
         value_stats = {} if self.value_function is None else fit_value(self.value_function, branches, end_value, self.gamma, self.generator)
+        self.pending.add(walker_obs)
 
-        # The statistics come from the walkers' observations, after the batch inputs were
-        # built. The branch observations are on-policy too, but they repeat each state's
-        # neighbourhood n * m times; the walkers' are the states the regression is made on.
-        policy.update_observation_stats(walker_obs)
         pairs = list(itertools.combinations(range(n), 2))
         stats = {
             "q_mean": float(q.mean()),
@@ -183,7 +198,14 @@ class MonteCarloSampler(Sampler):
             stats=stats,
         )
 
-    def q_values(self, policy: MLPPolicy, states: list[Snapshot], raw_actions: Tensor, noise: Tensor | None = None) -> np.ndarray:
+    def q_values(
+        self,
+        policy: MLPPolicy,
+        states: list[Snapshot],
+        raw_actions: Tensor,
+        noise: Tensor | None = None,
+        env_seeds: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Monte-Carlo reset estimates ``[S, n, m]``, one per branch, of Q(s, a).
 
         Args:
@@ -193,11 +215,16 @@ class MonteCarloSampler(Sampler):
             noise: ``[S, n, m, horizon, *policy.noise_shape()]`` sampling noise of each
                 branch's policy steps (step 0 is unused: the first action is given), or
                 None to sample with the sampler's generator.
+            env_seeds: ``[S, n, m]`` seeds each branch's env generator restarts from after
+                the restore, or None to draw them from the sampler's RNG (shared by the
+                actions of a state unless ``common_random_numbers=False``).
         """
-        return self._branch(policy, states, raw_actions, noise)[2]
+        if env_seeds is None:
+            env_seeds = self._env_seeds(len(states), raw_actions.shape[1])
+        return self._branch(policy, states, raw_actions, noise, env_seeds)[2]
 
     def _branch(
-        self, policy: MLPPolicy, states: list[Snapshot], raw_actions: Tensor, noise: Tensor | None
+        self, policy: MLPPolicy, states: list[Snapshot], raw_actions: Tensor, noise: Tensor | None, env_seeds: np.ndarray
     ) -> tuple[Rollout, np.ndarray, np.ndarray]:
         """The branch rollouts of :meth:`q_values`, the value added at each branch's end ``[B]``
         (0 where none was) and the estimates ``[S, n, m]``."""
@@ -207,8 +234,11 @@ class MonteCarloSampler(Sampler):
             raise ValueError(
                 f"raw_actions has shape {tuple(raw_actions.shape)}; expected [{s}, n, ...] with {s} * n * {m} <= {len(self.branches)}"
             )
+        if np.shape(env_seeds) != (s, n, m):
+            raise ValueError(f"env_seeds has shape {np.shape(env_seeds)}; expected ({s}, {n}, {m}): one seed per branch")
+        seeds = np.reshape(env_seeds, -1)
         for k in range(b):  # branch k = (state * n + action) * m + rollout
-            self.branches.restore(k, states[k // (n * m)])
+            self.branches.restore(k, states[k // (n * m)], int(seeds[k]))
         first = raw_actions.repeat_interleave(m, dim=1).reshape(b, *raw_actions.shape[2:])
         flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
         out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
@@ -267,6 +297,13 @@ class MonteCarloSampler(Sampler):
         draw = torch.rand if policy.discrete else torch.randn  # uniform for Gumbel-max, normal for Gaussians
         return draw(shape, generator=self.generator).expand(self.num_states, n, *shape[2:])
 
+    def _env_seeds(self, s: int, n: int) -> np.ndarray:
+        """``[s, n, m]`` seeds of the branches' env generators, from the sampler's RNG (so a
+        resumed run draws the same): one per (state, branch ``j``), shared by the ``n``
+        actions (common random numbers) unless ``common_random_numbers=False``."""
+        shape = (s, 1 if self.common_random_numbers else n, self.rollouts_per_action)
+        return np.broadcast_to(self.rng.integers(2**31, size=shape), (s, n, self.rollouts_per_action))
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -276,6 +313,7 @@ class MonteCarloSampler(Sampler):
             "walker_return": self.walker_return.copy(),
             "walker_age": self.walker_age.copy(),
             "cut": self.cut.copy(),
+            **self.pending.state_dict(),
             **value_function_state(self.value_function),
         }
 
@@ -291,4 +329,5 @@ class MonteCarloSampler(Sampler):
         self.walker_return = np.array(state["walker_return"])
         self.walker_age = np.array(state.get("walker_age", np.zeros(self.num_states, dtype=np.int64)))
         self.cut = np.array(state.get("cut", np.full(self.num_states, -1, dtype=np.int64)))
+        self.pending.load_state_dict(state)
         load_value_function_state(self.value_function, state)

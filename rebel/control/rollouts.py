@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
@@ -86,6 +87,41 @@ def rollout(
         alive[live] = ~(term | trunc)
     observations = np.concatenate(seen) if seen else np.zeros((0, *pool.observation_space.shape))
     return Rollout(inputs, raw_actions, mask, step_rewards, discounted, total, terminated, truncated, observations)
+
+
+class PendingObservations:
+    """The observations an iteration met, held back from the policy's normalisation statistics
+    until the start of the next ``collect``: the statistics then stay fixed for the whole
+    iteration, so the policy that samples the batch, the pi_t it is scored as and the policy
+    the update moves differ only in the parameters the regression fits.
+
+    A sampler calls :meth:`apply` first in ``collect``, :meth:`add` with the observations the
+    statistics should take in, and puts :meth:`state_dict` in its own (exact resume).
+    """
+
+    def __init__(self, observation_space: gym.Space) -> None:
+        self.empty = np.zeros((0, *observation_space.shape), dtype=observation_space.dtype)
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, obs: np.ndarray) -> None:
+        """Hold a copy of raw observations ``[n, *obs_shape]`` for the next :meth:`apply`."""
+        self.chunks.append(np.array(obs))
+
+    def observations(self) -> np.ndarray:
+        """``[n, *obs_shape]``: everything added since the last :meth:`apply`, in order."""
+        return np.concatenate(self.chunks) if self.chunks else self.empty
+
+    def apply(self, policy: MLPPolicy) -> None:
+        """Fold the held observations into ``policy``'s statistics (in one update) and drop them."""
+        policy.update_observation_stats(self.observations())
+        self.chunks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending_observations": self.observations()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Checkpoints written before the statistics waited for the next collect hold none.
+        self.chunks = [np.array(state["pending_observations"])] if "pending_observations" in state else []
 
 
 def end_values(out: Rollout, obs: np.ndarray, values: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

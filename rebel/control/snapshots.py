@@ -27,6 +27,8 @@ What is captured:
   Taxi, ...): a deep copy of ``env.unwrapped.__dict__`` minus renderer objects.
 * The env's RNG (``unwrapped.np_random``) bit-generator state; the generator is
   created first if it did not exist yet, so that the continuation is reproducible.
+  ``reseed(env, seed)`` restarts it after a restore, for branches that should share
+  the state but not the env's noise.
 * ``gymnasium.vector.SyncVectorEnv`` (and vector wrappers around it): per-sub-env
   snapshots plus the vector env's autoreset bookkeeping (``_autoreset_envs``,
   ``_env_obs``, ``_observations``, ``_rewards``, ``_terminations``,
@@ -62,6 +64,7 @@ __all__ = [
     "MUJOCO_DERIVED_FIELDS",
     "SNAPSHOT_FORMAT",
     "frozen_normalizers",
+    "reseed",
     "restore",
     "snapshot",
 ]
@@ -403,6 +406,20 @@ def restore(env: gym.Env | VectorEnv, state: dict[str, Any]) -> None:
         _restore_single(env, state)
     else:
         raise TypeError(f"restore() expects a gymnasium.Env or SyncVectorEnv, got {type(env)!r}")
+
+
+def reseed(env: gym.Env, seed: int) -> None:
+    """Restart the env's random generator (``env.unwrapped.np_random``) from ``seed``, leaving
+    the rest of its state as it is.
+
+    The generator is reset in place, so wrappers holding it see the new stream. After
+    :func:`restore`, copies reseeded with the same seed continue with the same env noise
+    (common random numbers) and copies given different seeds with independent noise.
+    """
+    if not isinstance(env, gym.Env):
+        raise TypeError(f"reseed() expects a gymnasium.Env, got {type(env)!r}")
+    gen = env.unwrapped.np_random  # created first if it was lazily missing
+    gen.bit_generator.state = type(gen.bit_generator)(seed).state
 
 
 def _normalizers(env: Any) -> Iterator[Any]:

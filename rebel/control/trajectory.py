@@ -13,6 +13,7 @@ from rebel.control.envs import EnvPool, EnvSource
 from rebel.control.estimators import ValueFunction
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import (
+    PendingObservations,
     bootstrapped_return,
     check_discount,
     check_value_function,
@@ -42,6 +43,13 @@ class TrajectorySampler(Sampler):
     that the comparison sees past the segment's end, and V is fit each iteration to the
     returns-to-go of every rollout step (ending in ``V(s_k)`` or 0), as in
     :class:`~rebel.control.mc.MonteCarloSampler`.
+
+    The rollouts of a group restore the start's snapshot with its env random generator, so
+    on a stochastic env they meet the same stream of env noise (common random numbers across
+    the group); they differ by their own policy noise.
+
+    The policy's observation statistics take in every rollout step of an iteration at the
+    start of the next :meth:`collect` (:class:`~rebel.control.rollouts.PendingObservations`).
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class TrajectorySampler(Sampler):
         self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma
         self.pool = EnvPool(env, num_groups * group_size, **(env_kwargs or {}))
         self.policy = policy
+        self.pending = PendingObservations(self.pool.observation_space)  # rollout observations not yet in the statistics
         self.seed(seed)
 
     def seed(self, seed: int) -> None:
@@ -74,6 +83,7 @@ class TrajectorySampler(Sampler):
 
     def collect(self, policy: Policy) -> RolloutBatch:
         assert isinstance(policy, MLPPolicy)
+        self.pending.apply(policy)
         n, pool = self.group_size, self.pool
         for g in range(self.num_groups):
             leader = g * n
@@ -101,7 +111,7 @@ class TrajectorySampler(Sampler):
                 self.starts[g] = None
             else:
                 self.starts[g] = pool.snapshot(leader)
-        policy.update_observation_stats(out.raw_observations)
+        self.pending.add(out.raw_observations)
         stats = {"segment_return": float(out.reward_sum.mean()), "segment_length": float(out.mask.sum(1).float().mean()), **value_stats}
         if finished:
             stats["episode_return"] = float(np.mean(finished))
@@ -121,6 +131,7 @@ class TrajectorySampler(Sampler):
             "generator": self.generator.get_state(),
             "starts": list(self.starts),
             "leader_return": self.leader_return.copy(),
+            **self.pending.state_dict(),
             **value_function_state(self.value_function),
         }
 
@@ -129,4 +140,5 @@ class TrajectorySampler(Sampler):
         self.generator.set_state(state["generator"])
         self.starts = list(state["starts"])
         self.leader_return = np.array(state["leader_return"])
+        self.pending.load_state_dict(state)
         load_value_function_state(self.value_function, state)

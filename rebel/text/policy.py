@@ -88,12 +88,20 @@ class CausalLMPolicy(Policy):
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[Any]:
-        """The inner model in eval mode (KV cache on) for ``generate``."""
-        was_training = self.model.training
+        """The inner model in eval mode (KV cache on) for ``generate``, with a blank
+        ``generation_config``: ``generate`` fills every field its ``generation_config``
+        argument leaves unset from the model's own (``generation_config.json``: a repetition
+        penalty, suppressed tokens, ...), which the scoring forward does not apply."""
+        from transformers import GenerationConfig
+
+        base = _base_model(self.model)
+        was_training, own_config = self.model.training, base.generation_config
         self.model.eval()
+        base.generation_config = GenerationConfig()
         try:
             yield self.model
         finally:
+            base.generation_config = own_config
             self.model.train(was_training)
 
     @contextlib.contextmanager

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_group_size, check_int
+from rebel.config import check_choice, check_group_size, check_int
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 from rebel.text.data import PromptDataset, is_conversation, render_prompt
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward, reward_name
+
+# GenerationConfig fields generation_kwargs may set: they change speed and memory, not the
+# distribution the policy scores (the sampler sets temperature, top_p, top_k, lengths and EOS)
+GENERATION_KWARGS = ("use_cache", "cache_implementation", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size")
+# KV caches that keep exact keys and values (a quantized one approximates the policy)
+EXACT_CACHES = ("dynamic", "static", "offloaded", "offloaded_static")
+
+
+def check_generation_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Refuse generation settings under which samples would not come from the scored policy."""
+    refused = [key for key in kwargs if key not in GENERATION_KWARGS]
+    if refused:
+        raise ValueError(
+            f"generation_kwargs {', '.join(refused)}: the policy scores softmax(logits / temperature), not samples drawn "
+            f"with {'this' if len(refused) == 1 else 'these'} (temperature, top_p, top_k, max_new_tokens are settings of their own); "
+            f"allowed: {', '.join(GENERATION_KWARGS)}"
+        )
+    if kwargs.get("cache_implementation") is not None:
+        check_choice("generation_kwargs cache_implementation", kwargs["cache_implementation"], EXACT_CACHES)
 
 
 class TextSampler(Sampler):
@@ -31,7 +50,8 @@ class TextSampler(Sampler):
         max_new_tokens: completion length limit.
         top_p, top_k: nucleus / top-k truncation of sampling (``top_k=0``: none). The
             policy scores the untruncated distribution at its temperature.
-        generation_kwargs: more ``GenerationConfig`` fields.
+        generation_kwargs: ``GenerationConfig`` fields that change speed or memory, not the
+            sampled distribution (:data:`GENERATION_KWARGS`); any other is refused.
         generation_batch_size: sequences per ``generate`` call (default: all at once).
         max_prompt_length: prompts are cut to their last ``max_prompt_length`` tokens.
         missing_eos_penalty: subtracted from the reward of a completion without EOS.
@@ -71,6 +91,7 @@ class TextSampler(Sampler):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        check_generation_kwargs(generation_kwargs or {})
         self.dataset = PromptDataset(dataset)
         self.reward_funcs: list[RewardFunc] = as_reward_funcs(reward_funcs, reward_processing_classes)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
@@ -209,7 +230,7 @@ class TextSampler(Sampler):
         from transformers import GenerationConfig
 
         tokenizer = policy.tokenizer
-        config = GenerationConfig(
+        config = GenerationConfig(  # all that applies: generation_mode blanks the model's own generation_config
             **{
                 "do_sample": True,
                 "temperature": policy.temperature,
@@ -250,7 +271,7 @@ class TextSampler(Sampler):
         else:
             with policy.adapter_disabled():
                 ref = policy.token_log_probs(input_ids, attention_mask, t)
-        return ((logp - ref) * mask).sum(1).double().cpu()
+        return torch.where(mask, logp - ref, 0.0).sum(1).double().cpu()  # a select: nan/inf at masked positions stay out
 
 
 def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:

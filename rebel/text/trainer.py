@@ -20,7 +20,7 @@ import torch
 from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.text.policy import CausalLMPolicy
-from rebel.text.sampler import TextSampler
+from rebel.text.sampler import TextSampler, check_generation_kwargs
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -54,12 +54,13 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
-    generation_kwargs: dict[str, Any] = option({}, "more transformers GenerationConfig fields")  # noqa: RUF009 - option() builds a field
+    generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
 
     def __post_init__(self) -> None:
         check_group_size("num_generations", self.num_generations)
         check_choice("dtype", self.dtype, DTYPES)
         check_positive("temperature", self.temperature)
+        check_generation_kwargs(self.generation_kwargs)
         super().__post_init__()
 
     def lora_config(self) -> Any:

@@ -17,16 +17,21 @@ FAST = {"progress": False, "tensorboard": False, "plot": False}
 SMALL = {"critic_hidden_sizes": (16, 16), "critic_batch_size": 32, "num_states": 8}
 
 
-def mlp_policy(probe, hidden_sizes=(32, 32)):
+def mlp_policy(probe, hidden_sizes=(32, 32), normalize_observations=False):
     """The policy the agent builds for the critic variant (SAC-like: relu, state-dependent std, raw observations)."""
     return MLPPolicy(
-        probe.observation_space, probe.action_space, hidden_sizes, activation="relu", state_dependent_std=True, normalize_observations=False
+        probe.observation_space,
+        probe.action_space,
+        hidden_sizes,
+        activation="relu",
+        state_dependent_std=True,
+        normalize_observations=normalize_observations,
     )
 
 
-def make(env="Pendulum-v1", policy_seed=0, **kwargs):
+def make(env="Pendulum-v1", policy_seed=0, normalize_observations=False, **kwargs):
     torch.manual_seed(policy_seed)
-    policy = mlp_policy(gym.make(env) if isinstance(env, str) else env())
+    policy = mlp_policy(gym.make(env) if isinstance(env, str) else env(), normalize_observations=normalize_observations)
     return policy, CriticSampler(env, policy, **{"steps_per_iteration": 50, "learning_starts": 50, "seed": 1, **SMALL, **kwargs})
 
 
@@ -151,11 +156,17 @@ def test_critic_variant_learns_pendulum(tmp_path, normalization):
     assert before < -1000 and after > -600, (before, after)
 
 
-@pytest.mark.parametrize("entropy", [{}, {"alpha": 0.1, "tune_alpha": True}], ids=["no-entropy", "tuned-alpha"])
-def test_resume_is_bit_identical(tmp_path, entropy):
+# The normalising policy's warm-up ends in iteration 3: the checkpoint holds 20 observations
+# that enter the statistics at the start of iteration 4.
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"alpha": 0.1, "tune_alpha": True}, {"learning_starts": 100, "normalize_observations": True}],
+    ids=["no-entropy", "tuned-alpha", "normalised-warm-up-across-the-checkpoint"],
+)
+def test_resume_is_bit_identical(tmp_path, extra):
     """N + N iterations with a checkpoint in between == 2N straight (the buffer wraps around)."""
     n = 3
-    options = {"num_envs": 2, "steps_per_iteration": 40, "learning_starts": 60, "buffer_size": 100, "updates_per_step": 0.5, **entropy}
+    options = {"num_envs": 2, "steps_per_iteration": 40, "learning_starts": 60, "buffer_size": 100, "updates_per_step": 0.5, **extra}
 
     def trainer(name, callbacks=()):
         policy, sampler = make(**options)
@@ -181,6 +192,7 @@ def test_resume_is_bit_identical(tmp_path, entropy):
     assert np.array_equal(resumed.sampler.buffer.obs, straight.sampler.buffer.obs)
     assert np.array_equal(resumed.sampler.obs, straight.sampler.obs)
     assert resumed.sampler.alpha == straight.sampler.alpha
+    assert straight.policy.obs_count == (100 if "normalize_observations" in extra else 0)  # the whole warm-up
 
 
 @pytest.mark.parametrize(

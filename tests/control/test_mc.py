@@ -1,5 +1,6 @@
-"""The Monte-Carlo reset variant: exact Q estimates, common random numbers, bootstrap,
-step accounting, learning through the trainer, exact resume."""
+"""The Monte-Carlo reset variant: exact Q estimates, independent env noise across branches and
+common random numbers across actions, bootstrap, step accounting, learning through the trainer,
+exact resume (observation statistics fixed within an iteration: test_observation_statistics.py)."""
 
 import copy
 import json
@@ -14,7 +15,7 @@ from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import evaluate
 from rebel.control.mc import MonteCarloSampler
 from rebel.control.policy import MLPPolicy
-from rebel.control.snapshots import restore
+from rebel.control.snapshots import reseed, restore
 from rebel.runs import read_metrics
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -34,14 +35,15 @@ def record_q_values(sampler):
     calls = []
     branch = sampler._branch
 
-    def recorded(policy, states, raw_actions, noise=None):
-        result = branch(policy, states, raw_actions, noise)
+    def recorded(policy, states, raw_actions, noise, env_seeds):
+        result = branch(policy, states, raw_actions, noise, env_seeds)
         calls.append(
             {
                 "policy": copy.deepcopy(policy),
                 "states": states,
                 "raw_actions": raw_actions,
                 "noise": noise,
+                "env_seeds": env_seeds,
                 "rollout": result[0],
                 "q": result[2],
             }
@@ -52,12 +54,13 @@ def record_q_values(sampler):
     return calls
 
 
-def replay(env_id, policy, state, first_raw_action, noise, horizon, gamma):
-    """One branch by hand, in a fresh env: restore, take the action, follow pi_t with the given noise."""
+def replay(env_id, policy, state, first_raw_action, noise, env_seed, horizon, gamma):
+    """One branch by hand, in a fresh env: restore, reseed, take the action, follow pi_t with the given noise."""
     env = gym.make(env_id)
     env.reset(seed=123)  # whatever this reset did is overwritten by the snapshot
     env_state, obs = state
     restore(env, env_state)
+    reseed(env, env_seed)
     ret, raw = 0.0, first_raw_action
     for h in range(horizon):
         if h > 0:
@@ -91,7 +94,8 @@ def test_q_estimates_equal_branches_replayed_by_hand(env_id, rel):
     for i in range(s):
         for a in range(n):
             for j in range(m):
-                expected = replay(env_id, call["policy"], call["states"][i], call["raw_actions"][i, a], call["noise"][i, a, j], 30, 0.97)
+                args = call["states"][i], call["raw_actions"][i, a], call["noise"][i, a, j], int(call["env_seeds"][i, a, j])
+                expected = replay(env_id, call["policy"], *args, 30, 0.97)
                 assert call["q"][i, a, j] == pytest.approx(expected, rel=rel, abs=0.0)
 
 
@@ -115,6 +119,70 @@ def test_common_random_numbers_make_equal_actions_score_equal(env_id):
 
     policy, sampler = make(env_id, SameActionPolicy, horizon=20, common_random_numbers=False)
     assert sampler.collect(policy).stats["q_diff_abs"] > 0  # the check above fails without common random numbers
+
+
+def test_the_branches_of_one_action_see_independent_env_noise():
+    """Slippery FrozenLake, horizon 1: a move goes the intended way or to either side, 1/3 each.
+    The m = 16 branches of an action reach more than one cell, with the env's frequencies
+    (restored alone, all 16 would replay the snapshot's generator and land in one cell)."""
+    policy, sampler = make("FrozenLake-v1", num_states=8, rollouts_per_action=16, horizon=1, env_kwargs={"is_slippery": True})
+    calls = record_q_values(sampler)
+    lake = gym.make("FrozenLake-v1", is_slippery=True).unwrapped
+    sides = np.zeros(3)  # how often each of the three moves happened, where all three are told apart
+    for _ in range(4):
+        sampler.collect(policy)
+        call = calls[-1]
+        reached = sampler.branches.obs[: 8 * 2 * 16].reshape(8, 2, 16)
+        for i, (_, start) in enumerate(call["states"]):
+            for a in range(2):
+                assert len(set(reached[i, a].tolist())) > 1
+                cells = [cell for _, cell, _, _ in lake.P[int(start)][int(call["raw_actions"][i, a])]]
+                if len(set(cells)) == 3:
+                    sides += [np.sum(reached[i, a] == cell) for cell in cells]
+    assert sides.sum() >= 400
+    np.testing.assert_allclose(sides / sides.sum(), 1 / 3, atol=0.05)
+
+
+class NoiseEnv(gym.Env):
+    """Each step's observation and reward are the env's own uniform noise, whatever the action."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float64)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.random(1), {}
+
+    def step(self, action):
+        noise = self.np_random.random(1)
+        return noise, float(noise[0]), False, False, {}
+
+
+@pytest.mark.parametrize("common", [True, False])
+def test_the_actions_of_one_branch_index_see_the_same_env_noise(common):
+    """The env noise of branch j is the stream of its seed: shared by the actions of a state
+    (common random numbers), its own for every (state, j) (and action, without them)."""
+    torch.manual_seed(0)
+    policy = MLPPolicy(NoiseEnv.observation_space, NoiseEnv.action_space)
+    options = {"num_states": 4, "actions_per_state": 3, "rollouts_per_action": 4, "horizon": 3, "gamma": 0.9}
+    sampler = MonteCarloSampler(NoiseEnv, policy, common_random_numbers=common, **options)
+    calls = record_q_values(sampler)
+    sampler.collect(policy)
+    q, seeds = calls[-1]["q"], calls[-1]["env_seeds"]
+    for index in np.ndindex(q.shape):
+        noise = np.random.default_rng(int(seeds[index])).random(3)
+        assert q[index] == pytest.approx(noise @ 0.9 ** np.arange(3), rel=1e-12)
+    assert (np.array_equal(q[:, 0], q[:, 1]) and np.array_equal(q[:, 0], q[:, 2])) == common
+    assert len(np.unique(q)) == (4 * 4 if common else 4 * 3 * 4)
+
+
+def test_q_values_refuses_env_seeds_of_the_wrong_shape():
+    policy, sampler = make("CartPole-v1")
+    calls = record_q_values(sampler)
+    sampler.collect(policy)
+    call = calls[-1]
+    with pytest.raises(ValueError, match=r"env_seeds has shape \(3, 2\); expected \(3, 2, 2\): one seed per branch"):
+        sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"], call["env_seeds"][..., 0])
 
 
 def test_every_environment_step_is_counted():
@@ -148,10 +216,10 @@ def test_bootstrap_is_added_to_unfinished_branches_only():
     calls = record_q_values(sampler)
     sampler.collect(policy)
     call = calls[-1]
-    with_value = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"])
+    with_value = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"], call["env_seeds"])
     sampler.bootstrap = value
     assert seen == []
-    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"], call["env_seeds"]).reshape(-1)
     plain = with_value.reshape(-1)
     added = np.flatnonzero(bootstrapped != plain)
     assert len(seen) == 1 and 0 < len(added) < len(plain)  # some branches fell within the horizon, some did not
@@ -177,9 +245,9 @@ def test_branches_cut_by_the_time_limit_are_bootstrapped_at_the_step_they_stoppe
     assert out.truncated.all() and not out.terminated.any()
     steps = out.mask.sum(1).numpy()
     assert (steps <= 10).all() and len(set(steps.tolist())) > 1  # cut at different steps (walkers at different times)
-    plain = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)  # the policy as it is now
+    plain = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"], call["env_seeds"]).reshape(-1)
     sampler.bootstrap = value
-    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    bootstrapped = sampler.q_values(policy, call["states"], call["raw_actions"], call["noise"], call["env_seeds"]).reshape(-1)
     assert len(seen) == 1 and np.array_equal(seen[0], sampler.branches.obs[: len(steps)])  # where each branch stopped
     expected = plain + 0.9**steps * (50.0 + seen[0][:, 2].astype(np.float64))
     np.testing.assert_allclose(bootstrapped, expected, rtol=1e-12)
@@ -207,8 +275,8 @@ def test_value_function_bootstraps_running_branches_and_is_fit_to_their_returns_
     # Without the value function the estimates lose exactly gamma^H V(s_H) on the branches
     # that ran the whole horizon (their last observations are still in the branch envs).
     sampler.value_function = None
-    before = call["policy"]  # as it was during collect (its observation statistics moved after)
-    plain = sampler.q_values(before, call["states"], call["raw_actions"], call["noise"]).reshape(-1)
+    before = call["policy"]  # as it was during collect
+    plain = sampler.q_values(before, call["states"], call["raw_actions"], call["noise"], call["env_seeds"]).reshape(-1)
     running = np.flatnonzero(~np.isclose(q_branches, plain, rtol=0, atol=1e-9))
     assert 0 < len(running) < len(plain)  # some branches fell within the horizon, some did not
     with torch.no_grad():
@@ -316,7 +384,15 @@ def strip_times(rows):
 
 
 # Pendulum never terminates: with a 60-step limit, first episodes are still being cut after the resume.
-@pytest.mark.parametrize("options", [{}, {"env_id": "Pendulum-v1", "spread_walkers": True, "env_kwargs": {"max_episode_steps": 60}}])
+# FrozenLake is slippery: the branches' env seeds shape the Q estimates.
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"env_id": "Pendulum-v1", "spread_walkers": True, "env_kwargs": {"max_episode_steps": 60}},
+        {"env_id": "FrozenLake-v1", "env_kwargs": {"is_slippery": True}},
+    ],
+)
 def test_resume_is_bit_identical(tmp_path, options):
     straight = mc_trainer(tmp_path, "straight", **options)
     rows_straight = straight.train()

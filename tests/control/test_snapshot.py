@@ -15,7 +15,7 @@ pytest.importorskip("gymnasium")
 
 import gymnasium as gym
 
-from rebel.control.snapshots import frozen_normalizers, restore, snapshot
+from rebel.control.snapshots import frozen_normalizers, reseed, restore, snapshot
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="mujoco not installed")
 
@@ -147,6 +147,31 @@ def test_cartpole_deep_copy_path() -> None:
     assert state["env_id"] == "CartPole-v1"
     ref = _check_replay(lambda: gym.make("CartPole-v1"), warm=5, n=200)
     assert sum(step[1] == b"reset" for step in ref) >= 3  # unseeded resets use the restored RNG
+
+
+def test_reseed_restarts_only_the_env_generator_in_place() -> None:
+    """Slippery FrozenLake draws each move from its generator: after one restore, the same seed
+    gives the same moves, other seeds other moves, and the rest of the state stays restored."""
+    env = gym.make("FrozenLake-v1", is_slippery=True)
+    env.reset(seed=0)
+    state = snapshot(env)
+    generator = env.unwrapped.np_random
+
+    def continuation(seed: int | None) -> tuple[int, int]:
+        """The cell one move down reaches, and the generator's next draw."""
+        restore(env, state)
+        if seed is not None:
+            reseed(env, seed)
+        assert env.unwrapped.s == 0 and env.unwrapped.np_random is generator  # state restored, generator kept
+        return int(env.step(1)[0]), int(generator.integers(2**31))
+
+    assert continuation(None) == continuation(None)
+    assert continuation(7) == continuation(7) != continuation(None)
+    assert len({continuation(seed)[0] for seed in range(8)}) > 1  # the slip depends on the seed
+    reseed(env, 7)
+    assert generator.random() == np.random.default_rng(7).random()  # the stream of default_rng(seed)
+    with pytest.raises(TypeError, match="reseed\\(\\) expects a gymnasium.Env, got"):
+        reseed(state, 7)
 
 
 def test_pendulum_exact_replay() -> None:

@@ -1,7 +1,5 @@
 """The trajectory variant's sampler: shared starts, exact returns, every step counted."""
 
-import copy
-
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -56,7 +54,6 @@ def test_value_function_adds_its_value_at_the_segment_end_and_fits_returns_to_go
         return fit(inputs, targets, generator)
 
     value.fit = recorded_fit
-    as_it_was = copy.deepcopy(policy)  # collect moves the observation statistics afterwards
     batch, without = sampler.collect(policy), plain.collect(plain_policy)
     assert torch.equal(batch.data["raw_actions"], without.data["raw_actions"])  # same rollouts; V changes the rewards only
     inputs, targets, weights = fits[-1]
@@ -67,7 +64,7 @@ def test_value_function_adds_its_value_at_the_segment_end_and_fits_returns_to_go
     ended = torch.as_tensor(steps < 30)
     assert 0 < len(running) < 9  # Hopper with a wide policy: some rollouts fall within 30 steps
     with torch.no_grad():
-        v_end = before(as_it_was.preprocess(sampler.pool.obs[running]))
+        v_end = before(policy.preprocess(sampler.pool.obs[running]))  # the statistics move at the next collect
     torch.testing.assert_close(batch.reward[running] - without.reward[running], 0.9**30 * v_end, rtol=1e-5, atol=1e-5)
     assert torch.equal(batch.reward[ended], without.reward[ended])
     # the first-step targets are the rewards themselves; later ones follow G_h = r_h + gamma G_{h+1}
@@ -119,3 +116,27 @@ def test_state_dict_round_trip_reproduces_the_next_batch():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make("Pendulum-v1", **kwargs)
+
+
+def test_the_rollouts_of_a_group_share_the_start_states_env_noise():
+    """Slippery FrozenLake, one step a segment: the members restore the start's env generator, so
+    members that take the same action reach the same cell (common random numbers across the
+    group), while the slip itself still varies from segment to segment."""
+    probe = gym.make("FrozenLake-v1", is_slippery=True)
+    torch.manual_seed(0)
+    policy = MLPPolicy(probe.observation_space, probe.action_space)
+    sampler = TrajectorySampler("FrozenLake-v1", policy, num_groups=4, group_size=4, segment_length=1, env_kwargs={"is_slippery": True})
+    lake, pairs, slips = probe.unwrapped, 0, set()
+    for _ in range(10):
+        starts = [0 if start is None else int(start[1]) for start in sampler.starts]  # a reset starts at cell 0
+        actions = sampler.collect(policy).data["raw_actions"][:, 0].view(4, 4).tolist()
+        reached = sampler.pool.obs.reshape(4, 4).tolist()
+        for g in range(4):
+            for i in range(4):
+                for k in range(i):
+                    if actions[g][i] == actions[g][k]:
+                        assert reached[g][i] == reached[g][k]
+                        pairs += 1
+        slips |= {(s, a[0], r[0]) for s, a, r in zip(starts, actions, reached) if len({c for _, c, _, _ in lake.P[s][a[0]]}) == 3}
+    assert pairs >= 20
+    assert len({(s, a) for s, a, _ in slips}) < len(slips)  # one (cell, action) led to different cells

@@ -1,7 +1,9 @@
 """TextSampler: groups, masks, rewards (TRL signature, columns, chat prompts, errors,
 penalties), sharding and its state."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,17 +51,49 @@ def test_a_batch_holds_groups_masks_rewards_and_columns(tiny_lm):
     assert len(sampler.last_samples) == 12
 
 
-def test_sampled_tokens_follow_the_distribution_the_policy_scores(tiny_lm):
-    """generate's sampling (temperature, no top-k) and the training forward agree."""
-    policy = CausalLMPolicy(tiny_lm, temperature=0.8)
-    sampler = TextSampler(["12:"], zero_reward, num_generations=3000, prompts_per_iteration=1, max_new_tokens=1)
+@pytest.fixture(scope="module")
+def lm_with_generation_defaults(tiny_lm, tmp_path_factory):
+    """The tiny model saved with a generation_config.json that sets logits processors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("lm_with_generation_defaults")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
+    digit = tokenizer.convert_tokens_to_ids
+    model.generation_config.update(
+        do_sample=True, temperature=5.0, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=2,
+        suppress_tokens=[digit("3")], bad_words_ids=[[digit("4")]], begin_suppress_tokens=[digit("5")], min_p=0.5,
+    )  # fmt: skip
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_samples_ignore_the_models_generation_defaults(lm_with_generation_defaults, lora):
+    """generate's samples and the training forward agree: first tokens sampled from a model
+    whose generation_config.json penalises, bans and truncates follow exp(log-probs) of the
+    scoring forward (temperature 0.7, no truncation) over the whole vocabulary."""
+    from peft import LoraConfig
+
+    saved = json.loads((Path(lm_with_generation_defaults) / "generation_config.json").read_text())
+    assert saved["repetition_penalty"] == 3.0 and saved["no_repeat_ngram_size"] == 1 and saved["min_new_tokens"] == 2
+    peft_config = LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False) if lora else None  # a non-zero adapter
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        policy = CausalLMPolicy(lm_with_generation_defaults, temperature=0.7, peft_config=peft_config)
+    assert policy.model.generation_config.suppress_tokens  # loaded back with the model
+    sampler = TextSampler(["12:"], zero_reward, num_generations=4000, prompts_per_iteration=1, max_new_tokens=1)
     sampler.seed(0)
-    batch = sampler.collect(policy)
-    first = batch.data["input_ids"][:, -1]
-    empirical = torch.bincount(first, minlength=len(policy.tokenizer)).double() / len(first)
-    scored = torch.zeros(len(policy.tokenizer), dtype=torch.float64)
-    scored[first] = policy.step_log_probs(batch)[:, 0].double().exp()
-    assert (empirical - scored).abs().max().item() < 0.03
+    first = sampler.collect(policy).data["input_ids"][:, -1]
+    assert policy.model.generation_config.repetition_penalty == 3.0  # the model's own config is put back
+    vocab = len(policy.tokenizer)
+    empirical = torch.bincount(first, minlength=vocab).double() / len(first)
+    prompt = policy.tokenizer(["12:"] * vocab, return_tensors="pt")
+    every_token = torch.cat([prompt["input_ids"], torch.arange(vocab)[:, None]], 1)
+    with torch.no_grad():
+        scored = policy.token_log_probs(every_token, torch.ones_like(every_token), 1)[:, 0].double().exp()
+    assert scored.sum().item() == pytest.approx(1.0)
+    assert (empirical - scored).abs().max().item() < 0.02  # 4000 samples: a standard error of at most 0.006 a token
 
 
 def test_chat_prompts_use_the_chat_template_and_completions_are_messages(tiny_lm):
@@ -138,6 +172,51 @@ def test_kl_penalty_to_a_frozen_reference(tiny_lm):
     assert batch.stats["ref_kl"] == pytest.approx((logp - ref).mean().item(), abs=1e-5)
 
 
+class MaskedTargetsNonFinite(torch.nn.Module):
+    """A reference model whose logits are ``fill`` (at ``token``, or everywhere) where the
+    next token is masked out, as some attention kernels give at padded positions."""
+
+    def __init__(self, model, fill, token=None):
+        super().__init__()
+        self.model, self.fill, self.token = model, fill, token
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = out.logits.clone()
+        target_masked = torch.nn.functional.pad(attention_mask[:, 1:] == 0, (0, 1))
+        columns = slice(None) if self.token is None else [self.token]
+        logits[..., columns] = torch.where(target_masked[..., None], self.fill, logits[..., columns])
+        out.logits = logits
+        return out
+
+
+@pytest.mark.parametrize(("fill", "token"), [(math.nan, None), (-math.inf, 0)], ids=["nan", "pad-impossible"])
+def test_reference_kl_ignores_non_finite_values_at_masked_positions(tiny_lm, monkeypatch, fill, token):
+    """A nan (or -inf: the pad token impossible) reference log-prob after the EOS stays out of the KL."""
+    from transformers import AutoModelForCausalLM
+
+    policy = CausalLMPolicy(tiny_lm)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(1.5)  # another policy than pi
+    sampler = TextSampler(["12:"], zero_reward, prompts_per_iteration=1, max_new_tokens=4, kl_coef=0.5,
+                          reference_model=MaskedTargetsNonFinite(reference, fill, token))  # fmt: skip
+    digit, eos, pad = policy.tokenizer.convert_tokens_to_ids, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    completions = torch.tensor([[digit("1"), eos, pad, pad], [digit("1"), digit("2"), digit("3"), digit("4")]])
+    monkeypatch.setattr(sampler, "_generate", lambda policy, ids, mask: completions)
+    batch = sampler.collect(policy)
+    assert batch.mask.tolist() == [[True, True, False, False], [True] * 4]
+    ids, attention = batch.data["input_ids"], batch.data["attention_mask"]
+    with torch.no_grad():
+        broken = policy.token_log_probs(ids, attention, 4, model=sampler.reference_model)
+        kl = (policy.token_log_probs(ids, attention, 4) - policy.token_log_probs(ids, attention, 4, model=reference)).double()
+    assert not broken[0, 2:].isfinite().any() and broken[0, :2].isfinite().all()  # non-finite exactly where masked
+    expected = (kl * batch.mask).sum(1)
+    assert expected.abs().min().item() > 1e-3
+    assert batch.reward.double().tolist() == pytest.approx((-0.5 * expected).tolist(), abs=1e-5)
+    assert batch.stats["ref_kl"] == pytest.approx(expected.mean().item(), abs=1e-5)
+
+
 def test_processes_take_disjoint_slices_of_one_prompt_order(monkeypatch):
     records = [{"prompt": f"{k}:"} for k in range(12)]
     samplers = [TextSampler(records, zero_reward, prompts_per_iteration=3, data_seed=7) for _ in range(2)]
@@ -180,3 +259,13 @@ def test_bad_settings_are_clear_errors():
         TextSampler(datasets.Dataset.from_list([{"text": "1:"}]), zero_reward)
     with pytest.raises(ValueError, match="reward_funcs is empty"):
         TextSampler(RECORDS, [])
+
+
+def test_generation_kwargs_that_change_the_distribution_are_refused():
+    with pytest.raises(ValueError, match="^generation_kwargs no_repeat_ngram_size, temperature: the policy scores") as error:
+        TextSampler(RECORDS, zero_reward, generation_kwargs={"use_cache": True, "no_repeat_ngram_size": 2, "temperature": 0.5})
+    assert "\n" not in str(error.value) and "allowed: use_cache, cache_implementation" in str(error.value)
+    with pytest.raises(ValueError, match="generation_kwargs cache_implementation='quantized' is not supported; expected one of dynamic"):
+        TextSampler(RECORDS, zero_reward, generation_kwargs={"cache_implementation": "quantized"})
+    sampler = TextSampler(RECORDS, zero_reward, generation_kwargs={"use_cache": False, "cache_implementation": "static"})
+    assert sampler.generation_kwargs == {"use_cache": False, "cache_implementation": "static"}

@@ -149,6 +149,8 @@ def test_text_config_is_a_trainer_config_and_checks_values():
         TextConfig(num_generations=1)
     with pytest.raises(ValueError, match="eta must be a finite number > 0"):
         TextConfig(eta=0.0)
+    with pytest.raises(ValueError, match=r"^generation_kwargs repetition_penalty: the policy scores softmax\(logits / temperature\)"):
+        TextConfig(generation_kwargs={"repetition_penalty": 1.2})  # refused before a model loads
 
 
 def test_bf16_paths_run_on_cpu(tiny_lm, tmp_path):
