@@ -2,6 +2,9 @@
 
     rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
+    rebel --version
+
+A bad input is one line, ``rebel COMMAND: error: ...``, and exit status 2.
 
 ``rebel train NAME`` looks for the adapter's command in ``rebel.NAME.cli``: a module with
 ``add_arguments(parser)`` and ``run(args)``. The adapters' heavy libraries load only then.
@@ -10,12 +13,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import rebel
 from rebel.config import add_arguments, from_args
 
 ADAPTERS = {
@@ -29,6 +37,7 @@ ADAPTERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="rebel", description="REBEL: reinforcement learning by regressing relative rewards.")
+    parser.add_argument("--version", action="version", version=f"rebel-rl {rebel.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a policy", description="Train with REBEL.")
     train.add_argument(
@@ -55,7 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plot":
         from rebel.runs import plot_runs
 
-        print(plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x))
+        try:
+            _check_plotted(args.run_dirs, {"--metric": args.metric, "--x": args.x})
+            print(plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"rebel plot: error: {error}", file=sys.stderr)
+            return 2
         return 0
     parser.print_help()
     return 0 if args.command is None else 2
@@ -103,6 +117,47 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"rebel eval: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_plotted(run_dirs: Sequence[str], keys: dict[str, str | None]) -> None:
+    """Each key given (``--metric``, ``--x``) must be a number in the metrics of every run that has metrics."""
+    from rebel.runs import read_metrics
+
+    logged = {
+        d: {k for row in read_metrics(d) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for d in run_dirs
+    }
+    logged = {d: names for d, names in logged.items() if names}
+    for option, key in keys.items():
+        lacking = [d for d, names in logged.items() if key is not None and key not in names]
+        if lacking:
+            common = sorted(set.intersection(*logged.values()))
+            raise ValueError(f"{option} {key!r} is not in the metrics of {', '.join(lacking)}; the runs have {', '.join(common)}")
+
+
+@contextlib.contextmanager
+def clean_up_on_failure(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Run a command's set-up and training; if it fails before the run folder ``run_dir``
+    holds a checkpoint, remove what the command made: the folder (and the parents it made),
+    or in a folder that was already there, the entries it added. Only process 0 removes."""
+    from rebel.runs import latest_checkpoint
+
+    path = Path(run_dir).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # the folders the command will make, innermost first
+    before = set(path.iterdir()) if path.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0 and path.is_dir() and latest_checkpoint(path) is None:
+            for entry in [path] if made else sorted(set(path.iterdir()) - before):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
+            for parent in made[1:]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when nothing else went there
+        raise
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, defaults: dict[str, Any] | None = None) -> None:
