@@ -12,6 +12,7 @@ from typing import Any
 
 from rebel.cli import add_config_arguments, resolve_configs
 from rebel.config import add_arguments as add_dataclass_arguments
+from rebel.hf.inputs import first_line
 
 
 def add_arguments(
@@ -46,16 +47,20 @@ def resolve_model_run(
 
 
 def load_function(spec: str, option: str = "--reward") -> Any:
-    """The function ``module:function`` or ``path/file.py:function`` names."""
+    """The function ``module:function`` or ``path/file.py:function`` names; a module that
+    cannot be found or imported is a ValueError naming ``spec``."""
     where, _, name = spec.strip().rpartition(":")
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        if module_spec is None or module_spec.loader is None or not Path(where).is_file():
-            raise ValueError(f"{option} {spec}: cannot load {where}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"{option} {spec}: {where} does not exist")
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(where)
+    except Exception as error:  # importing the user's module: whatever fails, say it in one line
+        raise ValueError(f"{option} {spec}: cannot import {where} ({first_line(error)})") from error
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"{option} {spec}: {where} has no function {name!r}")
