@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from rebel.cli import clean_up_on_failure
     from rebel.control.agent import Rebel
 
     options: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "resume"}
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--output-dir {options['output_dir']} conflicts with --resume {args.resume}; give only --resume")
         options.pop("output_dir", None)
         agent = Rebel.from_run(args.resume, **options)
-        agent.learn(resume=True)
     else:
         env = options.pop("env", "HalfCheetah-v5")
         agent = Rebel(
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
             output_dir=options.pop("output_dir", None),
             **options,
         )
-        agent.learn()
+    with clean_up_on_failure(agent.config.output_dir):
+        agent.learn(resume=bool(args.resume))
     assert agent.trainer is not None
     if agent.trainer.accelerator.is_main_process:
         from rebel.runs import read_metrics
