@@ -26,8 +26,6 @@ from rebel.normalize import RewardNormalizer, RunningMeanStd
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 
-__version__ = "0.1.0"
-
 _LAZY = {
     "Trainer": "rebel.trainer",
     "TrainerConfig": "rebel.trainer",
@@ -56,6 +54,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # the installed distribution's, read when asked
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("rebel-rl")
+        except PackageNotFoundError:
+            return "0+unknown"  # a source tree pip has not installed
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _ADAPTERS:
@@ -64,4 +69,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*__all__, *_ADAPTERS])
+    return sorted([*__all__, *_ADAPTERS, "__version__"])

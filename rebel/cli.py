@@ -2,6 +2,9 @@
 
     rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
+    rebel --version
+
+A bad input is one line, ``rebel COMMAND: error: ...``, and exit status 2.
 
 ``rebel train NAME`` looks for the adapter's command in ``rebel.NAME.cli``: a module with
 ``add_arguments(parser)`` and ``run(args)`` (returning the exit code: 0, or 130 / 143 when
@@ -17,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import rebel
 from rebel.config import add_arguments, from_args
 
 ADAPTERS = {
@@ -30,6 +34,7 @@ ADAPTERS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="rebel", description="REBEL: reinforcement learning by regressing relative rewards.")
+    parser.add_argument("--version", action="version", version=f"rebel-rl {rebel.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a policy", description="Train with REBEL.")
     train.add_argument(
@@ -56,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plot":
         from rebel.runs import plot_runs
 
-        print(plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x))
+        try:
+            _check_plotted(args.run_dirs, {"--metric": args.metric, "--x": args.x})
+            print(plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"rebel plot: error: {error}", file=sys.stderr)
+            return 2
         return 0
     parser.print_help()
     return 0 if args.command is None else 2
@@ -90,11 +100,8 @@ def _train(name: str, argv: list[str]) -> int:
         add, run = module.add_arguments, module.run
     add(parser)
     args = parser.parse_args(argv)
-    from rebel.runs import claims_released
-
     try:
-        with claims_released():
-            return run(args)
+        return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel train {name}: error: {error}", file=sys.stderr)
         return 2
@@ -113,6 +120,22 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"rebel eval: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_plotted(run_dirs: Sequence[str], keys: dict[str, str | None]) -> None:
+    """Each key given (``--metric``, ``--x``) must be a number in the metrics of every run that has metrics."""
+    from rebel.runs import read_metrics
+
+    logged = {
+        d: {k for row in read_metrics(d) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for d in run_dirs
+    }
+    logged = {d: names for d, names in logged.items() if names}
+    for option, key in keys.items():
+        lacking = [d for d, names in logged.items() if key is not None and key not in names]
+        if lacking:
+            common = sorted(set.intersection(*logged.values()))
+            raise ValueError(f"{option} {key!r} is not in the metrics of {', '.join(lacking)}; the runs have {', '.join(common)}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, defaults: dict[str, Any] | None = None) -> None:
@@ -189,6 +212,7 @@ def _tabular_arguments(parser: argparse.ArgumentParser) -> None:
 def _tabular_run(args: argparse.Namespace) -> int:
     import torch
 
+    from rebel.runs import claimed_run_folder
     from rebel.trainer import Trainer, TrainerConfig
     from rebel_envs.tabular import TabularConfig, make_tabular
 
@@ -197,7 +221,8 @@ def _tabular_run(args: argparse.Namespace) -> int:
     torch.manual_seed(trainer_config.seed)
     policy, sampler = make_tabular(configs["tabular"], seed=trainer_config.seed)
     trainer = Trainer(policy, sampler, trainer_config, run_config={"adapter": "tabular", "tabular": dataclasses.asdict(configs["tabular"])})
-    rows = trainer.train(**start_options(args))
+    with claimed_run_folder(trainer_config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
+        rows = trainer.train(**start_options(args))
     if rows and trainer.accelerator.is_main_process:
         last = rows[-1]
         print(

@@ -292,8 +292,9 @@ class RunLock:
         entry[1] -= 1
         if entry[1] == 0:
             del _HELD[self.path]
-            lock_file = self.path / LOCK_FILE
-            lock_file.unlink(missing_ok=True)  # still holding it: nobody can have taken it meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path / LOCK_FILE).st_ino == os.fstat(entry[0].fileno()).st_ino:
+                    (self.path / LOCK_FILE).unlink()  # ours, still held: nobody can have taken it meanwhile
             entry[0].close()
             if entry[2] and self.path.is_dir() and not any(self.path.iterdir()):
                 self.path.rmdir()  # made for this run and nothing was written: leave nothing behind
@@ -338,16 +339,32 @@ def claim_run(run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bo
 
 
 @contextlib.contextmanager
-def claims_released() -> Iterator[None]:
-    """Release, on leaving, every run folder claimed inside (a command holds its folder
-    from its first check to its end, through the claims of the code it calls)."""
-    before = set(_HELD)
+def claimed_run_folder(run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Iterator[None]:
+    """Hold ``run_dir`` for a command (:func:`claim_run`) while it sets up and trains. If the
+    command fails before its run holds a checkpoint, what it made is removed: the folder
+    and the parents it made, or, in a folder that was there, the entries it added (a run
+    that can resume stays). Only the main process claims and removes."""
+    path = Path(run_dir).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # the folders the command will make, innermost first
+    before = set(path.iterdir()) if path.is_dir() else set()
+    lock = claim_run(path, resume=resume, overwrite=overwrite)  # refused: nothing made, nothing to remove
     try:
         yield
+    except BaseException:
+        if lock.path is not None and path.is_dir() and latest_checkpoint(path) is None:
+            for entry in [path] if made else sorted(set(path.iterdir()) - before):
+                if entry.name == LOCK_FILE and not made:
+                    continue  # released below, still held while the rest goes
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            for parent in made[1:]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when nothing else went there
+        raise
     finally:
-        for path in [p for p in _HELD if p not in before]:
-            _HELD[path][1] = 1
-            RunLock(path).release()
+        lock.release()
 
 
 def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:

@@ -69,14 +69,60 @@ def test_bad_values_give_clear_errors(tmp_path, capsys):
     assert "is not a run folder" in capsys.readouterr().err
 
 
-def test_plot_overlays_runs(tmp_path):
+def test_plot_overlays_runs(tmp_path, capsys):
     for name in ("a", "b"):
         tabular(tmp_path, name, "--iterations", "3", "--no-plot")
     out = tmp_path / "cmp.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "expected_return", "--output", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="has no 'nothing'"):
-        main(["plot", str(tmp_path / "a"), "--metric", "nothing", "--output", str(out)])
+    out.unlink()
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "nothing", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"rebel plot: error: --metric 'nothing' is not in the metrics of {tmp_path / 'a'}, {tmp_path / 'b'}; the runs have "
+    )
+    assert err.count("\n") == 1 and "expected_return, " in err and "iteration, " in err and not out.exists()
+    assert main(["plot", str(tmp_path / "a"), "--x", "minutes", "--output", str(out)]) == 2
+    assert "rebel plot: error: --x 'minutes' is not in the metrics of" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == f"rebel plot: error: {tmp_path / 'nowhere'} has no metrics.jsonl rows to plot\n"
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    import rebel
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"rebel-rl {version('rebel-rl')}\n"
+    assert rebel.__version__ == version("rebel-rl") and "__version__" in dir(rebel)
+
+
+def test_a_failed_command_removes_only_what_it_made(tmp_path):
+    from rebel.runs import claimed_run_folder as clean_up_on_failure
+
+    fresh = tmp_path / "runs" / "new"  # its parent "runs" is made by the command too
+    with pytest.raises(KeyboardInterrupt), clean_up_on_failure(fresh):
+        (fresh / "base_model").mkdir(parents=True)
+        (fresh / "base_model" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert sorted(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    (old / "data").mkdir()
+    with pytest.raises(ValueError, match="late"), clean_up_on_failure(old):
+        (old / "checkpoints").mkdir()
+        (old / "config.yaml").write_text("{}")
+        (old / "data" / "x").write_text("")  # inside a folder that was there: kept with it
+        raise ValueError("late")
+    assert sorted(p.name for p in old.iterdir()) == ["data", "notes.txt"] and (old / "data" / "x").exists()  # and no .lock
+    with pytest.raises(ValueError, match="after a checkpoint"), clean_up_on_failure(fresh):
+        (fresh / "checkpoints" / "iter_000001").mkdir(parents=True)
+        raise ValueError("after a checkpoint")
+    assert (fresh / "checkpoints" / "iter_000001").is_dir()  # a run that can resume stays
 
 
 def test_console_script_runs():

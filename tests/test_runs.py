@@ -11,7 +11,7 @@ import torch
 
 from rebel import Trainer, TrainerConfig
 from rebel.cli import main
-from rebel.runs import RunInUseError, claim_run, claims_released, plot_runs, read_config, read_metrics
+from rebel.runs import RunInUseError, claim_run, claimed_run_folder, plot_runs, read_config, read_metrics
 from rebel_envs.tabular import TabularConfig, make_tabular
 
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -59,13 +59,19 @@ def test_a_folder_in_use_is_refused_naming_it_and_its_holder_and_a_dead_holder_l
 
 def test_a_process_may_claim_its_own_folder_again_and_a_failed_start_leaves_no_folder(tmp_path):
     run_dir = tmp_path / "new"
-    with claims_released():
-        first = claim_run(run_dir)
-        second = claim_run(run_dir)  # the command's claim, then the trainer's
-        second.release()
+    with pytest.raises(RuntimeError, match="warm-up failed"), claimed_run_folder(run_dir):
+        claim_run(run_dir).release()  # the trainer's claim inside the command's
         assert (run_dir / ".lock").exists()
-        first.release()
-    assert not run_dir.exists()  # claimed, nothing written: nothing left behind
+        raise RuntimeError("warm-up failed")
+    assert not run_dir.exists()  # claimed, then failed: nothing left behind
+    holder = hold_folder(run_dir)
+    try:
+        with pytest.raises(RunInUseError), claimed_run_folder(run_dir):
+            pass
+        assert (run_dir / ".lock").exists()  # a refused command removes nothing of the run in the folder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_new_run_refuses_a_folder_with_a_run_even_without_a_checkpoint_and_overwrite_replaces_it(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from rebel.config import check_choice, check_group_size, from_dict, option, with_defaults
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ValueFunction
-from rebel.control.evaluation import evaluate, record_video
+from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
 from rebel.runs import newest_intact, read_config
 from rebel.sampler import Sampler
@@ -311,11 +311,13 @@ class Rebel:
         intact checkpoint of the run folder (or the checkpoint ``resume`` names);
         ``overwrite=True`` replaces a run the folder holds. :attr:`stop_reason` says how it
         ended (``"done"``, or ``"SIGINT"`` / ``"SIGTERM"`` after a checkpoint)."""
-        if self.trainer is None:
-            self.trainer = self._make_trainer()
         steps = self.config.total_steps if total_steps is None else total_steps
         if steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {steps}")
+        if self.trainer is None:
+            if self.config.video:
+                check_rendering(self.env_source)  # a missing package is refused before the run starts, not after it
+            self.trainer = self._make_trainer()
         changes: dict[str, Any] = {"budget": float(steps if resume else self.env_steps + steps)}
         if progress is not None:
             changes["progress"] = progress
@@ -426,4 +428,3 @@ def _env_id(env: Any) -> str:
     if isinstance(env, gym.Env) and env.spec is not None:
         return env.spec.id
     return getattr(env, "__name__", type(env).__name__)
-

@@ -43,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rebel.cli import resumed_folder, start_options
     from rebel.control.agent import Rebel
+    from rebel.runs import claimed_run_folder
 
     options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     run_dir = resumed_folder(args)
     if run_dir is not None:
         options.pop("output_dir", None)
         agent = Rebel.from_run(run_dir, **options)
-        agent.learn(resume=start_options(args)["resume"])
     else:
         env = options.pop("env", "HalfCheetah-v5")
         agent = Rebel(
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             output_dir=options.pop("output_dir", None),
             **options,
         )
-        agent.learn(overwrite=args.overwrite)
+    with claimed_run_folder(agent.config.output_dir, resume=run_dir is not None, overwrite=args.overwrite):
+        agent.learn(**start_options(args))
     assert agent.trainer is not None
     if agent.trainer.accelerator.is_main_process:
         from rebel.runs import read_metrics

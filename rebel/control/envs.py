@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,27 +15,53 @@ from rebel.control.policy import check_spaces
 from rebel.control.snapshots import reseed, restore, snapshot
 
 EnvSource = str | Callable[[], gym.Env]
+CONTROL_EXTRA = ("mujoco", "pygame")  # what pip install 'rebel-rl[control]' brings besides gymnasium
 
 
 def make_env(env: EnvSource, **kwargs: Any) -> gym.Env:
     """``gymnasium.make(env, **kwargs)`` for an id (a clear error naming close ids when it is
-    unknown), or ``env()`` for a factory; checks the spaces are supported."""
+    unknown), or ``env()`` for a factory; checks the spaces are supported. A missing package
+    is a one-line ValueError saying what to install."""
     route_mujoco_warnings()
-    if isinstance(env, str):
-        try:
-            made = gym.make(env, **kwargs)
-        except gym.error.Error as error:
-            close = difflib.get_close_matches(env, list(gym.registry), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"cannot make environment {env!r}: {error}{hint}") from error
-        name = env
-    elif callable(env):
-        made = env()
-        name = made.spec.id if made.spec is not None else type(made.unwrapped).__name__
-    else:
+    if not isinstance(env, str) and not callable(env):
         raise TypeError(f"env must be a gymnasium id or a function returning an env, got {type(env).__name__}")
+    try:
+        made = gym.make(env, **kwargs) if isinstance(env, str) else env()
+    except (gym.error.Error, ImportError) as error:
+        missing = missing_package(error)
+        if missing is not None:
+            raise ValueError(f"cannot make environment {env_name(env)!r}: {missing}") from error
+        if not isinstance(env, str) or isinstance(error, ImportError):
+            raise
+        close = difflib.get_close_matches(env, list(gym.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"cannot make environment {env!r}: {error}{hint}") from error
+    if isinstance(env, str):
+        name = env
+    else:
+        name = made.spec.id if made.spec is not None else type(made.unwrapped).__name__
     check_spaces(made.observation_space, made.action_space, name)
     return made
+
+
+def missing_package(error: BaseException) -> str | None:
+    """``PACKAGE is not installed; install it with pip install '...'`` when ``error`` (or an
+    error it was raised from) is gymnasium's DependencyNotInstalled or a failed import; None
+    otherwise. MuJoCo and pygame come with rebel-rl's control extra; others with the
+    gymnasium extra the error names."""
+    while error is not None and not isinstance(error, (gym.error.DependencyNotInstalled, ModuleNotFoundError)):
+        error = error.__cause__  # type: ignore[assignment]
+    if error is None:
+        return None
+    package = error.name if isinstance(error, ModuleNotFoundError) else str(error).split()[0]
+    extra = re.search(r"gymnasium\[([\w-]+)\]", str(error))
+    if str(package).split(".")[0].lower() in CONTROL_EXTRA:
+        install = "pip install 'rebel-rl[control]'"
+    elif extra is not None:
+        install = f"pip install 'gymnasium[{extra.group(1)}]'"
+    else:
+        install = f"pip install the package that provides {package}"
+    return f"{package} is not installed; install it with {install}"
 
 
 def route_mujoco_warnings() -> None:

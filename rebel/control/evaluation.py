@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from rebel.control.envs import EnvSource, make_env
+from rebel.control.envs import EnvSource, env_name, make_env, missing_package
 from rebel.control.policy import MLPPolicy
 
 
@@ -60,15 +60,11 @@ def record_video(
     **env_kwargs: Any,
 ) -> Path | None:
     """Render deterministic episodes into an animated GIF at ``path``. MuJoCo renders
-    offscreen (``MUJOCO_GL=egl`` unless set); returns None with a warning when no GL is
-    available or the env cannot render."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    width, height = size
+    offscreen (``MUJOCO_GL=egl`` unless set). A missing package (pygame, ...) is a ValueError
+    saying what to install; when no GL is available or the env cannot render, returns None
+    with a warning."""
     try:
-        try:
-            render_env = make_env(env, render_mode="rgb_array", width=width, height=height, **env_kwargs)
-        except TypeError:  # envs without width/height arguments
-            render_env = make_env(env, render_mode="rgb_array", **env_kwargs)
+        render_env = _render_env(env, size, **env_kwargs)
         frames = []
         for episode in range(episodes):
             obs, _ = render_env.reset(seed=seed + episode)
@@ -80,6 +76,7 @@ def record_video(
                 done = terminated or truncated
         render_env.close()
     except Exception as error:  # noqa: BLE001 - any GL / rendering failure means: no video
+        _refuse_missing_package(env, error)
         warnings.warn(
             f"no video of {env!r}: rendering failed ({type(error).__name__}: {error}). "
             "MuJoCo needs an OpenGL backend: install EGL (libegl1) or OSMesa and set MUJOCO_GL=egl or MUJOCO_GL=osmesa.",
@@ -96,3 +93,31 @@ def record_video(
     out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(out, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return out
+
+
+def check_rendering(env: EnvSource, **env_kwargs: Any) -> None:
+    """Render one frame of ``env``, before a run that ends with a video: a missing package is
+    a ValueError saying what to install; any other failure is left to :func:`record_video`."""
+    try:
+        render_env = _render_env(env, (64, 64), **env_kwargs)
+        render_env.reset(seed=0)
+        render_env.render()
+        render_env.close()
+    except Exception as error:  # noqa: BLE001 - only a missing package stops the run
+        _refuse_missing_package(env, error)
+
+
+def _render_env(env: EnvSource, size: tuple[int, int], **env_kwargs: Any) -> Any:
+    """``env`` made to render RGB frames of ``size`` (where its constructor takes a size)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    width, height = size
+    try:
+        return make_env(env, render_mode="rgb_array", width=width, height=height, **env_kwargs)
+    except TypeError:  # envs without width/height arguments
+        return make_env(env, render_mode="rgb_array", **env_kwargs)
+
+
+def _refuse_missing_package(env: EnvSource, error: BaseException) -> None:
+    missing = missing_package(error)
+    if missing is not None:
+        raise ValueError(f"cannot render environment {env_name(env)!r}: {missing}") from error

@@ -13,7 +13,6 @@ from rebel.diffusion.policy import DiffusionPolicy, load_pipeline
 from rebel.diffusion.rewards import (
     AestheticHead,
     AestheticScorer,
-    RewardFunctionError,
     brightness,
     call_reward,
     jpeg_compressibility,
@@ -23,6 +22,7 @@ from rebel.diffusion.rewards import (
 from rebel.diffusion.sampler import ANIMALS, DiffusionSampler, prompt_source
 from rebel.diffusion.step import ddim_step_mean_std, ddim_step_with_log_prob, gaussian_log_prob
 from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer, ImageGridLogger, image_grid
+from rebel.hf.inputs import RewardFunctionError
 
 __all__ = [
     "ANIMALS",

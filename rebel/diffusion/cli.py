@@ -64,25 +64,32 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rebel.cli import start_options
+    from rebel.diffusion.policy import PIPELINE_EXPECTED
     from rebel.diffusion.rewards import brightness
+    from rebel.diffusion.sampler import prompt_source
     from rebel.diffusion.trainer import DiffusionConfig, DiffusionTrainer
     from rebel.hf.cli import resolve_model_run, reward_summary
+    from rebel.hf.inputs import check_source
+    from rebel.runs import claimed_run_folder
     from rebel_envs.diffusion_tasks import ShapesTaskConfig, shape_prompts
 
     config, source, task = resolve_model_run(args, "diffusion", DiffusionConfig, DiffusionSource, ShapesTaskConfig, EMBEDDED_DEFAULTS)
 
     embedded = source.model is None
+    # the inputs are checked before any folder is made or anything loads
+    check_source(source.model, "Stable Diffusion pipeline", PIPELINE_EXPECTED)
+    prompts = prompt_source(source.prompts if source.prompts is not None else (shape_prompts() if embedded else "animals"))
+    reward = reward_from_source(source) if source.reward is not None else brightness
     if embedded:
         torch.set_num_threads(min(2, torch.get_num_threads()))  # a ~1M-parameter model: more threads cost more than they give
-    reward = reward_from_source(source) if source.reward is not None else brightness
-    pipeline = source.model if not embedded else _embedded_pipeline(task, config, bool(args.resume))
-    prompts = source.prompts if source.prompts is not None else (shape_prompts() if embedded else "animals")
-    trainer = DiffusionTrainer(
-        pipeline, reward, prompts, config, run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)}
-    )
-    evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
-    before = evaluate() if evaluate else None
-    rows = trainer.train(**start_options(args))
+    with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
+        pipeline = source.model if not embedded else _embedded_pipeline(task, config, bool(args.resume))
+        trainer = DiffusionTrainer(
+            pipeline, reward, prompts, config, run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)}
+        )
+        evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
+        before = evaluate() if evaluate else None
+        rows = trainer.train(**start_options(args))
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
     print(reward_summary(rows, 3, config.output_dir, digits=".4g"))

@@ -28,11 +28,16 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_int
 from rebel.diffusion.step import ddim_step_mean_std, ddim_step_with_log_prob
+from rebel.hf.inputs import load_pretrained
 from rebel.policy import Policy
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LOG_PROB_REDUCTIONS = ("sum", "mean")
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PIPELINE_EXPECTED = (
+    "a folder in diffusers format or a hub id (org/name) reachable from this machine "
+    "(download it first, e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir sd15`)"
+)
 
 
 class DiffusionPolicy(Policy):
@@ -274,13 +279,7 @@ def load_pipeline(pipeline: Any, kwargs: dict[str, Any] | None = None) -> Any:
         return pipeline
     from diffusers import StableDiffusionPipeline
 
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None, requires_safety_checker=False, **(kwargs or {}))
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(
-            f"cannot load the Stable Diffusion pipeline {str(pipeline)!r}: {error}. Give a local folder in diffusers format "
-            "(download it first, e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir sd15`) or a hub id "
-            "reachable from this machine"
-        ) from error
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, **(kwargs or {})}
+    pipe = load_pretrained(StableDiffusionPipeline.from_pretrained, pipeline, "Stable Diffusion pipeline", PIPELINE_EXPECTED, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rebel.hf.inputs import call_reward_function
+
 RewardFunc = Callable[..., Sequence[float]]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,32 +31,10 @@ AESTHETIC_HELP = (
 )
 
 
-class RewardFunctionError(ValueError):
-    """A reward function raised, returned the wrong number of values, or a non-finite one."""
-
-
-def reward_name(fn: Any) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
 def call_reward(fn: RewardFunc, images: Tensor, prompts: Sequence[str], **kwargs: Any) -> Tensor:
     """``[B]`` float64 rewards from ``fn``; a :class:`RewardFunctionError` naming ``fn`` when it
-    raises, returns the wrong number of values or a non-finite one."""
-    name = reward_name(fn)
-    try:
-        values = fn(images, list(prompts), **kwargs)
-    except Exception as error:
-        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
-    try:
-        out = torch.as_tensor(values if isinstance(values, Tensor) else list(values), dtype=torch.float64).flatten().cpu()
-    except (TypeError, ValueError) as error:
-        raise RewardFunctionError(f"reward function {name!r} must return a list of floats, got {type(values).__name__}") from error
-    if out.numel() != len(images):
-        raise RewardFunctionError(f"reward function {name!r} returned {out.numel()} values for {len(images)} images")
-    if not torch.isfinite(out).all():
-        bad = torch.nonzero(~torch.isfinite(out)).flatten().tolist()
-        raise RewardFunctionError(f"reward function {name!r} returned non-finite values at {bad[:8]}: {out[bad[:8]].tolist()}")
-    return out
+    raises, or returns the wrong number or kind of values (not one float per image) or a non-finite one."""
+    return call_reward_function(fn, len(images), "image", images, list(prompts), **kwargs)
 
 
 # ------------------------------------------------------------------- JPEG

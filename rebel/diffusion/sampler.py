@@ -13,7 +13,8 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.config import check_group_size, check_int
 from rebel.diffusion.policy import DiffusionPolicy
-from rebel.diffusion.rewards import RewardFunc, call_reward, reward_name
+from rebel.diffusion.rewards import RewardFunc, call_reward
+from rebel.hf.inputs import reward_name
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 

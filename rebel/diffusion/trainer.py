@@ -93,6 +93,8 @@ class DiffusionTrainer(PretrainedTrainer):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         config = config or DiffusionConfig()
+        # the sampler first: its checks of the prompts and rewards are cheap, the pipeline is not
+        sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
         policy = DiffusionPolicy(
             pipeline,
             num_inference_steps=config.num_inference_steps,
@@ -106,7 +108,6 @@ class DiffusionTrainer(PretrainedTrainer):
             gradient_checkpointing=config.gradient_checkpointing,
             pipeline_kwargs=pipeline_kwargs,
         )
-        sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
         logger = ImageGridLogger(sampler, config.log_images)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
 

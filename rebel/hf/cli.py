@@ -12,6 +12,7 @@ from typing import Any
 
 from rebel.cli import add_config_arguments, resolve_configs, resumed_folder
 from rebel.config import add_arguments as add_dataclass_arguments
+from rebel.hf.inputs import first_line
 
 
 def add_arguments(
@@ -34,30 +35,31 @@ def resolve_model_run(
 ) -> tuple[Any, Any, Any]:
     """``(config, source, task)`` of an adapter command that trains its embedded task unless
     ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
-    folder. The command claims its run folder (see :func:`rebel.runs.claim_run`) before any
-    model is built: a folder in use is refused, and so is a new run into a folder that holds
-    one unless ``--overwrite``."""
-    from rebel.runs import claim_run, read_config
+    folder."""
+    from rebel.runs import read_config
 
     run_dir = resumed_folder(args)
     model = getattr(args, "model", None) if run_dir is None else read_config(run_dir).get("source", {}).get("model")
     defaults = {section: embedded_defaults} if model is None else {}
     configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
-    claim_run(configs[section].output_dir, resume=run_dir is not None, overwrite=args.overwrite)  # held until the command ends
     return configs[section], configs["source"], configs["task"]
 
 
 def load_function(spec: str, option: str = "--reward") -> Any:
-    """The function ``module:function`` or ``path/file.py:function`` names."""
+    """The function ``module:function`` or ``path/file.py:function`` names; a module that
+    cannot be found or imported is a ValueError naming ``spec``."""
     where, _, name = spec.strip().rpartition(":")
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        if module_spec is None or module_spec.loader is None or not Path(where).is_file():
-            raise ValueError(f"{option} {spec}: cannot load {where}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"{option} {spec}: {where} does not exist")
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(where)
+    except Exception as error:  # importing the user's module: whatever fails, say it in one line
+        raise ValueError(f"{option} {spec}: cannot import {where} ({first_line(error)})") from error
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"{option} {spec}: {where} has no function {name!r}")

@@ -7,9 +7,10 @@
 transformers and peft load when a model is built, not on import.
 """
 
+from rebel.hf.inputs import RewardFunctionError
 from rebel.text.data import PromptDataset, render_prompt
 from rebel.text.policy import CausalLMPolicy
-from rebel.text.rewards import RewardFunctionError, RewardModel
+from rebel.text.rewards import RewardModel
 from rebel.text.sampler import TextSampler, completion_mask
 from rebel.text.trainer import TextConfig, TextTrainer
 

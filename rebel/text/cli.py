@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rebel.config import option
+from rebel.hf.inputs import check_source, first_line, is_hub_id, root_cause
+
+DATASET_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+DATASET_EXPECTED = f"a {', '.join(DATASET_FILES)} file, a save_to_disk folder or a hub id (org/name)"
 
 # Settings of the embedded task (a new run without --model); TextConfig's defaults otherwise.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
@@ -55,28 +59,30 @@ def run(args: argparse.Namespace) -> int:
     """Build and train from the command line (or from a resumed run's ``config.yaml``)."""
     from rebel.cli import start_options
     from rebel.hf.cli import resolve_model_run, reward_summary
+    from rebel.runs import claimed_run_folder
+    from rebel.text.policy import MODEL_EXPECTED
     from rebel.text.trainer import TextConfig, TextTrainer
     from rebel_envs.text_tasks import SortingTaskConfig
 
     config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
+    for what, value in (("model", source.model), ("tokenizer", source.tokenizer)):  # checked before any folder or model is made
+        check_source(value, what, MODEL_EXPECTED)
+    rewards, dataset = _rewards(source), _dataset(source, task)
 
     embedded = source.model is None
-    model, tokenizer, evaluation = _model(source, task, config, bool(args.resume))
-    dataset = _dataset(source, task)
-    if source.reward is None and source.dataset is not None:
-        raise ValueError("--dataset needs --reward (the embedded reward only scores the embedded task)")
-    rewards = [_reward(spec) for spec in source.reward.split(",")] if source.reward else _embedded_reward()
-    before = evaluation() if evaluation else None
-    trainer = TextTrainer(
-        model,
-        rewards,
-        dataset,
-        config,
-        processing_class=tokenizer,
-        model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
-        run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
-    )
-    rows = trainer.train(**start_options(args))
+    with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
+        model, tokenizer, evaluation = _model(source, task, config, bool(args.resume))
+        before = evaluation() if evaluation else None
+        trainer = TextTrainer(
+            model,
+            rewards,
+            dataset,
+            config,
+            processing_class=tokenizer,
+            model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
+            run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
+        )
+        rows = trainer.train(**start_options(args))
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
     print(reward_summary(rows, 5, config.output_dir))
@@ -114,34 +120,74 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
     return model, tokenizer, lambda: evaluate_sorting(model, tokenizer, held_out, seed=task.task_seed, temperature=config.temperature)
 
 
+def _rewards(source: TextSource) -> list[Any]:
+    """The reward functions ``--reward`` names (the embedded task's without it); a
+    ``module:function`` is imported, a reward model only checked (the sampler loads it)."""
+    from rebel.hf.cli import load_function
+    from rebel.text.rewards import check_reward_funcs
+
+    if source.reward is None:
+        if source.dataset is not None:
+            raise ValueError(f"--dataset {source.dataset} needs --reward (the embedded reward only scores the embedded task)")
+        from rebel_envs.text_tasks import sorted_digits_reward
+
+        return [sorted_digits_reward]
+    specs = [spec.strip() for spec in source.reward.split(",")]
+    return check_reward_funcs([load_function(spec) if ":" in spec else spec for spec in specs])
+
+
 def _dataset(source: TextSource, task: Any) -> Any:
+    """The prompts ``--dataset`` names (the embedded task's without it), checked as
+    TextTrainer checks them; what fails is one line naming ``--dataset``."""
+    from rebel.text.data import PromptDataset
+
     if source.dataset is None:
         from rebel_envs.text_tasks import sorting_dataset
 
         return sorting_dataset(task.num_prompts, task.min_digits, task.max_digits, seed=task.task_seed)
+    name, path = f"--dataset {source.dataset}", Path(source.dataset)
+    kind = DATASET_FILES.get(path.suffix)
+    if path.is_file():
+        if kind is None:
+            raise ValueError(f"{name}: unsupported file type {path.suffix!r}; expected {', '.join(DATASET_FILES)}")
+        if not _has_content(path, name):
+            raise ValueError(f"{name} is empty; expected prompts in a 'prompt' column")
+    elif not path.exists() and (kind is not None or not is_hub_id(source.dataset)):  # a data file's name is no hub id
+        raise FileNotFoundError(f"{name} does not exist; expected {DATASET_EXPECTED}")
+    try:
+        loaded = _load_dataset(source, kind if path.is_file() else None)
+    except Exception as error:  # whatever datasets raises, the reason is told in one line
+        raise ValueError(f"{name}: cannot read it ({first_line(root_cause(error))})") from error
+    try:
+        return PromptDataset(loaded)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from error
+
+
+def _load_dataset(source: TextSource, kind: str | None) -> Any:
+    """``datasets``' reading of ``--dataset``: a file of type ``kind``, a save_to_disk folder or a hub id."""
     import datasets
 
-    path = Path(source.dataset)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[source.dataset_split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"--dataset {path}: unsupported file type {path.suffix!r} (json, jsonl, csv, parquet)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
-    return datasets.load_dataset(source.dataset, split=source.dataset_split)
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines would repeat the reason given
+    try:
+        if kind is not None:
+            return datasets.load_dataset(kind, data_files=source.dataset, split="train")
+        if Path(source.dataset).is_dir():
+            loaded = datasets.load_from_disk(source.dataset)
+            return loaded[source.dataset_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(source.dataset, split=source.dataset_split)
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
-def _reward(spec: str) -> Any:
-    """``module:function`` or ``file.py:function`` -> the function; anything else is a
-    reward model (folder or hub id), loaded by the sampler."""
-    from rebel.hf.cli import load_function
-
-    return load_function(spec) if ":" in spec else spec.strip()
-
-
-def _embedded_reward() -> list[Any]:
-    from rebel_envs.text_tasks import sorted_digits_reward
-
-    return [sorted_digits_reward]
+def _has_content(path: Path, name: str) -> bool:
+    """Whether the file holds anything but white space."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return True
+    except OSError as error:
+        raise ValueError(f"{name} cannot be read ({error.strerror})") from error
+    return False

@@ -19,7 +19,10 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
+from rebel.hf.inputs import load_pretrained
 from rebel.policy import Policy
+
+MODEL_EXPECTED = "a model folder or a hub id (org/name)"
 
 
 class CausalLMPolicy(Policy):
@@ -55,7 +58,7 @@ class CausalLMPolicy(Policy):
         if isinstance(model, (str, Path)):
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(str(model), **(model_kwargs or {}))
+            model = load_pretrained(AutoModelForCausalLM.from_pretrained, model, "model", MODEL_EXPECTED, **(model_kwargs or {}))
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source, model_kwargs)
         self.temperature = float(temperature)
         self.gradient_checkpointing = gradient_checkpointing
@@ -158,7 +161,7 @@ def load_tokenizer(tokenizer: Any, model_kwargs: dict[str, Any] | None = None) -
         from transformers import AutoTokenizer
 
         extra = {k: v for k, v in (model_kwargs or {}).items() if k == "gguf_file"}
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **extra)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, "tokenizer", MODEL_EXPECTED, **extra)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token")

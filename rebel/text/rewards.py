@@ -9,7 +9,6 @@ conversational prompts (lists of messages) a completion is ``[{"role": "assistan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rebel.hf.inputs import call_reward_function, check_source, load_pretrained
+
 RewardFunc = Callable[..., Sequence[float]]
-
-
-class RewardFunctionError(ValueError):
-    """A reward function raised, returned the wrong number of values, or a non-finite one."""
+REWARD_MODEL_EXPECTED = "a sequence-classification model folder or a hub id (org/name)"
 
 
 class RewardModel:
@@ -39,12 +37,14 @@ class RewardModel:
 
         source = model if isinstance(model, (str, Path)) else model.config._name_or_path
         if isinstance(model, (str, Path)):
-            model = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=1)
+            model = load_pretrained(
+                AutoModelForSequenceClassification.from_pretrained, model, "reward model", REWARD_MODEL_EXPECTED, num_labels=1
+            )
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model must have one label (num_labels=1), {source} has {model.config.num_labels}")
         tokenizer = tokenizer if tokenizer is not None else source
         if isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, "tokenizer", REWARD_MODEL_EXPECTED)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
@@ -81,47 +81,34 @@ class RewardModel:
         return self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
 
 
+def check_reward_funcs(reward_funcs: Any) -> list[Any]:
+    """``reward_funcs`` (one or a list) as a list, each a callable, a reward-model object, or
+    a folder or hub id that exists or could (:func:`~rebel.hf.inputs.check_source`); nothing loads."""
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: give at least one reward function or reward model")
+    for k, fn in enumerate(funcs):
+        if isinstance(fn, (str, Path)):
+            check_source(fn, "reward model", REWARD_MODEL_EXPECTED)
+        elif not callable(fn):
+            raise TypeError(f"reward_funcs[{k}] is a {type(fn).__name__}; expected a callable, a reward model, a folder or a hub id")
+    return funcs
+
+
 def as_reward_funcs(reward_funcs: Any, processing_classes: Sequence[Any] | None = None) -> list[RewardFunc]:
     """Normalise ``reward_funcs`` (one or a list of callables, reward-model objects,
     folders or hub ids) into callables; ``processing_classes[k]`` is the tokenizer of
     the k-th entry when it is a reward model."""
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
-        raise ValueError("reward_funcs is empty: give at least one reward function or reward model")
     out: list[RewardFunc] = []
-    for k, fn in enumerate(funcs):
+    for k, fn in enumerate(check_reward_funcs(reward_funcs)):
         tokenizer = processing_classes[k] if processing_classes is not None and k < len(processing_classes) else None
-        if isinstance(fn, (str, Path)) or _is_sequence_classifier(fn):
-            out.append(RewardModel(fn, tokenizer))
-        elif callable(fn):
-            out.append(fn)
-        else:
-            raise TypeError(f"reward_funcs[{k}] is a {type(fn).__name__}; expected a callable, a reward model, a folder or a hub id")
+        out.append(RewardModel(fn, tokenizer) if isinstance(fn, (str, Path)) or _is_sequence_classifier(fn) else fn)
     return out
 
 
-def reward_name(fn: Any) -> str:
-    """The name metrics and errors use for a reward function."""
-    return str(getattr(fn, "__name__", None) or type(fn).__name__)
-
-
 def call_reward(fn: RewardFunc, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]) -> Tensor:
-    """``fn``'s rewards as a float64 tensor; errors name the function."""
-    name = reward_name(fn)
-    try:
-        values = fn(prompts=prompts, completions=completions, **columns)
-    except Exception as error:
-        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError) as error:
-        raise RewardFunctionError(f"reward function {name!r} must return a list of floats: {error}") from error
-    if len(values) != len(completions):
-        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise RewardFunctionError(f"reward function {name!r} returned non-finite values (nan or inf) for completions {bad[:10]}")
-    return torch.tensor(values, dtype=torch.float64)
+    """``fn``'s rewards as a float64 tensor, one real number per completion; errors name the function."""
+    return call_reward_function(fn, len(completions), "completion", prompts=prompts, completions=completions, **columns)
 
 
 def _is_sequence_classifier(obj: Any) -> bool:

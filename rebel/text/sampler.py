@@ -10,11 +10,12 @@ from torch import Tensor
 
 from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_group_size, check_int
+from rebel.hf.inputs import reward_name
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 from rebel.text.data import PromptDataset, is_conversation, render_prompt
 from rebel.text.policy import CausalLMPolicy
-from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward, reward_name
+from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward
 
 # GenerationConfig fields generation_kwargs may set: they change speed and memory, not the
 # distribution the policy scores (the sampler sets temperature, top_p, top_k, lengths and EOS)

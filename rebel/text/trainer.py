@@ -19,7 +19,9 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.text.data import PromptDataset
 from rebel.text.policy import CausalLMPolicy
+from rebel.text.rewards import check_reward_funcs
 from rebel.text.sampler import TextSampler, check_generation_kwargs
 from rebel.trainer import TrainerConfig
 
@@ -111,6 +113,8 @@ class TextTrainer(PretrainedTrainer):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         config = config or TextConfig()
+        train_dataset = PromptDataset(train_dataset)  # the inputs' cheap checks come before the model loads
+        reward_funcs = check_reward_funcs(reward_funcs)
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})

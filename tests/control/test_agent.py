@@ -1,6 +1,8 @@
 """The SB3-shaped agent: learning, budget, save/load, resume, errors, command line."""
 
 import json
+import re
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -119,6 +121,21 @@ def test_env_objects_and_bad_inputs(tmp_path):
         ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."
     ):
         Rebel("Pendulum-v1", variant="critic", value_bootstrap=True)
+
+
+def test_a_video_without_pygame_is_refused_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pygame", None)  # as where the control extra's pygame is not installed
+    message = "cannot render environment 'CartPole-v1': pygame is not installed; install it with pip install 'rebel-rl[control]'"
+    agent = Rebel("CartPole-v1", variant="trajectory", output_dir=str(tmp_path / "api"), video=True, **FAST)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        agent.learn(100)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        agent.record_video(str(tmp_path / "eval.gif"))  # what rebel eval --video calls
+    args = ["--env", "CartPole-v1", "--variant", "trajectory", "--video", "--total-steps", "100", "--output-dir", str(tmp_path / "cli")]
+    assert main(["train", "control", *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rebel train control: error: {message}\n"
+    assert sorted(tmp_path.iterdir()) == []
 
 
 class _MultiDiscreteEnv(gym.Env):

@@ -1,5 +1,6 @@
 """Image rewards: JPEG sizes, the aesthetic predictor's code path and errors, reward checks."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,10 +41,44 @@ def test_call_reward_names_the_function_in_errors():
         call_reward(broken, images, ["a", "b"])
     with pytest.raises(RewardFunctionError, match="'short' returned 1 values for 2 images"):
         call_reward(short, images, ["a", "b"])
-    with pytest.raises(RewardFunctionError, match="'nan' returned non-finite values at \\[1\\]"):
+    with pytest.raises(RewardFunctionError, match="'nan' returned non-finite values \\(nan or inf\\) for images \\[1\\]"):
         call_reward(nan, images, ["a", "b"])
     out = call_reward(lambda images, prompts, scale: [scale, 2 * scale], images, ["a", "b"], scale=3.0)
     assert out.dtype == torch.float64 and out.tolist() == [3.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([True, False], r"returned a bool \(True\)"),
+        (["0.5", "1"], r"returned a str \('0.5'\)"),
+        (torch.tensor([True, False]), r"returned a Tensor of torch.bool"),
+        (np.array([True, False]), r"returned a ndarray of bool"),
+        (np.array(["0.5", "1"]), r"returned a ndarray of <U3"),
+        ([np.bool_(True), 1.0], r"returned a bool \(np.True_\)|returned a bool_ \(True\)"),
+        ([1.0, None], r"returned a NoneType \(None\)"),
+        ("0.5", r"returned a str;"),
+        (0.5, r"returned a float;"),
+    ],
+)
+def test_rewards_must_be_real_numbers(values, message):
+    images = torch.rand(2, 3, 8, 8)
+
+    def judge(images, prompts):
+        return values
+
+    with pytest.raises(RewardFunctionError, match=f"^reward function 'judge' {message}.*expected one float per image .ints and numpy"):
+        call_reward(judge, images, ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1, 2], [np.float32(1), np.int64(2)], np.array([1, 2]), torch.tensor([1.0, 2.0]), [torch.tensor(1), torch.tensor(2.0)], (1.0, 2.0)],
+    ids=["ints", "numpy_scalars", "numpy_array", "tensor", "tensor_scalars", "tuple"],
+)
+def test_rewards_as_ints_numpy_or_torch_numbers_are_fine(values):
+    out = call_reward(lambda images, prompts: values, torch.rand(2, 3, 8, 8), ["a", "b"])
+    assert out.dtype == torch.float64 and out.tolist() == [1.0, 2.0]
 
 
 def test_aesthetic_missing_head_says_what_to_download(tmp_path):

@@ -125,12 +125,17 @@ def not_finite(prompts, completions, **columns):
     return [math.nan] * len(completions)
 
 
+def numeric_text(prompts, completions, **columns):
+    return ["1.0"] * len(completions)  # float() would take it: refused all the same
+
+
 @pytest.mark.parametrize(
     ("fn", "message"),
     [
         (broken, "reward function 'broken' raised KeyError: 'answer'"),
         (too_short, "reward function 'too_short' returned 1 values for 4 completions"),
         (not_finite, r"reward function 'not_finite' returned non-finite values \(nan or inf\) for completions \[0, 1, 2, 3\]"),
+        (numeric_text, r"reward function 'numeric_text' returned a str \('1.0'\); expected one float per completion \(ints and numpy"),
     ],
 )
 def test_reward_function_errors_name_the_function(tiny_lm, fn, message):
