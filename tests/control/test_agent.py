@@ -123,6 +123,16 @@ def test_env_objects_and_bad_inputs(tmp_path):
         Rebel("Pendulum-v1", variant="critic", value_bootstrap=True)
 
 
+def test_a_classic_control_video_renders_with_the_control_extras_pygame(tmp_path):
+    import pygame  # noqa: F401 - the control (and test) extra installs it: gymnasium[classic-control]
+    from PIL import Image
+
+    agent = Rebel("CartPole-v1", variant="trajectory", output_dir=str(tmp_path / "api"), **FAST)
+    gif = agent.record_video(str(tmp_path / "eval.gif"))
+    with Image.open(gif) as image:
+        assert image.n_frames > 5 and image.size == (600, 400)  # CartPole's own frame size, rendered by pygame
+
+
 def test_a_video_without_pygame_is_refused_before_the_run_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pygame", None)  # as where the control extra's pygame is not installed
     message = "cannot render environment 'CartPole-v1': pygame is not installed; install it with pip install 'rebel-rl[control]'"
