@@ -245,7 +245,7 @@ def ensure_new_run(run_dir: str | os.PathLike, *, overwrite: bool = False) -> No
         )
     for entry in Path(run_dir).iterdir():
         if entry.name != LOCK_FILE:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            _remove(entry)
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -353,12 +353,8 @@ def claimed_run_folder(run_dir: str | os.PathLike, *, resume: bool = False, over
     except BaseException:
         if lock.path is not None and path.is_dir() and latest_checkpoint(path) is None:
             for entry in [path] if made else sorted(set(path.iterdir()) - before):
-                if entry.name == LOCK_FILE and not made:
-                    continue  # released below, still held while the rest goes
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                if made or entry.name != LOCK_FILE:  # the lock file goes with the release below
+                    _remove(entry)
             for parent in made[1:]:
                 with contextlib.suppress(OSError):
                     parent.rmdir()  # only when nothing else went there
@@ -469,6 +465,13 @@ def newest_intact(run_dir: str | os.PathLike, name: str = "trainer.pt") -> tuple
             warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
             problems.append(str(error))
     raise FileNotFoundError(f"{run_dir} holds no intact checkpoint" + (": " + "; ".join(problems) if problems else ""))
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _empty_dir(path: Path) -> bool:
