@@ -273,4 +273,4 @@ def test_generation_kwargs_that_change_the_distribution_are_refused():
     with pytest.raises(ValueError, match="generation_kwargs cache_implementation='quantized' is not supported; expected one of dynamic"):
         TextSampler(RECORDS, zero_reward, generation_kwargs={"cache_implementation": "quantized"})
     sampler = TextSampler(RECORDS, zero_reward, generation_kwargs={"use_cache": False, "cache_implementation": "static"})
-    assert sampler.generation_kwargs == {"use_cache": False, "cache_implementation": "static"}
+    assert sampler.backend.generation_kwargs == {"use_cache": False, "cache_implementation": "static"}

@@ -1,0 +1,120 @@
+"""The vLLM generation backend: samples from the scored policy, the engine follows the
+policy's updates, seeds make a resume exact, and the TextTrainer learns with it."""
+
+import pytest
+import torch
+
+from rebel.text import CausalLMPolicy, TextConfig, TextSampler, TextTrainer
+
+PROMPTS = [{"prompt": p} for p in ("3141:", "2718:", "9:", "55501:", "123:", "8080:", "604:", "77:")]
+
+
+def zero_reward(prompts, completions, **columns):
+    return [0.0] * len(completions)
+
+
+def lora(r: int = 4):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)  # a non-zero adapter
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["full", "lora"])
+def test_first_tokens_follow_the_scored_probabilities(sorting_llama, engine, with_lora):
+    """8000 first tokens sampled by vLLM (temperature 1.5; the model's generation_config.json
+    asks for a repetition penalty, banned and suppressed tokens, top_k, min_p and another
+    temperature) follow exp(CausalLMPolicy.token_log_probs) over the whole vocabulary."""
+    policy = CausalLMPolicy(sorting_llama, temperature=1.5, peft_config=lora() if with_lora else None)
+    n = 8000
+    sampler = TextSampler(["55501:"], zero_reward, num_generations=n, prompts_per_iteration=1, max_new_tokens=1, generation_backend=engine)
+    sampler.seed(0)
+    batch = sampler.collect(policy)
+    first = batch.data["input_ids"][:, -1]
+    vocab = len(policy.tokenizer)
+    frequency = torch.bincount(first, minlength=vocab).double() / n
+
+    prompt = batch.data["input_ids"][0, :-1]
+    candidates = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+    with torch.no_grad():
+        probability = policy.token_log_probs(candidates, torch.ones_like(candidates), 1)[:, 0].double().exp()
+    assert probability.sum().item() == pytest.approx(1.0, abs=1e-5)
+    digit = policy.tokenizer.convert_tokens_to_ids
+    banned = [digit("3"), digit("4"), digit("5")]  # suppressed, bad word, begin-suppressed in generation_config.json
+    assert probability[banned].sum() > 0.1 and (probability > 0.05).sum() >= 3  # the file's settings would change a lot
+    assert (frequency - probability).abs().max().item() < 0.02
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["full", "lora"])
+def test_greedy_completions_equal_transformers_after_updates(sorting_llama, engine, with_lora):
+    """top_k=1 is greedy on both backends: vLLM's completions equal generate's, before and
+    after the policy's weights move (full model, or a LoRA adapter sent merged)."""
+    policy = CausalLMPolicy(sorting_llama, peft_config=lora() if with_lora else None)
+    settings = {"num_generations": 2, "prompts_per_iteration": 8, "max_new_tokens": 10, "top_k": 1, "shuffle": False}
+    ours = TextSampler(PROMPTS, zero_reward, generation_backend=engine, **settings)
+    reference = TextSampler(PROMPTS, zero_reward, **settings)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5 if with_lora else 0.05)
+    seen = []
+    for _ in range(3):
+        batch = ours.collect(policy)
+        expected = reference.collect(policy)
+        assert torch.equal(batch.data["input_ids"], expected.data["input_ids"]) and torch.equal(batch.mask, expected.mask)
+        seen.append(batch.data["input_ids"])
+        # an update: raise the log-probability of completions that are not the greedy ones
+        other = expected.data["input_ids"].roll(1, 0)
+        step = policy.token_log_probs(other, torch.ones_like(other), expected.mask.shape[1])
+        (-step.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(seen[0], seen[-1])  # the updates changed the greedy completions
+
+
+def test_a_resumed_sampler_draws_the_same_completions(sorting_llama, engine):
+    """Each request's seed comes from the sampler's generator: a sampler restored from a
+    state_dict draws what the original drew next, and another seed draws otherwise."""
+    policy = CausalLMPolicy(sorting_llama)
+    original, resumed, other = (
+        TextSampler(PROMPTS, zero_reward, num_generations=4, prompts_per_iteration=4, max_new_tokens=8, generation_backend=engine)
+        for _ in range(3)
+    )
+    original.seed(1)
+    original.collect(policy)
+    resumed.load_state_dict(original.state_dict())
+    expected = original.collect(policy)
+    assert torch.equal(resumed.collect(policy).data["input_ids"], expected.data["input_ids"])
+    other.load_state_dict(original.state_dict())
+    other.seed(2)
+    other.position = resumed.position - 4  # the same prompts, other seeds
+    assert not torch.equal(other.collect(policy).data["input_ids"], expected.data["input_ids"])
+
+
+def test_prompts_longer_than_the_engine_are_refused(sorting_llama, engine):
+    policy = CausalLMPolicy(sorting_llama)
+    sampler = TextSampler(["1" * 30 + ":"], zero_reward, prompts_per_iteration=1, max_new_tokens=8, generation_backend=engine)
+    with pytest.raises(
+        ValueError, match=r"^a prompt of 31 tokens \+ max_new_tokens 8 is longer than the vLLM engine's max_model_length 28 "
+    ):
+        sampler.collect(policy)
+
+
+def test_text_trainer_learns_with_vllm(sorting_llama, engine_kwargs, tmp_path):
+    """REBEL with generation_backend='vllm' on the sorting task: logp_old comes from the
+    training forward (the log-ratio is exactly 0 when each iteration starts), the engine
+    follows the updates, and the reward rises."""
+    from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
+
+    config = TextConfig(
+        output_dir=str(tmp_path / "run"), iterations=20, prompts_per_iteration=32, num_generations=4, max_new_tokens=8,
+        learning_rate=1e-3, missing_eos_penalty=1.0, generation_backend="vllm", vllm_kwargs=engine_kwargs, progress=False,
+        tensorboard=False, plot=False,
+    )  # fmt: skip
+    trainer = TextTrainer(sorting_llama, [sorted_digits_reward], sorting_dataset(1000, seed=3), config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["start_log_ratio_max"] for r in rows] == [0.0] * 20
+    first, last = (sum(r["score_mean"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last > first + 0.08, (first, last)  # about 0.57 -> 0.74
+    assert trainer.sampler.backend.engine is None  # freed at the end of train()
