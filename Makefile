@@ -40,7 +40,7 @@ $(VLLM_VENV)/.installed: pyproject.toml | $(VLLM_BIN)/python
 
 test: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest -q
-	$(VLLM_BIN)/python -m pytest -q tests/vllm
+	REBEL_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q tests/vllm
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

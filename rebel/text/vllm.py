@@ -21,10 +21,11 @@ which runs the same :class:`LocalEngine` in its own process, on other devices or
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,8 +39,8 @@ class LocalEngine:
     """A ``vllm.LLM`` in this process, built from a model config with placeholder weights.
 
     Args:
-        model: the transformers model (its config and class name the engine's architecture).
-        dtype: the policy's parameter dtype (the engine computes in it).
+        config: the model's ``config.json`` as a dict (see :func:`engine_config`).
+        dtype: the policy's parameter dtype name (the engine computes in it).
         max_model_length: longest prompt + completion (default: the model's).
         gpu_memory_utilization: share of the device's memory the engine may take.
         vllm_kwargs: more ``vllm.LLM`` arguments, from :data:`VLLM_KWARGS` only.
@@ -47,8 +48,8 @@ class LocalEngine:
 
     def __init__(
         self,
-        model: Any,
-        dtype: torch.dtype,
+        config: dict[str, Any],
+        dtype: str,
         max_model_length: int | None = None,
         gpu_memory_utilization: float = 0.3,
         vllm_kwargs: Mapping[str, Any] | None = None,
@@ -60,12 +61,12 @@ class LocalEngine:
         except ImportError as error:
             raise ImportError(f"generation_backend='vllm' needs vLLM, which is not installed: {VLLM_EXTRA}") from error
         self._folder = tempfile.TemporaryDirectory(prefix="rebel-vllm-")
-        write_config(model, self._folder.name)
+        (Path(self._folder.name) / "config.json").write_text(json.dumps(config))
         self.llm = LLM(
             model=self._folder.name,
             skip_tokenizer_init=True,  # token ids in, token ids out: the policy's tokenizer does the rest
             load_format="dummy",  # weights come from the policy (load_weights)
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=dtype,
             generation_config="vllm",  # not the model's generation_config.json
             max_model_len=max_model_length,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -149,14 +150,14 @@ class VLLMGeneration(GenerationBackend):
         """The engine (built on first use) holding the policy's current weights."""
         model = policy.model
         if self.engine is None:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            config = engine_config(model)
+            dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
             if self.mode == "colocate":
-                self.engine = LocalEngine(base, dtype, self.max_model_length, self.gpu_memory_utilization, self.vllm_kwargs)
+                self.engine = LocalEngine(config, dtype, self.max_model_length, self.gpu_memory_utilization, self.vllm_kwargs)
             else:
                 from rebel.text.vllm_server import ServerEngine
 
-                self.engine = ServerEngine(self.server_url, base, dtype, self.max_model_length)
+                self.engine = ServerEngine(self.server_url, config, dtype, self.max_model_length)
         with torch.no_grad():
             self.engine.load_weights(checkpoint_weights(model))
         return self.engine
@@ -210,11 +211,11 @@ def checkpoint_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
         yield name, tensor
 
 
-def write_config(model: Any, folder: str) -> None:
-    """``config.json`` of the (base) model in ``folder``, naming its class as the
-    architecture, without a quantization section (the engine gets plain weights)."""
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(folder)
+def engine_config(model: Any) -> dict[str, Any]:
+    """The (base) model's ``config.json`` for the engine: its class named as the
+    architecture, no quantization section (the engine gets plain weights)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = json.loads(base.config.to_json_string(use_diff=False))
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(base).__name__]
+    return config

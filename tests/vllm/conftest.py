@@ -61,3 +61,46 @@ def engine():
     backend = VLLMGeneration(vllm_kwargs=ENGINE_KWARGS)
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory):
+    """``rebel vllm-serve`` on 127.0.0.1 (any free port) in a subprocess; stopped at the end."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rebel.cli", "vllm-serve", "--port", "0", "--vllm-kwargs", json.dumps(ENGINE_KWARGS)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"listening on (http://\S+)", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        yield found.group(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(server_url):
+    """A backend that generates with the server (weights sent over HTTP)."""
+    from rebel.text.vllm import VLLMGeneration
+
+    backend = VLLMGeneration(mode="server", server_url=server_url)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(params=["colocate", "server"])
+def backend(request):
+    """Each vLLM mode in turn."""
+    return request.getfixturevalue("engine" if request.param == "colocate" else "server")

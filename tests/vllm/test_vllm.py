@@ -45,12 +45,13 @@ def test_first_tokens_follow_the_scored_probabilities(sorting_llama, engine, wit
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["full", "lora"])
-def test_greedy_completions_equal_transformers_after_updates(sorting_llama, engine, with_lora):
-    """top_k=1 is greedy on both backends: vLLM's completions equal generate's, before and
-    after the policy's weights move (full model, or a LoRA adapter sent merged)."""
+def test_greedy_completions_equal_transformers_after_updates(sorting_llama, backend, with_lora):
+    """top_k=1 is greedy on both backends: vLLM's completions (in this process or from the
+    server) equal generate's, before and after the policy's weights move (full model, or a
+    LoRA adapter sent merged)."""
     policy = CausalLMPolicy(sorting_llama, peft_config=lora() if with_lora else None)
     settings = {"num_generations": 2, "prompts_per_iteration": 8, "max_new_tokens": 10, "top_k": 1, "shuffle": False}
-    ours = TextSampler(PROMPTS, zero_reward, generation_backend=engine, **settings)
+    ours = TextSampler(PROMPTS, zero_reward, generation_backend=backend, **settings)
     reference = TextSampler(PROMPTS, zero_reward, **settings)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5 if with_lora else 0.05)
     seen = []
@@ -68,12 +69,12 @@ def test_greedy_completions_equal_transformers_after_updates(sorting_llama, engi
     assert not torch.equal(seen[0], seen[-1])  # the updates changed the greedy completions
 
 
-def test_a_resumed_sampler_draws_the_same_completions(sorting_llama, engine):
+def test_a_resumed_sampler_draws_the_same_completions(sorting_llama, backend):
     """Each request's seed comes from the sampler's generator: a sampler restored from a
     state_dict draws what the original drew next, and another seed draws otherwise."""
     policy = CausalLMPolicy(sorting_llama)
     original, resumed, other = (
-        TextSampler(PROMPTS, zero_reward, num_generations=4, prompts_per_iteration=4, max_new_tokens=8, generation_backend=engine)
+        TextSampler(PROMPTS, zero_reward, num_generations=4, prompts_per_iteration=4, max_new_tokens=8, generation_backend=backend)
         for _ in range(3)
     )
     original.seed(1)
@@ -118,3 +119,19 @@ def test_text_trainer_learns_with_vllm(sorting_llama, engine_kwargs, tmp_path):
     first, last = (sum(r["score_mean"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
     assert last > first + 0.08, (first, last)  # about 0.57 -> 0.74
     assert trainer.sampler.backend.engine is None  # freed at the end of train()
+
+
+def test_the_server_trains_like_the_colocated_engine(sorting_llama, engine_kwargs, server_url, tmp_path):
+    """Three iterations with the engine in this process and with rebel vllm-serve: the same
+    seeds and the same weights give the same samples, so the same metrics."""
+    from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
+
+    rows = {}
+    for mode, extra in (("colocate", {"vllm_kwargs": engine_kwargs}), ("server", {"vllm_server_url": server_url})):
+        config = TextConfig(
+            output_dir=str(tmp_path / mode), iterations=3, prompts_per_iteration=8, num_generations=4, max_new_tokens=8,
+            learning_rate=1e-3, generation_backend="vllm", vllm_mode=mode, progress=False, tensorboard=False, plot=False, **extra,
+        )  # fmt: skip
+        rows[mode] = TextTrainer(sorting_llama, [sorted_digits_reward], sorting_dataset(100, seed=3), config).train()
+    keys = ("score_mean", "completion_length", "loss", "start_log_ratio_max")
+    assert [[r[k] for k in keys] for r in rows["server"]] == [[r[k] for k in keys] for r in rows["colocate"]]
