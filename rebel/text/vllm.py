@@ -60,6 +60,7 @@ class LocalEngine:
             from vllm import LLM
         except ImportError as error:
             raise ImportError(f"generation_backend='vllm' needs vLLM, which is not installed: {VLLM_EXTRA}") from error
+        self._owns_process_group = not torch.distributed.is_initialized()  # else the trainer's (accelerate's)
         self._folder = tempfile.TemporaryDirectory(prefix="rebel-vllm-")
         (Path(self._folder.name) / "config.json").write_text(json.dumps(config))
         self.llm = LLM(
@@ -90,15 +91,20 @@ class LocalEngine:
         return [list(out.outputs[0].token_ids) for out in outputs]
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) and the process group it set up."""
+        """Free the engine (its KV cache and weights) and vLLM's process groups; torch's
+        default group only if the engine set it up (a trainer's own stays)."""
         import gc
+
+        from vllm.distributed import parallel_state
 
         del self.llm
         gc.collect()
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        parallel_state.destroy_model_parallel()
+        if self._owns_process_group:
+            parallel_state.destroy_distributed_environment()
+        elif parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
         self._folder.cleanup()
 
 

@@ -88,6 +88,20 @@ def test_a_resumed_sampler_draws_the_same_completions(sorting_llama, backend):
     assert not torch.equal(other.collect(policy).data["input_ids"], expected.data["input_ids"])
 
 
+def test_a_completion_does_not_depend_on_the_rest_of_the_batch(sorting_llama, engine):
+    """Request k's seed is the generator's k-th draw: the first 5 of 16 prompts, alone, get
+    the completions they got in the whole batch."""
+    from rebel.text.generation import SamplingSettings
+
+    policy = CausalLMPolicy(sorting_llama)
+    policy.tokenizer.padding_side = "left"
+    enc = policy.tokenizer([p["prompt"] for p in PROMPTS] * 2, return_tensors="pt", padding=True)
+    settings = SamplingSettings(1.0, 1.0, 0, 8, tuple(policy.eos_token_ids), policy.tokenizer.pad_token_id)
+    whole = engine.generate(policy, enc["input_ids"], enc["attention_mask"], settings, torch.Generator().manual_seed(5))
+    part = engine.generate(policy, enc["input_ids"][:5], enc["attention_mask"][:5], settings, torch.Generator().manual_seed(5))
+    assert torch.equal(part, whole[:5])
+
+
 def test_prompts_longer_than_the_engine_are_refused(sorting_llama, engine):
     policy = CausalLMPolicy(sorting_llama)
     sampler = TextSampler(["1" * 30 + ":"], zero_reward, prompts_per_iteration=1, max_new_tokens=8, generation_backend=engine)
@@ -162,3 +176,16 @@ def test_a_resumed_run_is_bit_identical(sorting_llama, engine_kwargs, tmp_path):
     assert [[r[k] for k in keys] for r in first + second] == [[r[k] for k in keys] for r in rows]
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_two_processes_each_with_a_colocated_engine(torchrun_two_processes, sorting_llama):
+    """Data parallel under torchrun (gloo): every process builds its own engine inside the
+    trainer's process group, samples its prompts, and the ranks keep identical weights."""
+    from pathlib import Path
+
+    rank0, rank1 = torchrun_two_processes(Path(__file__).with_name("distributed_worker.py"), sorting_llama, port=29561)
+    assert rank0["world"] == rank1["world"] == 2
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    assert [r["samples"] for r in rank0["rows"]] == [16, 32]  # 2 processes x 4 prompts x 2 completions per iteration
+    assert all(r["start_log_ratio_max"] == 0.0 for r in rank0["rows"] + rank1["rows"])
