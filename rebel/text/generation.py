@@ -71,25 +71,23 @@ class GenerationBackend(ABC):
 
 def check_generation_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Refuse generation settings under which samples would not come from the scored policy."""
-    refused = [key for key in kwargs if key not in GENERATION_KWARGS]
-    if refused:
-        raise ValueError(
-            f"generation_kwargs {', '.join(refused)}: the policy scores softmax(logits / temperature), not samples drawn "
-            f"with {'this' if len(refused) == 1 else 'these'} (temperature, top_p, top_k, max_new_tokens are settings of their own); "
-            f"allowed: {', '.join(GENERATION_KWARGS)}"
-        )
+    n = len([key for key in kwargs if key not in GENERATION_KWARGS])
+    _refuse_others("generation_kwargs", kwargs, GENERATION_KWARGS, f"the policy scores softmax(logits / temperature), not samples drawn with "
+                   f"{'this' if n == 1 else 'these'} (temperature, top_p, top_k, max_new_tokens are settings of their own)")  # fmt: skip
     if kwargs.get("cache_implementation") is not None:
         check_choice("generation_kwargs cache_implementation", kwargs["cache_implementation"], EXACT_CACHES)
 
 
 def check_vllm_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Refuse engine arguments that would make the engine sample another distribution."""
-    refused = [key for key in kwargs if key not in VLLM_KWARGS]
+    _refuse_others("vllm_kwargs", kwargs, VLLM_KWARGS, "not an engine setting that leaves the sampled distribution alone "
+                   "(the model, dtype, weights and sampling are set from the policy)")  # fmt: skip
+
+
+def _refuse_others(name: str, kwargs: Mapping[str, Any], allowed: tuple[str, ...], why: str) -> None:
+    refused = [key for key in kwargs if key not in allowed]
     if refused:
-        raise ValueError(
-            f"vllm_kwargs {', '.join(refused)}: not an engine setting that leaves the sampled distribution alone "
-            f"(the model, dtype, weights and sampling are set from the policy); allowed: {', '.join(VLLM_KWARGS)}"
-        )
+        raise ValueError(f"{name} {', '.join(refused)}: {why}; allowed: {', '.join(allowed)}")
 
 
 def check_backend(

@@ -171,7 +171,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, **engine_settings: Any) -> 
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request would drown the engine's own log
 
     http = ThreadingHTTPServer((host, port), Handler)

@@ -29,7 +29,7 @@ def sorting_llama(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rebel_envs.text_tasks import SortingTaskConfig, make_sorting_model
+    from rebel_envs.text_tasks import SortingTaskConfig, distorting_generation_config, make_sorting_model
 
     path = tmp_path_factory.mktemp("sorting_llama")
     threads = torch.get_num_threads()
@@ -39,11 +39,7 @@ def sorting_llama(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    digit = tokenizer.convert_tokens_to_ids
-    model.generation_config.update(
-        do_sample=True, temperature=5.0, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=2,
-        suppress_tokens=[digit("3")], bad_words_ids=[[digit("4")]], begin_suppress_tokens=[digit("5")], min_p=0.5,
-    )  # fmt: skip
+    model.generation_config.update(**distorting_generation_config(tokenizer))
     model.save_pretrained(str(path))
     return str(path)
 
