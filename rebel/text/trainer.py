@@ -58,7 +58,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         None, "longest prompt + completion the vLLM engine holds; none: the model's maximum positions"
     )
     vllm_gpu_memory_utilization: float = option(
-        0.3, "share of GPU memory the colocated vLLM engine takes (on a CPU: VLLM_CPU_KVCACHE_SPACE GiB of KV cache)"
+        0.3, "share of the device's memory a colocated vLLM engine takes (a CPU's RAM unless VLLM_CPU_KVCACHE_SPACE sets its KV cache)"
     )
     missing_eos_penalty: float | None = option(None, "subtracted from the reward of a completion without EOS; none: off")
     kl_coef: float = option(0.0, "weight of the KL to the reference policy folded into the reward (0: off)")
