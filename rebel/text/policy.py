@@ -21,6 +21,7 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.hf.inputs import load_pretrained
 from rebel.policy import Policy
+from rebel.sharding import whole_models
 
 MODEL_EXPECTED = "a model folder or a hub id (org/name)"
 
@@ -73,6 +74,8 @@ class CausalLMPolicy(Policy):
             model = get_peft_model(model, peft_config)
         disable_dropout(model)
         self.model = model
+        # accelerate's FSDP2 (transformer-based wrap) shards each of these blocks on its own
+        self._no_split_modules = getattr(_base_model(model), "_no_split_modules", None)
         self.eos_token_ids = eos_token_ids(model, self.tokenizer)
         self._forward_args = set(inspect.signature(_base_model(model).forward).parameters)
         self.train(True)
@@ -135,19 +138,36 @@ class CausalLMPolicy(Policy):
         return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
     # ---------------------------------------------------------------- saving
-    def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
+    def save_pretrained(self, path: str | Path, merged: bool = False, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the model (or its LoRA adapter) and the tokenizer to ``path``;
-        ``merged=True`` folds a LoRA adapter into the base weights first."""
+        ``merged=True`` folds a LoRA adapter into the base weights first. ``state_dict``:
+        this policy's full tensors, gathered from the processes that shard it."""
         path = Path(path)
-        model = self.model
+        model = self.model if state_dict is None else self._whole_copy(state_dict)
         if merged and self.is_peft:
             import copy
 
-            model = copy.deepcopy(model).merge_and_unload()
+            model = (copy.deepcopy(model) if model is self.model else model).merge_and_unload()
         with _gguf_weights_as_plain(model):
             model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
         return path
+
+    def _whole_copy(self, state_dict: dict[str, Tensor]) -> Any:
+        """An unsharded copy of the model (LoRA adapter included) that holds ``state_dict``'s
+        tensors, built on the meta device (nothing is initialised or copied)."""
+        from transformers import AutoModelForCausalLM
+
+        base = _base_model(self.model)
+        with whole_models(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(base.config)
+            if self.is_peft:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, self.model.peft_config[self.model.active_adapter])
+        prefix = "model."
+        model.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, assign=True)
+        return model
 
 
 # ------------------------------------------------------------------ helpers

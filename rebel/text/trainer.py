@@ -19,6 +19,7 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.rewards import check_reward_funcs
@@ -123,26 +124,32 @@ class TextTrainer(PretrainedTrainer):
 
             key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
             kwargs.setdefault(key, getattr(torch, config.dtype))
-        policy = CausalLMPolicy(
-            model,
-            processing_class,
-            temperature=config.temperature,
-            peft_config=peft_config,
-            gradient_checkpointing=config.gradient_checkpointing,
-            model_kwargs=kwargs,
-        )
-        if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
-            reference_model = copy.deepcopy(policy.model)
-        sampler = TextSampler(
-            train_dataset,
-            reward_funcs,
-            reward_processing_classes=reward_processing_classes,
-            reference_model=reference_model,
-            data_seed=config.seed,
-            **pick(config, SAMPLER_SETTINGS),
-        )
+        # Models built whole (the trainer shards the policy and the reference), and a new
+        # adapter initialised the same on every process (a sharded policy is not broadcast).
+        with whole_models(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            policy = CausalLMPolicy(
+                model,
+                processing_class,
+                temperature=config.temperature,
+                peft_config=peft_config,
+                gradient_checkpointing=config.gradient_checkpointing,
+                model_kwargs=kwargs,
+            )
+            if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
+                reference_model = copy.deepcopy(policy.model)
+            sampler = TextSampler(
+                train_dataset,
+                reward_funcs,
+                reward_processing_classes=reward_processing_classes,
+                reference_model=reference_model,
+                data_seed=config.seed,
+                **pick(config, SAMPLER_SETTINGS),
+            )
         logger = CompletionLogger(sampler, config.log_completions)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
+        if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
+            sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
     @property
     def model(self) -> Any:
@@ -156,13 +163,17 @@ class TextTrainer(PretrainedTrainer):
     def model_folder(self) -> str:
         return "model"
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path, state: dict[str, Any] | None = None) -> None:
         """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
-        merged model in ``<path>_merged`` when ``save_merged``."""
+        merged model in ``<path>_merged`` when ``save_merged``. ``state``: the policy's full
+        state dict, gathered from the processes that shard it."""
         policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
-        policy.save_pretrained(path)
+        policy.save_pretrained(path, state_dict=state)
         if policy.is_peft and self.config.save_merged:
-            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True)
+            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+
+    def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
+        self._save(path, state)
 
 
 class CompletionLogger:
