@@ -167,6 +167,7 @@ class CausalLMPolicy(Policy):
                 model = get_peft_model(model, self.model.peft_config[self.model.active_adapter])
         prefix = "model."
         model.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, assign=True)
+        _base_model(model).tie_weights()  # tied tensors (embeddings and LM head) came back as separate copies
         return model
 
 

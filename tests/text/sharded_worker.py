@@ -6,7 +6,7 @@ in two CPU processes: the same small REBEL runs under each config.
 * ``lora``: 1 iteration of LoRA with the KL to the adapter-disabled model, merged model saved.
 
 Each rank saves what it saw to ``rank<k>.pt``: metric rows, its batches' groups and contexts,
-its first completions, the policy's full parameters after each iteration (rank 0: gathered
+its first completions, the parameter elements it held while collecting, the policy's full parameters after each iteration (rank 0: gathered
 from the shards), how much of the policy it holds, and the saved models' paths.
 """
 
@@ -62,6 +62,7 @@ def run(name: str, iterations: int, resume: bool = False, **overrides) -> dict:
         seen["groups"].append(batch.group.tolist())
         seen["contexts"].append(list(batch.context))
         seen["completions"].append([s["completion"] for s in trainer.sampler.last_samples])
+        seen["elements_in_collect"] = sum(p.numel() for p in policy.parameters())  # whole while the sampler runs
         return batch
 
     trainer.sampler.collect = recording_collect
