@@ -9,8 +9,8 @@ under each accelerate config (``configs/accelerate/``: ddp, zero2, zero3, fsdp2)
   and keeps it unsharded until the collect ends; ZeRO-3 gathers every parameter once, with
   DeepSpeed's per-module gather hooks taken off meanwhile.
 * :func:`prepare_frozen` shards a frozen model (a reference copy) like the policy.
-* Checkpoints: :func:`policy_state` and :func:`optimizer_state` gather full tensors on the
-  main process (FSDP2: DTensor shards; data parallel: the tensors themselves) and
+* Checkpoints: ``accelerator.get_state_dict`` and :func:`optimizer_state` gather full tensors
+  on the main process (FSDP2: from DTensor shards; data parallel: the tensors themselves) and
   :func:`load_policy_state`, :func:`load_optimizer_state` shard them back; DeepSpeed keeps its
   own files (every process writes its optimizer partition), :func:`save_deepspeed` and
   :func:`load_deepspeed`.
@@ -132,12 +132,6 @@ def whole_models() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- checkpoints
-
-
-def policy_state(accelerator: Any, model: torch.nn.Module) -> dict[str, Tensor]:
-    """The policy's full state dict on the main process (every process must call; the
-    others get what accelerate gives them). Not under DeepSpeed: see :func:`save_deepspeed`."""
-    return accelerator.get_state_dict(model)
 
 
 def load_policy_state(accelerator: Any, model: torch.nn.Module, state: dict[str, Tensor]) -> list[str]:

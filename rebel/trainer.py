@@ -183,12 +183,15 @@ class Trainer:
         trainer's device and sharded like the policy (FSDP2, ZeRO-3)."""
         return sharding.prepare_frozen(self.accelerator, module.eval().requires_grad_(False))
 
+    @property
+    def policy_is_sharded(self) -> bool:
+        """True under FSDP2 and ZeRO-3: no process holds the whole policy (but while sampling)."""
+        return sharding.sharding(self.accelerator) is not None
+
     def policy_state(self) -> dict[str, Tensor] | None:
         """The policy's full state dict on the main process when accelerate shards it (FSDP2,
         ZeRO-3; every process must call), else None: the module holds its tensors whole."""
-        if sharding.sharding(self.accelerator) is None:
-            return None
-        return self.accelerator.get_state_dict(self.model)
+        return self.accelerator.get_state_dict(self.model) if self.policy_is_sharded else None
 
     @property
     def device(self) -> torch.device:
@@ -462,7 +465,7 @@ class Trainer:
         if deepspeed:  # every process writes its partition of the policy and optimizer
             sharding.save_deepspeed(self.model, staging / "deepspeed")
         else:  # gathered from every process's shard under FSDP2
-            policy = self.policy.checkpoint_state(sharding.policy_state(acc, self.model))
+            policy = self.policy.checkpoint_state(acc.get_state_dict(self.model))
             optimizer = sharding.optimizer_state(acc, self.model, self.optimizer)
         if acc.is_main_process:
             state = {

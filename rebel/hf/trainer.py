@@ -25,6 +25,7 @@ class PretrainedTrainer(ABC):
     """
 
     adapter: ClassVar[str]
+    shardable: ClassVar[bool] = False  # runs under FSDP2 and ZeRO-3 (implements _save_sharded)
 
     def __init__(
         self,
@@ -43,6 +44,8 @@ class PretrainedTrainer(ABC):
             run_config={"adapter": self.adapter, self.adapter: config.adapter_settings(), **(run_config or {})},
             callbacks=callbacks,
         )
+        if self.trainer.policy_is_sharded and not self.shardable:
+            raise ValueError(f"{self.adapter}: FSDP2 and ZeRO-3 are not supported; launch with data parallel or ZeRO-2")
 
     @property
     def accelerator(self) -> Any:
@@ -87,7 +90,6 @@ class PretrainedTrainer(ABC):
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         """Write the trained model to ``path`` from ``state``, the policy's full state dict
-        gathered from the processes that shard it (FSDP2, ZeRO-3; main process only)."""
-        raise NotImplementedError(
-            f"{self.adapter}: saving a policy sharded by FSDP2 or ZeRO-3 is not supported; use data parallel or ZeRO-2"
-        )
+        gathered from the processes that shard it (FSDP2, ZeRO-3; main process only); an
+        adapter that implements it sets ``shardable``."""
+        raise NotImplementedError

@@ -97,6 +97,7 @@ class TextTrainer(PretrainedTrainer):
     """
 
     adapter = "text"
+    shardable = True
 
     def __init__(
         self,
