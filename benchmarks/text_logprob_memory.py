@@ -153,7 +153,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str
             f"gradients and one backward of `CausalLMPolicy.token_log_probs` on SmolLM2-135M-Instruct (float32 weights, vocabulary "
             f"{results[0]['vocab_size']}), {args.batch} sequences of {args.prompt_length} prompt tokens (half of them left-padded by "
             f"half) and the completion tokens of each row, random tokens, all attended, temperature {args.temperature}, gradient "
-            f"checkpointing {'on' if args.gradient_checkpointing else 'off'}. Each row is a fresh process, plain then lean at each length."
+            f"checkpointing {'on' if args.gradient_checkpointing else 'off'}. Each row is one run in a fresh process, plain then lean at each length."
         ),
         "",
         f"```bash\n{command}\n```",

@@ -127,6 +127,12 @@ def _tiny_model(model_type, **overrides):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def _char_tokenizer():
+    from rebel_envs.text_tasks import char_tokenizer
+
+    return char_tokenizer()
+
+
 def _padded_inputs(completion_length=7):
     """Three rows of 5 prompt and ``completion_length`` completion tokens: left padding in
     rows 0 and 2, unattended completion tokens (after an EOS) in rows 1 and 2."""
@@ -149,7 +155,7 @@ def _scores_and_grads(policy, ids, attention, t):
 
 def _assert_lean_equals_plain(model, t=7, **policy_kwargs):
     ids, attention = _padded_inputs(t)
-    lean = CausalLMPolicy(model, policy_kwargs.pop("tokenizer", None) or _char_tokenizer(), logprob_chunk_size=3, **policy_kwargs)
+    lean = CausalLMPolicy(model, _char_tokenizer(), logprob_chunk_size=3, **policy_kwargs)
     logp, grads = _scores_and_grads(lean, ids, attention, t)
     lean.logprob_chunk_size = 0  # the same model, all logits at once
     plain_logp, plain_grads = _scores_and_grads(lean, ids, attention, t)
@@ -161,12 +167,6 @@ def _assert_lean_equals_plain(model, t=7, **policy_kwargs):
         scale = plain_grads[name].abs().max().item()  # float32 sums in another order: within 1e-6 of the largest entry
         assert scale > 0, name
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
-
-
-def _char_tokenizer():
-    from rebel_envs.text_tasks import char_tokenizer
-
-    return char_tokenizer()
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
