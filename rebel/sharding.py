@@ -8,7 +8,8 @@ under each accelerate config (``configs/accelerate/``: ddp, zero2, zero3, fsdp2)
   runs (generation, reward models, the reference log-probs): FSDP2 unshards every module once
   and keeps it unsharded until the collect ends; ZeRO-3 gathers every parameter once, with
   DeepSpeed's per-module gather hooks taken off meanwhile.
-* :func:`prepare_frozen` shards a frozen model (a reference copy) like the policy.
+* :func:`prepare_frozen` shards a frozen model (a reference copy) like the policy; it too is
+  whole inside :func:`full_weights`.
 * Checkpoints: ``accelerator.get_state_dict`` and :func:`optimizer_state` gather full tensors
   on the main process (FSDP2: from DTensor shards; data parallel: the tensors themselves) and
   :func:`load_policy_state`, :func:`load_optimizer_state` shard them back; DeepSpeed keeps its
@@ -79,24 +80,24 @@ def uses_deepspeed(accelerator: Any) -> bool:
 
 
 @contextlib.contextmanager
-def full_weights(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
-    """Every process holds the whole policy inside (every process must enter): generation
-    then costs one gather, not one per module and token, and processes that generate a
-    different number of tokens never wait for each other."""
+def full_weights(accelerator: Any, *models: torch.nn.Module) -> Iterator[None]:
+    """Every process holds ``models`` whole inside (every process must enter): the policy and
+    the frozen models the sampler uses, for one collection. Generation then costs one gather,
+    not one per module and token, and processes that generate a different number of tokens
+    never wait for each other; inside, ``parameters()`` are whole tensors."""
     kind = sharding(accelerator)
-    if kind == "fsdp2":
-        with _fsdp2_unsharded(model):
-            yield
-    elif kind == "zero3":
-        with _zero3_gathered(model):
-            yield
-    else:
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if kind == "fsdp2":
+                stack.enter_context(_fsdp2_unsharded(model))
+            elif kind == "zero3":
+                stack.enter_context(_zero3_gathered(model))
         yield
 
 
 def prepare_frozen(accelerator: Any, module: torch.nn.Module) -> torch.nn.Module:
     """A frozen model (a reference policy) on the accelerator's device, sharded like the
-    policy under FSDP2 and ZeRO-3 (its parameters gathered by each forward)."""
+    policy under FSDP2 and ZeRO-3 (whole only inside :func:`full_weights`)."""
     kind = sharding(accelerator)
     if kind == "fsdp2":
         return accelerator.prepare(module.to(accelerator.device))
@@ -257,7 +258,7 @@ def _zero3_gathered(engine: Any) -> Iterator[None]:
     module's parameters after its forward, are off meanwhile and put back afterwards."""
     import deepspeed
 
-    offload = engine.optimizer.parameter_offload
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # a frozen model's engine has no optimizer of its own
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         offload._remove_module_hooks()
         offload.forward_hooks.clear()

@@ -171,6 +171,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.stop_reason: str | None = None  # how the last train() call ended (see train)
         self._rng_at_iteration_start: dict[str, Any] | None = None
+        self._frozen: list[torch.nn.Module] = []  # see prepare_frozen
 
     # ------------------------------------------------------------------ public
     @property
@@ -180,8 +181,10 @@ class Trainer:
 
     def prepare_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
         """A frozen model the sampler uses beside the policy (a reference copy), on the
-        trainer's device and sharded like the policy (FSDP2, ZeRO-3)."""
-        return sharding.prepare_frozen(self.accelerator, module.eval().requires_grad_(False))
+        trainer's device and sharded like the policy (FSDP2, ZeRO-3), whole while the sampler runs."""
+        module = sharding.prepare_frozen(self.accelerator, module.eval().requires_grad_(False))
+        self._frozen.append(module)
+        return module
 
     @property
     def policy_is_sharded(self) -> bool:
@@ -320,7 +323,7 @@ class Trainer:
         start = time.perf_counter()
         self._rng_at_iteration_start = _rng_state(self.generator)
         try:
-            with torch.no_grad(), sharding.full_weights(self.accelerator, self.model):
+            with torch.no_grad(), sharding.full_weights(self.accelerator, self.model, *self._frozen):
                 batch = self.sampler.collect(self.policy)
         except BaseException:
             # Parameters are still those of the last iteration: keep them (sampler errors,

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
+from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
-from rebel.text.policy import CausalLMPolicy
+from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
 from rebel.text.rewards import check_reward_funcs
 from rebel.text.sampler import TextSampler, check_generation_kwargs
 from rebel.trainer import TrainerConfig
@@ -53,6 +53,9 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     lora_alpha: int = option(32, "LoRA alpha")
     lora_target_modules: str = option("all-linear", "LoRA target modules: all-linear or comma-separated names")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    logprob_chunk_size: int = option(
+        LOGPROB_CHUNK_SIZE, "completion tokens whose float32 logits exist at once when scoring (0: all at once)"
+    )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
@@ -63,6 +66,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_group_size("num_generations", self.num_generations)
         check_choice("dtype", self.dtype, DTYPES)
         check_positive("temperature", self.temperature)
+        check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_generation_kwargs(self.generation_kwargs)
         super().__post_init__()
 
@@ -135,6 +139,7 @@ class TextTrainer(PretrainedTrainer):
                 temperature=config.temperature,
                 peft_config=peft_config,
                 gradient_checkpointing=config.gradient_checkpointing,
+                logprob_chunk_size=config.logprob_chunk_size,
                 model_kwargs=kwargs,
             )
             if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
