@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SHARDINGS = ("fsdp2", "zero3")  # the strategies under which no process holds the whole policy
-
 
 def make_accelerator(mixed_precision: str, max_grad_norm: float | None) -> Any:
     """The ``Accelerator`` of the launcher's config (data parallel, DeepSpeed ZeRO, FSDP2).
