@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -95,3 +96,24 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def replace_section(path: Path, name: str, lines: list[str]) -> None:
+    """Write ``lines`` as the section ``name`` of the Markdown page ``path``, between two
+    comments naming it: in place of that section if the page has it, else at its end."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = "\n".join([begin, *lines, end])
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def kept_sections(path: Path) -> list[str]:
+    """The sections :func:`replace_section` wrote into ``path`` (a script that rewrites the
+    page keeps them)."""
+    text = path.read_text() if path.exists() else ""
+    return [m.group(0) for m in re.finditer(r"<!-- begin (\S+) -->.*?<!-- end \1 -->", text, re.DOTALL)]

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, command_line, machine, mean, mean_std, table
+from benchmarks.common import PeakRSS, command_line, kept_sections, machine, mean, mean_std, table
 
 ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo")  # rebel-rloo: rebel.text with loss="rloo" (a diagnostic, not run by default)
 LABELS = {
@@ -366,6 +366,8 @@ def write_report(
     for task in TASK_DEFAULTS:
         if task not in args.tasks:
             lines += ["", NOT_RUN[task]]
+    for section in kept_sections(out / "text.md"):  # written by other scripts (text_logprob_memory.py)
+        lines += ["", section]
     (out / "text.md").write_text("\n".join(lines) + "\n")
     plot(all_results, args, out / "text.png")
 

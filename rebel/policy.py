@@ -31,9 +31,11 @@ class Policy(torch.nn.Module, ABC):
         """``[B]`` log pi_theta(tau) of each trajectory: the masked sum of its step log-probs."""
         return trajectory_log_prob(self(batch), batch.mask)
 
-    def checkpoint_state(self) -> dict[str, Tensor]:
-        """The tensors a checkpoint must hold to resume: trainable parameters and buffers.
+    def checkpoint_state(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The tensors a checkpoint must hold to resume: trainable parameters and buffers, from
+        ``state_dict`` (the full one gathered from a sharded policy) or the module's own.
         Frozen parameters (a pretrained base under LoRA, say) come back from their source."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         buffers = {name for name, _ in self.named_buffers()}
-        return {k: v for k, v in self.state_dict().items() if k in trainable or k in buffers}
+        state = self.state_dict() if state_dict is None else state_dict
+        return {k: v for k, v in state.items() if k in trainable or k in buffers}

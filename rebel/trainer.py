@@ -7,7 +7,8 @@
             loss = LOSSES[config.loss].fn(minibatch, log_prob(minibatch), ...)  # REBEL's regression by default
             backward, clip, step
 
-Runs on accelerate (one process or many; every process collects its own contexts).
+Runs on accelerate (one process or many; every process collects its own contexts), under
+the launcher's accelerate config: data parallel, DeepSpeed ZeRO or FSDP2 (see rebel.sharding).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rebel import sharding
 from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_int, check_positive, option
 from rebel.losses import LOSSES, PAIRINGS, explained_variance, trajectory_log_prob
@@ -137,8 +139,6 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a rebel.Policy, got {type(policy).__name__}")
         if not isinstance(sampler, Sampler):
@@ -146,10 +146,8 @@ class Trainer:
         self.config = config
         self.sampler = sampler
         self.callbacks = list(callbacks)
-        # Without CUDA, accelerate treats a torchrun launch as distributed only when told cpu=True.
-        distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         _allow_new_mixed_precision(config.mixed_precision)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=distributed_cpu)
+        self.accelerator = sharding.make_accelerator(config.mixed_precision, config.max_grad_norm)
         params = [p for p in policy.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (requires_grad=False everywhere)")
@@ -164,9 +162,7 @@ class Trainer:
         self.totals: dict[str, float] = {}  # cumulative counters (samples, env_steps, ...)
         self.wall_time = 0.0  # seconds spent in iterations, over resumes
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self._lr_factor
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sharding.base_optimizer(self.optimizer), self._lr_factor)
         self.normalizer = RewardNormalizer(config.reward_normalization)
         self.run = RunDir(config.output_dir, is_main=self.accelerator.is_main_process)
         self.run_config = dict(run_config or {})
@@ -175,12 +171,30 @@ class Trainer:
         self._stop_signal: int | None = None
         self.stop_reason: str | None = None  # how the last train() call ended (see train)
         self._rng_at_iteration_start: dict[str, Any] | None = None
+        self._frozen: list[torch.nn.Module] = []  # see prepare_frozen
 
     # ------------------------------------------------------------------ public
     @property
     def policy(self) -> Policy:
         """The policy itself (unwrapped from any data-parallel wrapper)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def prepare_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model the sampler uses beside the policy (a reference copy), on the
+        trainer's device and sharded like the policy (FSDP2, ZeRO-3), whole while the sampler runs."""
+        module = sharding.prepare_frozen(self.accelerator, module.eval().requires_grad_(False))
+        self._frozen.append(module)
+        return module
+
+    @property
+    def policy_is_sharded(self) -> bool:
+        """True under FSDP2 and ZeRO-3: no process holds the whole policy (but while sampling)."""
+        return sharding.sharding(self.accelerator) is not None
+
+    def policy_state(self) -> dict[str, Tensor] | None:
+        """The policy's full state dict on the main process when accelerate shards it (FSDP2,
+        ZeRO-3; every process must call), else None: the module holds its tensors whole."""
+        return self.accelerator.get_state_dict(self.model) if self.policy_is_sharded else None
 
     @property
     def device(self) -> torch.device:
@@ -309,7 +323,7 @@ class Trainer:
         start = time.perf_counter()
         self._rng_at_iteration_start = _rng_state(self.generator)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), sharding.full_weights(self.accelerator, self.model, *self._frozen):
                 batch = self.sampler.collect(self.policy)
         except BaseException:
             # Parameters are still those of the last iteration: keep them (sampler errors,
@@ -382,7 +396,8 @@ class Trainer:
     def _clip_gradients(self) -> float:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)  # DeepSpeed clips in its step and reports the norm
+        return float("nan") if norm is None else float(norm)
 
     def _metrics(
         self,
@@ -449,13 +464,18 @@ class Trainer:
             {"rng": rng or _rng_state(self.generator), "sampler": self.sampler.state_dict()},
             staging / f"process_{acc.process_index}.pt",
         )
+        deepspeed = sharding.uses_deepspeed(acc)
+        if deepspeed:  # every process writes its partition of the policy and optimizer
+            sharding.save_deepspeed(self.model, staging / "deepspeed")
+        else:  # gathered from every process's shard under FSDP2
+            policy = self.policy.checkpoint_state(acc.get_state_dict(self.model))
+            optimizer = sharding.optimizer_state(acc, self.model, self.optimizer)
         if acc.is_main_process:
             state = {
                 "iteration": self.iteration,
                 "totals": dict(self.totals),
                 "wall_time": self.wall_time,
-                "policy": self.policy.checkpoint_state(),
-                "optimizer": self.optimizer.state_dict(),
+                **({"deepspeed": True} if deepspeed else {"policy": policy, "optimizer": optimizer}),
                 "scheduler": self.scheduler.state_dict(),
                 "normalizer": self.normalizer.state_dict(),
                 "num_processes": acc.num_processes,
@@ -485,10 +505,16 @@ class Trainer:
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 f"resume it with the same number (now {self.accelerator.num_processes})"
             )
-        _, unexpected = self.policy.load_state_dict(state["policy"], strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {path} has parameters this policy lacks: {unexpected[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("deepspeed", False) != sharding.uses_deepspeed(self.accelerator):
+            written = "with" if state.get("deepspeed") else "without"
+            raise ValueError(f"checkpoint {path} was written {written} DeepSpeed; resume it under the same accelerate config")
+        if state.get("deepspeed"):
+            sharding.load_deepspeed(self.model, path / "deepspeed")
+        else:
+            unexpected = sharding.load_policy_state(self.accelerator, self.model, state["policy"])
+            if unexpected:
+                raise ValueError(f"checkpoint {path} has parameters this policy lacks: {unexpected[:5]}")
+            sharding.load_optimizer_state(self.accelerator, self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.normalizer.load_state_dict(state["normalizer"])
         self.iteration = int(state["iteration"])

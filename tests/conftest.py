@@ -35,22 +35,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def torchrun_two_processes(tmp_path: Path) -> Callable[..., tuple[dict, dict]]:
-    """``run(worker, *args, port=...)`` runs the script ``worker`` under torchrun in two CPU
-    processes (one thread each) with ``args`` and then ``tmp_path`` as its arguments, and returns
-    the two dicts the ranks saved there (``rank0.pt``, ``rank1.pt``)."""
+def run_two_processes(worker: Path, *args: str, out: Path, port: int, accelerate_config: Path | None = None) -> tuple[dict, dict]:
+    """Run the script ``worker`` in two CPU processes (one thread each) with ``args`` and then
+    ``out`` as its arguments, under torchrun or, given ``accelerate_config``, under ``accelerate
+    launch --config_file``; return the two dicts the ranks saved there (``rank0.pt``, ``rank1.pt``)."""
     import torch
 
+    if accelerate_config is None:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                    "--num_processes", "2", "--main_process_port", str(port)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*launcher, str(worker), *args, str(out)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))  # type: ignore[return-value]
+
+
+@pytest.fixture
+def torchrun_two_processes(tmp_path: Path) -> Callable[..., tuple[dict, dict]]:
+    """``run(worker, *args, port=...)``: :func:`run_two_processes` under torchrun into ``tmp_path``."""
+
     def run(worker: Path, *args: str, port: int) -> tuple[dict, dict]:
-        torchrun = Path(sys.executable).with_name("torchrun")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(
-            [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(worker), *args, str(tmp_path)],
-            capture_output=True, text=True, env=env, timeout=300, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-        return rank0, rank1
+        return run_two_processes(worker, *args, out=tmp_path, port=port)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def two_processes() -> Callable[..., tuple[dict, dict]]:
+    """:func:`run_two_processes`, for fixtures of any scope."""
+    return run_two_processes

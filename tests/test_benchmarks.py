@@ -163,12 +163,16 @@ def test_text_report_rebuilt_from_a_json_file(tmp_path, monkeypatch):
         json.dumps({"args": args, "start_eval": {"tiny": {"reward": 0.3, "exact": 0.1}}, "results": {"tiny, 1 epochs": results}})
     )
     monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(raw), "--out", str(tmp_path)])
+    from benchmarks.common import replace_section
+
+    replace_section(tmp_path / "text.md", "other_script", ["## Written by another script", "", "| a |"])
     bench.main()
     report = (tmp_path / "text.md").read_text()
     assert (
         "| REBEL (rebel.text) | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.4 ± 0.0 | 400 ± 0 | 300 ± 0 | 400 ± 0 | 0.400 ± 0.000 | 0.800 ± 0.100 |"
         in report
     )
+    assert report.endswith("\n\n<!-- begin other_script -->\n## Written by another script\n\n| a |\n<!-- end other_script -->\n")  # kept
     assert "time per iteration x0.50 of RLOO's, peak RSS x0.80" in report
     assert "held-out reward +0.300" in report and (tmp_path / "text.png").is_file()
 
@@ -207,6 +211,28 @@ def test_text_reports_of_several_runs_merge_their_seeds(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(second), str(bad), "--out", str(tmp_path)])
         with pytest.raises(ValueError, match=message):
             bench.main()
+
+
+def test_logprob_memory_report_writes_its_own_section_of_the_text_page(tmp_path):
+    bench = load("text_logprob_memory")
+    args = bench.parse_args(["--lengths", "512", "--batch", "4", "--chunk", "256"])
+
+    def run(mode, peak, **extra):
+        return {"mode": mode, "length": 512, "seconds": 10.0, "rss_before_mb": 1000.0, "rss_peak_mb": peak, "cuda_peak_mb": None,
+                "device": "cpu", "vocab_size": 49152, **extra}  # fmt: skip
+
+    page = tmp_path / "text.md"
+    page.write_text("# Text\n\nThe other benchmark.\n")
+    for peak in (1800.0, 1500.0):  # a second report replaces the first
+        bench.replace_section(
+            page, bench.SECTION, bench.report([run("plain", 3000.0), run("lean", peak, max_diff=2e-6)], args, "python run")
+        )
+    text = page.read_text()
+    assert text.startswith("# Text\n\nThe other benchmark.\n\n<!-- begin text_logprob_memory -->\n## Lean log-probs")
+    assert text.count("## Lean log-probs") == 1 and text.endswith("<!-- end text_logprob_memory -->\n")
+    assert "| 512 | plain (`logprob_chunk_size=0`) | 3000 | 2000 | x1.00 | - | 10.0 | - |" in text
+    assert "| 512 | lean (`logprob_chunk_size=256`) | 1500 | 500 | x0.25 | - | 10.0 | 2.0e-06 |" in text
+    assert "(0.38 GiB for 4 x 512 tokens" in text and "```bash\npython run\n```" in text
 
 
 def test_mc_q_accuracy_compares_short_estimates_with_the_long_reference(tmp_path):

@@ -135,6 +135,17 @@ def test_run_folder_layout(tmp_path):
     assert {"policy", "optimizer", "scheduler", "normalizer", "iteration"} <= set(state)
 
 
+def test_a_deepspeed_checkpoint_resumes_only_under_deepspeed(tmp_path):
+    tabular_trainer(tmp_path, iterations=1).train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    for key in ("policy", "optimizer"):  # DeepSpeed keeps these in its own files
+        del state[key]
+    torch.save({**state, "deepspeed": True}, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match=r"iter_000001 was written with DeepSpeed; resume it under the same accelerate config"):
+        tabular_trainer(tmp_path, iterations=2).train(resume=True)
+
+
 @pytest.mark.parametrize(
     "overrides", [{}, {"minibatch_size": 24, "epochs": 3, "reward_normalization": "per_context", "lr_schedule": "cosine"}]
 )

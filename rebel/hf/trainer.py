@@ -25,6 +25,7 @@ class PretrainedTrainer(ABC):
     """
 
     adapter: ClassVar[str]
+    shardable: ClassVar[bool] = False  # runs under FSDP2 and ZeRO-3 (implements _save_sharded)
 
     def __init__(
         self,
@@ -43,6 +44,8 @@ class PretrainedTrainer(ABC):
             run_config={"adapter": self.adapter, self.adapter: config.adapter_settings(), **(run_config or {})},
             callbacks=callbacks,
         )
+        if self.trainer.policy_is_sharded and not self.shardable:
+            raise ValueError(f"{self.adapter}: FSDP2 and ZeRO-3 are not supported; launch with data parallel or ZeRO-2")
 
     @property
     def accelerator(self) -> Any:
@@ -70,9 +73,10 @@ class PretrainedTrainer(ABC):
         """Save what was trained to ``path`` (default: ``<run>/<model_folder>``); only the
         main process writes, every process waits for it."""
         path = Path(path) if path is not None else Path(self.config.output_dir) / self.model_folder()
+        state = self.trainer.policy_state()  # every process takes part when the policy is sharded
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._save(path)
+            self._save(path) if state is None else self._save_sharded(path, state)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -83,3 +87,9 @@ class PretrainedTrainer(ABC):
     @abstractmethod
     def _save(self, path: Path) -> None:
         """Write the trained model to ``path`` (main process only)."""
+
+    def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
+        """Write the trained model to ``path`` from ``state``, the policy's full state dict
+        gathered from the processes that shard it (FSDP2, ZeRO-3; main process only); an
+        adapter that implements it sets ``shardable``."""
+        raise NotImplementedError

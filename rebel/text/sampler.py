@@ -247,7 +247,8 @@ class TextSampler(Sampler):
         t = mask.shape[1]
         logp = policy.token_log_probs(input_ids, attention_mask, t)
         if self.reference_model is not None:
-            self.reference_model.to(input_ids.device)
+            if next(self.reference_model.parameters()).device != input_ids.device:
+                self.reference_model.to(input_ids.device)
             ref = policy.token_log_probs(input_ids, attention_mask, t, model=self.reference_model)
         else:
             with policy.adapter_disabled():

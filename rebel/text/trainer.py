@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_choice, check_group_size, check_positive, option, pick, with_defaults
+from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
 from rebel.text.generation import check_backend, check_generation_kwargs
-from rebel.text.policy import CausalLMPolicy
+from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
 from rebel.text.rewards import check_reward_funcs
 from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
@@ -68,6 +69,9 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     lora_alpha: int = option(32, "LoRA alpha")
     lora_target_modules: str = option("all-linear", "LoRA target modules: all-linear or comma-separated names")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    logprob_chunk_size: int = option(
+        LOGPROB_CHUNK_SIZE, "completion tokens whose float32 logits exist at once when scoring (0: all at once)"
+    )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
@@ -79,6 +83,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_group_size("num_generations", self.num_generations)
         check_choice("dtype", self.dtype, DTYPES)
         check_positive("temperature", self.temperature)
+        check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_generation_kwargs(self.generation_kwargs)
         check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
@@ -114,6 +119,7 @@ class TextTrainer(PretrainedTrainer):
     """
 
     adapter = "text"
+    shardable = True
 
     def __init__(
         self,
@@ -141,26 +147,33 @@ class TextTrainer(PretrainedTrainer):
 
             key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
             kwargs.setdefault(key, getattr(torch, config.dtype))
-        policy = CausalLMPolicy(
-            model,
-            processing_class,
-            temperature=config.temperature,
-            peft_config=peft_config,
-            gradient_checkpointing=config.gradient_checkpointing,
-            model_kwargs=kwargs,
-        )
-        if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
-            reference_model = copy.deepcopy(policy.model)
-        sampler = TextSampler(
-            train_dataset,
-            reward_funcs,
-            reward_processing_classes=reward_processing_classes,
-            reference_model=reference_model,
-            data_seed=config.seed,
-            **pick(config, SAMPLER_SETTINGS),
-        )
+        # Models built whole (the trainer shards the policy and the reference), and a new
+        # adapter initialised the same on every process (a sharded policy is not broadcast).
+        with whole_models(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            policy = CausalLMPolicy(
+                model,
+                processing_class,
+                temperature=config.temperature,
+                peft_config=peft_config,
+                gradient_checkpointing=config.gradient_checkpointing,
+                logprob_chunk_size=config.logprob_chunk_size,
+                model_kwargs=kwargs,
+            )
+            if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
+                reference_model = copy.deepcopy(policy.model)
+            sampler = TextSampler(
+                train_dataset,
+                reward_funcs,
+                reward_processing_classes=reward_processing_classes,
+                reference_model=reference_model,
+                data_seed=config.seed,
+                **pick(config, SAMPLER_SETTINGS),
+            )
         logger = CompletionLogger(sampler, config.log_completions)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
+        if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
+            sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
     @property
     def model(self) -> Any:
@@ -182,13 +195,17 @@ class TextTrainer(PretrainedTrainer):
     def model_folder(self) -> str:
         return "model"
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path, state: dict[str, Any] | None = None) -> None:
         """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
-        merged model in ``<path>_merged`` when ``save_merged``."""
+        merged model in ``<path>_merged`` when ``save_merged``. ``state``: the policy's full
+        state dict, gathered from the processes that shard it."""
         policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
-        policy.save_pretrained(path)
+        policy.save_pretrained(path, state_dict=state)
         if policy.is_peft and self.config.save_merged:
-            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True)
+            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+
+    def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
+        self._save(path, state)
 
 
 class CompletionLogger:
