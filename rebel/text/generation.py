@@ -16,6 +16,7 @@ only by ``top_p`` / ``top_k`` when asked, up to ``max_new_tokens`` or the first 
 from __future__ import annotations
 
 import importlib.util
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,6 +109,11 @@ def check_backend(
     check_vllm_kwargs(vllm_kwargs or {})
     if backend != "vllm":
         return
+    if vllm_mode == "colocate" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "vllm_mode='colocate' does not run beside FSDP2 (once the engine is up, FSDP2's gathers fail to find the process group); "
+            "use vllm_mode='server' with rebel vllm-serve"
+        )
     if vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
         raise ValueError(f"generation_backend='vllm' needs vLLM, which is not installed: {VLLM_EXTRA}")
 

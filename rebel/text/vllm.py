@@ -91,20 +91,18 @@ class LocalEngine:
         return [list(out.outputs[0].token_ids) for out in outputs]
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) and vLLM's process groups; torch's
-        default group only if the engine set it up (a trainer's own stays)."""
+        """Free the engine (its KV cache and weights); vLLM's process groups too when the
+        engine set up torch's default group. Inside a trainer's group they stay (that group is
+        not the engine's to end), and a later engine in this process takes them up again."""
         import gc
-
-        from vllm.distributed import parallel_state
 
         del self.llm
         gc.collect()
-        parallel_state.destroy_model_parallel()
         if self._owns_process_group:
+            from vllm.distributed import parallel_state
+
+            parallel_state.destroy_model_parallel()
             parallel_state.destroy_distributed_environment()
-        elif parallel_state._WORLD is not None:
-            parallel_state._WORLD.destroy()
-            parallel_state._WORLD = None
         self._folder.cleanup()
 
 
@@ -197,8 +195,9 @@ def sampling_params(cls: Any, settings: SamplingSettings, seed: int) -> Any:
 
 
 def checkpoint_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
-    """``(name, tensor)`` of the model's weights as its checkpoint names them; a LoRA
-    model's layers come merged (``W + delta``, computed aside, the model untouched)."""
+    """``(name, tensor)`` of the model's weights as its checkpoint names them, whole (FSDP2's
+    sharded tensors gathered: every process must take part); a LoRA model's layers come
+    merged (``W + delta``, computed aside, the model untouched)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora = {name: module for name, module in base.named_modules() if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")}
     for name, tensor in base.state_dict().items():
@@ -206,15 +205,21 @@ def checkpoint_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
             raise ValueError("generation_backend='vllm' merges LoRA adapters; DoRA (use_dora) is not supported")
         if ".lora_" in name:
             continue
+        tensor = _whole(tensor)
         module_name, _, leaf = name.partition(".base_layer.")
         if leaf:
             layer = lora[module_name]
             if leaf == "weight" and not getattr(layer, "merged", False) and not getattr(layer, "disable_adapters", False):
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
-                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                        tensor = tensor + _whole(layer.get_delta_weight(adapter)).to(tensor.dtype)
             name = f"{module_name}.{leaf}"
         yield name, tensor
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """A DTensor (FSDP2's shard) gathered into a plain tensor; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def engine_config(model: Any) -> dict[str, Any]:

@@ -46,3 +46,12 @@ def test_backend_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")) as error:
         TextConfig(**settings)
     assert "\n" not in str(error.value)
+
+
+def test_a_colocated_engine_is_refused_beside_fsdp2(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for configs/accelerate/fsdp2.yaml
+    with pytest.raises(
+        ValueError, match="^vllm_mode='colocate' does not run beside FSDP2 .*; use vllm_mode='server' with rebel vllm-serve$"
+    ):
+        TextConfig(generation_backend="vllm")
+    assert TextConfig(generation_backend="vllm", vllm_mode="server").vllm_mode == "server"

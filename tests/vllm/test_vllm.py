@@ -178,14 +178,28 @@ def test_a_resumed_run_is_bit_identical(sorting_llama, engine_kwargs, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_two_processes_each_with_a_colocated_engine(torchrun_two_processes, sorting_llama):
-    """Data parallel under torchrun (gloo): every process builds its own engine inside the
-    trainer's process group, samples its prompts, and the ranks keep identical weights."""
+def test_data_parallel_with_colocated_engines_and_fsdp2_with_the_server_sample_alike(
+    two_processes, sorting_llama, server_url, tmp_path, monkeypatch
+):
+    """Two processes: under torchrun each builds its own colocated engine inside the trainer's
+    process group, and the ranks keep identical weights; under accelerate's FSDP2 config (the
+    colocated engine is refused there) the server gets the weights gathered from the shards and
+    draws the very same completions, and the weights end equal up to float rounding."""
     from pathlib import Path
 
-    rank0, rank1 = torchrun_two_processes(Path(__file__).with_name("distributed_worker.py"), sorting_llama, port=29561)
-    assert rank0["world"] == rank1["world"] == 2
-    for name, value in rank0["params"].items():
-        assert torch.equal(value, rank1["params"][name]), name
-    assert [r["samples"] for r in rank0["rows"]] == [16, 32]  # 2 processes x 4 prompts x 2 completions per iteration
-    assert all(r["start_log_ratio_max"] == 0.0 for r in rank0["rows"] + rank1["rows"])
+    worker = Path(__file__).with_name("distributed_worker.py")
+    ddp = two_processes(worker, sorting_llama, out=tmp_path / "ddp", port=29561)
+    assert ddp[0]["world"] == ddp[1]["world"] == 2
+    for name, value in ddp[0]["params"].items():
+        assert torch.equal(value, ddp[1]["params"][name]), name
+    assert [r["samples"] for r in ddp[0]["rows"]] == [16, 32]  # 2 processes x 4 prompts x 2 completions per iteration
+    assert all(r["start_log_ratio_max"] == 0.0 for r in ddp[0]["rows"] + ddp[1]["rows"])
+
+    monkeypatch.setenv("REBEL_TEST_BACKEND", server_url)
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp2.yaml"
+    fsdp2 = two_processes(worker, sorting_llama, out=tmp_path / "fsdp2", port=29562, accelerate_config=config)
+    for rank in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(fsdp2[rank]["samples"], ddp[rank]["samples"], strict=True))
+    assert [r["score_mean"] for r in fsdp2[0]["rows"]] == [r["score_mean"] for r in ddp[0]["rows"]]
+    for name, value in ddp[0]["params"].items():
+        torch.testing.assert_close(fsdp2[0]["params"][name], value, rtol=0, atol=1e-5)
