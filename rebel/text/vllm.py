@@ -61,6 +61,7 @@ class LocalEngine:
         except ImportError as error:
             raise ImportError(f"generation_backend='vllm' needs vLLM, which is not installed: {VLLM_EXTRA}") from error
         self._owns_process_group = not torch.distributed.is_initialized()  # else the trainer's (accelerate's)
+        self._set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it for the whole process
         self._folder = tempfile.TemporaryDirectory(prefix="rebel-vllm-")
         (Path(self._folder.name) / "config.json").write_text(json.dumps(config))
         self.llm = LLM(
@@ -91,13 +92,15 @@ class LocalEngine:
         return [list(out.outputs[0].token_ids) for out in outputs]
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights); vLLM's process groups too when the
-        engine set up torch's default group. Inside a trainer's group they stay (that group is
-        not the engine's to end), and a later engine in this process takes them up again."""
+        """Free the engine (its KV cache and weights) and give ``torch.set_num_threads`` back;
+        vLLM's process groups too when the engine set up torch's default group. Inside a
+        trainer's group they stay (that group is not the engine's to end), and a later engine
+        in this process takes them up again."""
         import gc
 
         del self.llm
         gc.collect()
+        torch.set_num_threads = self._set_num_threads
         if self._owns_process_group:
             from vllm.distributed import parallel_state
 

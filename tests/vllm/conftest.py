@@ -51,12 +51,17 @@ def engine_kwargs():
 
 @pytest.fixture(scope="session")
 def engine():
-    """A colocated vLLM backend; each sampler using it pushes its policy's weights first."""
+    """A colocated vLLM backend; each sampler using it pushes its policy's weights first. The
+    first engine of the session: closing it gives back the torch.set_num_threads vLLM replaced."""
+    import torch
+
     from rebel.text.vllm import VLLMGeneration
 
+    original = torch.set_num_threads
     backend = VLLMGeneration(vllm_kwargs=ENGINE_KWARGS)
     yield backend
     backend.close()
+    assert torch.set_num_threads is original
 
 
 @pytest.fixture(scope="session")
