@@ -11,8 +11,7 @@ import torch
 import yaml
 
 import rebel.trainer
-from rebel import LOSSES, RewardNormalizer, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, register_loss
-from rebel.normalize import REWARD_NORMALIZATIONS
+from rebel import LOSSES, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, register_loss
 from rebel.runs import latest_checkpoint, read_metrics
 from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 
@@ -283,63 +282,6 @@ def test_a_soft_rewards_normalised_scale_is_at_least_eta_alpha(tmp_path, entropy
     centred = torch.tensor([-0.05, 0.05, -0.03, 0.03])
     target = centred / (divisor or centred.pow(2).mean().sqrt().item())
     assert row["loss"] == pytest.approx((((target[1] - target[0]) ** 2 + (target[3] - target[2]) ** 2) / 2).item(), rel=1e-4)
-
-
-ARM_Q = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.0], dtype=torch.float64)
-
-
-def soft_bandit_iteration(kind, min_scale=None, iterations=30, alpha=0.1, eta=2.0, states=4096):
-    """REBEL on a 5-arm bandit with known Q and the critic's soft reward Q(a) - alpha log pi_t(a),
-    normalised as the trainer does (``min_scale = eta * alpha`` unless given), each regression
-    minimised exactly (LBFGS): returns the final policy's probabilities."""
-    policy, _ = make_tabular(TabularConfig(env="bandit", num_actions=5))
-    policy = policy.double()
-    generator = torch.Generator().manual_seed(0)
-    normalizer = RewardNormalizer(kind)
-    group = torch.arange(states).repeat_interleave(2)
-    for _ in range(iterations):
-        actions = torch.multinomial(policy.probs()[0, 0].detach(), 2 * states, replacement=True, generator=generator)
-        batch = RolloutBatch(
-            group=group,
-            reward=torch.zeros(2 * states),
-            mask=torch.ones(2 * states, 1, dtype=torch.bool),
-            data={"states": torch.zeros(2 * states, 1, dtype=torch.long), "actions": actions[:, None]},
-        )
-        logp_old = policy.log_prob(batch).detach()
-        soft = ARM_Q[actions] - alpha * logp_old
-        target = normalizer(soft, [0] * len(soft), group, min_scale=eta * alpha if min_scale is None else min_scale)
-        minimise_rebel_loss(policy, batch, logp_old, target, eta)
-    return policy.probs()[0, 0].detach()
-
-
-def minimise_rebel_loss(policy, batch, logp_old, target, eta):
-    optimizer = torch.optim.LBFGS(policy.parameters(), max_iter=100, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = rebel_loss(policy.log_prob(batch), logp_old, target, batch.group, eta=eta)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-
-
-def kl_to_soft_optimum(probs, alpha=0.1):
-    return (probs * (probs.log() - torch.log_softmax(ARM_Q / alpha, -1))).sum().item()
-
-
-@pytest.mark.parametrize("kind", REWARD_NORMALIZATIONS)
-def test_every_reward_normalisation_keeps_the_soft_fixed_point(kind):
-    """pi_{t+1} ∝ pi_t^(1 - eta alpha / s) exp(eta Q / s) is a contraction towards exp(Q / alpha)
-    while the divisor s >= eta alpha; eta * alpha = 0.2, so ``none`` contracts by 0.8 per step."""
-    assert kl_to_soft_optimum(soft_bandit_iteration(kind)) < 1e-5
-
-
-def test_without_the_floor_a_shrinking_spread_overshoots_the_soft_fixed_point():
-    """Near exp(Q / alpha) the soft rewards of a state become equal, their spread s -> 0 and the
-    exponent 1 - eta alpha / s turns very negative: the policy oscillates and sticks on an arm."""
-    probs = soft_bandit_iteration("within_group", min_scale=0.0)
-    assert kl_to_soft_optimum(probs) > 1.0 and probs.max() > 0.99 and probs.argmax() != 0
 
 
 def test_policy_and_sampler_types_are_checked(tmp_path):
