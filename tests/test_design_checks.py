@@ -42,7 +42,9 @@ def test_check1_exact_minimisation_is_the_mirror_descent_step():
 def minimise_exactly(policy, batch, reward, eta):
     """Minimise REBEL's loss from theta_t (LBFGS) and return the minimum."""
     logp_old = policy.log_prob(batch).detach()
-    optimizer = torch.optim.LBFGS(policy.parameters(), max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        policy.parameters(), max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
