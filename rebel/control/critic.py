@@ -89,6 +89,8 @@ class CriticSampler(Sampler):
 
     #: Which estimate of Q the REBEL batch uses: ``"min"`` or ``"mean"`` of the two critics.
     q_reduction: str = "min"
+    #: log pi of the critic's action minus log pi of the env action (a bounded Box: sum log((high - low) / 2)).
+    log_action_scale: float = 0.0
 
     def __init__(
         self,
@@ -148,7 +150,6 @@ class CriticSampler(Sampler):
                 f"but the env has {obs_space} -> {action_space}"
             )
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        self.log_action_scale = 0.0  # log pi of the critic's action minus log pi of the env action
         if not self.discrete:
             low, high = action_space.low, action_space.high
             self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
