@@ -115,8 +115,9 @@ SMOLLM2_135M: dict[str, Any] = {
     "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
     "tie_word_embeddings": True, "hidden_act": "silu",
 }  # fmt: skip
-SMOKE_LLAMA = {**SMOLLM2_135M, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+# --smoke: 2 layers, 4 heads of 32 (the smallest head size vLLM's CPU attention takes)
+SMOKE_LLAMA = {**SMOLLM2_135M, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}  # fmt: skip
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's ids 0, 1 (bos), 2 (eos and pad)
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
