@@ -545,3 +545,22 @@ def test_gpu_script_smoke_runs_every_part_on_a_cpu(tmp_path):
     page = (out / "gpu.md").read_text()
     assert page.startswith("<!-- begin gpu-results -->\n**Toy sizes (`--smoke`) on CPU")
     assert page.count("\n| text-") == 8 and page.count("\n| diffusion-sd15 |") == 2
+
+
+def test_gpu_script_goes_on_after_a_part_that_cannot_build_its_model(tmp_path, monkeypatch, capsys):
+    bench = load("gpu")
+
+    def broken(part, args, tmp, budget):
+        raise OSError("no GGUF file here\nsecond line")
+
+    def diffusion(part, args, tmp, budget):
+        return {"model": "SD 1.5", "settings": {"iterations": 3}, "rows": [bench.not_run(part, "rebel", "REBEL", "skipped: 0 s left")]}
+
+    monkeypatch.setattr(bench, "run_text_part", broken)
+    monkeypatch.setattr(bench, "run_diffusion_part", diffusion)
+    bench.main(["--device", "cpu", "--parts", "text-smollm2", "diffusion-sd15", "--out", str(tmp_path)])
+    page = (tmp_path / "gpu.md").read_text()
+    assert "| text-smollm2 | (the part's model) | - | - | - | - | - | - | - | failed: OSError: no GGUF file here |" in page
+    assert "| diffusion-sd15 | REBEL | - | - | - | - | - | - | - | skipped: 0 s left |" in page
+    assert "OSError: no GGUF file here" in capsys.readouterr().err  # the traceback
+    assert list(json.loads((tmp_path / "gpu.json").read_text())["parts"]) == ["text-smollm2", "diffusion-sd15"]
