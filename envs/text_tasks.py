@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rebel.config import option
+from rebel.config import check_choice, option
 
 CHARS = "0123456789:"
 PAD, EOS = "<pad>", "<eos>"
@@ -39,12 +39,14 @@ class SortingTaskConfig:
     pretrain_noise: float = option(0.5, "share of warm-up demonstrations that are a random permutation instead of sorted")
     n_layer: int = option(2, "transformer blocks of the tiny model")
     n_embd: int = option(64, "width of the tiny model")
+    architecture: str = option("gpt2", "gpt2 | llama (4 heads of n_embd/4; vLLM's CPU backend needs n_embd >= 128)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits} and {self.max_digits}")
         if not 0.0 <= self.pretrain_noise <= 1.0:
             raise ValueError(f"pretrain_noise must be in [0, 1], got {self.pretrain_noise}")
+        check_choice("architecture", self.architecture, ("gpt2", "llama"))
 
 
 def char_tokenizer() -> Any:
@@ -77,6 +79,39 @@ def tiny_gpt2(tokenizer: Any, n_layer: int = 2, n_embd: int = 64, n_positions: i
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)
+
+
+def tiny_llama(tokenizer: Any, n_layer: int = 2, n_embd: int = 128, n_positions: int = 32, seed: int = 0) -> Any:
+    """A randomly initialised Llama with 4 heads of ``n_embd / 4`` (vLLM's CPU backend takes
+    head sizes 32, 64, 80, ...: ``n_embd=128`` is the smallest it runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=n_embd,
+        intermediate_size=2 * n_embd,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=n_positions,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def distorting_generation_config(tokenizer: Any) -> dict[str, Any]:
+    """``generation_config`` fields that would each change the distribution ``generate`` (or
+    an engine reading ``generation_config.json``) samples from: penalties, banned and
+    suppressed digits, truncation and another temperature. A model saved with them checks
+    that a sampler applies none."""
+    digit = tokenizer.convert_tokens_to_ids
+    return {"do_sample": True, "temperature": 5.0, "top_k": 3, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 2,
+            "suppress_tokens": [digit("3")], "bad_words_ids": [[digit("4")]], "begin_suppress_tokens": [digit("5")], "min_p": 0.5}  # fmt: skip
 
 
 def sorting_dataset(n: int, min_digits: int = 3, max_digits: int = 6, seed: int = 0) -> list[dict[str, str]]:
@@ -140,7 +175,8 @@ def make_sorting_model(config: SortingTaskConfig, save_to: str | Path | None = N
     """The tiny GPT-2 after its supervised warm-up, and its tokenizer (both written to
     ``save_to`` with ``save_pretrained`` when given)."""
     tokenizer = char_tokenizer()
-    model = tiny_gpt2(tokenizer, config.n_layer, config.n_embd, n_positions=2 * config.max_digits + 16, seed=config.task_seed)
+    build = tiny_llama if config.architecture == "llama" else tiny_gpt2
+    model = build(tokenizer, config.n_layer, config.n_embd, n_positions=2 * config.max_digits + 16, seed=config.task_seed)
     pretrain_sorting(model, tokenizer, config)
     if save_to is not None:
         model.save_pretrained(str(save_to))

@@ -2,6 +2,7 @@
 
     rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
+    rebel vllm-serve [--host H] [--port P]                  a vLLM engine for --vllm-mode server (rebel.text.vllm_server)
     rebel --version
 
 A bad input is one line, ``rebel COMMAND: error: ...``, and exit status 2.
@@ -53,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("--x", default=None, help="x axis (default: env_steps if logged, else iteration)")
     plot.add_argument("--output", default="curves.png", help="PNG file to write (default: curves.png)")
 
+    commands.add_parser("vllm-serve", help="serve a vLLM engine to text trainers (--vllm-mode server)", add_help=False)
+
+    if argv[:1] == ["vllm-serve"]:
+        from rebel.text.vllm_server import main as serve
+
+        return serve(argv[1:])
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in ADAPTERS:
         return _train(argv[1], argv[2:])
     args = parser.parse_args(argv)

@@ -564,3 +564,12 @@ def test_gpu_script_goes_on_after_a_part_that_cannot_build_its_model(tmp_path, m
     assert "| diffusion-sd15 | REBEL | - | - | - | - | - | - | - | skipped: 0 s left |" in page
     assert "OSError: no GGUF file here" in capsys.readouterr().err  # the traceback
     assert list(json.loads((tmp_path / "gpu.json").read_text())["parts"]) == ["text-smollm2", "diffusion-sd15"]
+
+
+def test_generation_report_leaves_the_first_iteration_apart():
+    bench = load("text_generation")
+    result = {"seconds": [30.0, 2.0, 4.0], "collect": [29.0, 1.0, 3.0], "tokens": [100.0, 100.0, 300.0], "reward": [0.2, 0.4, 0.6],
+              "start_log_ratio_max": 0.0, "peak_rss_gb": 1.5, "push": [0.25, 0.75]}  # fmt: skip
+    header, rule, row = bench.task_table("tiny", {"vllm": result})
+    assert header.startswith("| backend | iteration 1 (s) |") and rule.startswith("| --- |")
+    assert row == "| vllm | 30.00 | 3.000 | 2.000 | 100 | 0.500 | 1.50 | 0.400 | 0 |"  # 400 tokens in 4 s of iterations 2-3

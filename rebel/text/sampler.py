@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_choice, check_group_size, check_int
+from rebel.config import check_group_size, check_int
 from rebel.hf.inputs import reward_name
 from rebel.policy import Policy
 from rebel.sampler import Sampler
 from rebel.text.data import PromptDataset, is_conversation, render_prompt
+from rebel.text.generation import GenerationBackend, SamplingSettings, make_backend
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward
-
-# GenerationConfig fields generation_kwargs may set: they change speed and memory, not the
-# distribution the policy scores (the sampler sets temperature, top_p, top_k, lengths and EOS)
-GENERATION_KWARGS = ("use_cache", "cache_implementation", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size")
-# KV caches that keep exact keys and values (a quantized one approximates the policy)
-EXACT_CACHES = ("dynamic", "static", "offloaded", "offloaded_static")
-
-
-def check_generation_kwargs(kwargs: Mapping[str, Any]) -> None:
-    """Refuse generation settings under which samples would not come from the scored policy."""
-    refused = [key for key in kwargs if key not in GENERATION_KWARGS]
-    if refused:
-        raise ValueError(
-            f"generation_kwargs {', '.join(refused)}: the policy scores softmax(logits / temperature), not samples drawn "
-            f"with {'this' if len(refused) == 1 else 'these'} (temperature, top_p, top_k, max_new_tokens are settings of their own); "
-            f"allowed: {', '.join(GENERATION_KWARGS)}"
-        )
-    if kwargs.get("cache_implementation") is not None:
-        check_choice("generation_kwargs cache_implementation", kwargs["cache_implementation"], EXACT_CACHES)
 
 
 class TextSampler(Sampler):
@@ -52,8 +34,14 @@ class TextSampler(Sampler):
         top_p, top_k: nucleus / top-k truncation of sampling (``top_k=0``: none). The
             policy scores the untruncated distribution at its temperature.
         generation_kwargs: ``GenerationConfig`` fields that change speed or memory, not the
-            sampled distribution (:data:`GENERATION_KWARGS`); any other is refused.
+            sampled distribution (:data:`~rebel.text.generation.GENERATION_KWARGS`); any
+            other is refused (transformers backend only).
         generation_batch_size: sequences per ``generate`` call (default: all at once).
+        generation_backend: ``"transformers"`` (``model.generate``), ``"vllm"`` (a vLLM
+            engine that gets the policy's weights before each collection) or a
+            :class:`~rebel.text.generation.GenerationBackend`.
+        vllm_mode, vllm_server_url, vllm_max_model_length, vllm_gpu_memory_utilization, vllm_kwargs:
+            the vLLM engine's settings (see :class:`~rebel.text.vllm.VLLMGeneration`).
         max_prompt_length: prompts are cut to their last ``max_prompt_length`` tokens.
         missing_eos_penalty: subtracted from the reward of a completion without EOS.
         kl_coef: ``kl_coef * (log pi(y|x) - log pi_ref(y|x))`` is subtracted from the reward.
@@ -78,6 +66,12 @@ class TextSampler(Sampler):
         top_k: int = 0,
         generation_kwargs: dict[str, Any] | None = None,
         generation_batch_size: int | None = None,
+        generation_backend: str | GenerationBackend = "transformers",
+        vllm_mode: str = "colocate",
+        vllm_server_url: str = "http://127.0.0.1:8000",
+        vllm_max_model_length: int | None = None,
+        vllm_gpu_memory_utilization: float = 0.3,
+        vllm_kwargs: dict[str, Any] | None = None,
         max_prompt_length: int | None = None,
         missing_eos_penalty: float | None = None,
         kl_coef: float = 0.0,
@@ -92,7 +86,19 @@ class TextSampler(Sampler):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        check_generation_kwargs(generation_kwargs or {})
+        if isinstance(generation_backend, GenerationBackend):
+            self.backend = generation_backend
+        else:
+            self.backend = make_backend(
+                generation_backend,
+                generation_kwargs=generation_kwargs,
+                generation_batch_size=generation_batch_size,
+                mode=vllm_mode,
+                server_url=vllm_server_url,
+                max_model_length=vllm_max_model_length,
+                gpu_memory_utilization=vllm_gpu_memory_utilization,
+                vllm_kwargs=vllm_kwargs,
+            )
         self.dataset = PromptDataset(dataset)
         self.reward_funcs: list[RewardFunc] = as_reward_funcs(reward_funcs, reward_processing_classes)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
@@ -103,8 +109,6 @@ class TextSampler(Sampler):
         self.prompts_per_iteration = prompts_per_iteration
         self.max_new_tokens = max_new_tokens
         self.top_p, self.top_k = top_p, top_k
-        self.generation_kwargs = dict(generation_kwargs or {})
-        self.generation_batch_size = generation_batch_size
         self.max_prompt_length = max_prompt_length
         self.missing_eos_penalty = missing_eos_penalty
         self.kl_coef = kl_coef
@@ -226,41 +230,17 @@ class TextSampler(Sampler):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def _generate(self, policy: CausalLMPolicy, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        """``[N, max_new_tokens]`` sampled tokens (pad after an early stop), drawn with the
-        sampler's own generator so that a resumed run draws the same completions."""
-        from transformers import GenerationConfig
-
-        tokenizer = policy.tokenizer
-        config = GenerationConfig(  # all that applies: generation_mode blanks the model's own generation_config
-            **{
-                "do_sample": True,
-                "temperature": policy.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "max_new_tokens": self.max_new_tokens,
-                "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": policy.eos_token_ids,
-                **self.generation_kwargs,
-            }
+        """``[N, max_new_tokens]`` sampled tokens (pad after an early stop) from the backend,
+        drawn with the sampler's own generator so that a resumed run draws the same completions."""
+        settings = SamplingSettings(
+            temperature=policy.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=tuple(policy.eos_token_ids),
+            pad_token_id=policy.tokenizer.pad_token_id,
         )
-        size = self.generation_batch_size or len(prompt_ids)
-        device = prompt_ids.device
-        chunks = []
-        with policy.generation_mode() as model:
-            for start in range(0, len(prompt_ids), size):
-                seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-                devices = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(seed)
-                    out = model.generate(
-                        input_ids=prompt_ids[start : start + size],
-                        attention_mask=prompt_mask[start : start + size],
-                        generation_config=config,
-                    )
-                new = out[:, prompt_ids.shape[1] :]
-                pad = torch.full((len(new), self.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=new.dtype, device=device)
-                chunks.append(torch.cat([new, pad], 1))
-        return torch.cat(chunks)
+        return self.backend.generate(policy, prompt_ids, prompt_mask, settings, self.generator)
 
     def _reference_kl(self, policy: CausalLMPolicy, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """``log pi(y|x) - log pi_ref(y|x)`` of each completion (float64, on the CPU)."""

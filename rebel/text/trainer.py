@@ -21,15 +21,17 @@ from rebel.config import check_choice, check_group_size, check_int, check_positi
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
+from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
 from rebel.text.rewards import check_reward_funcs
-from rebel.text.sampler import TextSampler, check_generation_kwargs
+from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # TextConfig fields that TextSampler takes under the same names
 SAMPLER_SETTINGS = ("reward_weights", "num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs",
-                    "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle")  # fmt: skip
+                    "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle", "generation_backend", "vllm_mode",
+                    "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization", "vllm_kwargs")  # fmt: skip
 
 
 @dataclass
@@ -45,6 +47,20 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     top_p: float = option(1.0, "nucleus sampling (1: the full distribution, which the policy scores)")
     top_k: int = option(0, "top-k sampling (0: none)")
     generation_batch_size: int | None = option(None, "sequences per generate call; none: all at once")
+    generation_backend: str = option(
+        "transformers",
+        "what samples the completions: transformers (model.generate) | vllm (a vLLM engine, given the policy's weights after every update)",
+    )
+    vllm_mode: str = option(
+        "colocate", "colocate: the vLLM engine runs in the training process; server: in `rebel vllm-serve` at vllm_server_url"
+    )
+    vllm_server_url: str = option("http://127.0.0.1:8000", "address of the `rebel vllm-serve` server (vllm_mode server)")
+    vllm_max_model_length: int | None = option(
+        None, "longest prompt + completion the vLLM engine holds; none: the model's maximum positions"
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "share of the device's memory a colocated vLLM engine takes (a CPU's RAM unless VLLM_CPU_KVCACHE_SPACE sets its KV cache)"
+    )
     missing_eos_penalty: float | None = option(None, "subtracted from the reward of a completion without EOS; none: off")
     kl_coef: float = option(0.0, "weight of the KL to the reference policy folded into the reward (0: off)")
     shuffle: bool = option(True, "reshuffle the prompts every pass over the dataset (the order's seed is seed, the same on every process)")
@@ -61,6 +77,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
+    vllm_kwargs: dict[str, Any] = option({}, "vllm.LLM arguments of speed, memory, placement (enforce_eager, ...)")  # noqa: RUF009 - option() builds a field
 
     def __post_init__(self) -> None:
         check_group_size("num_generations", self.num_generations)
@@ -68,6 +85,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_generation_kwargs(self.generation_kwargs)
+        check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
 
     def lora_config(self) -> Any:
@@ -165,6 +183,14 @@ class TextTrainer(PretrainedTrainer):
     @property
     def tokenizer(self) -> Any:
         return self.policy.tokenizer
+
+    def train(self, resume: bool | str | Path = False, overwrite: bool = False) -> list[dict[str, Any]]:
+        """As :meth:`PretrainedTrainer.train`; a vLLM engine is freed at the end (the next
+        call builds a new one)."""
+        try:
+            return super().train(resume=resume, overwrite=overwrite)
+        finally:
+            self.sampler.backend.close()
 
     def model_folder(self) -> str:
         return "model"

@@ -56,13 +56,11 @@ def lm_with_generation_defaults(tiny_lm, tmp_path_factory):
     """The tiny model saved with a generation_config.json that sets logits processors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rebel_envs.text_tasks import distorting_generation_config
+
     path = tmp_path_factory.mktemp("lm_with_generation_defaults")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
-    digit = tokenizer.convert_tokens_to_ids
-    model.generation_config.update(
-        do_sample=True, temperature=5.0, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=2,
-        suppress_tokens=[digit("3")], bad_words_ids=[[digit("4")]], begin_suppress_tokens=[digit("5")], min_p=0.5,
-    )  # fmt: skip
+    model.generation_config.update(**distorting_generation_config(tokenizer))
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
@@ -273,4 +271,4 @@ def test_generation_kwargs_that_change_the_distribution_are_refused():
     with pytest.raises(ValueError, match="generation_kwargs cache_implementation='quantized' is not supported; expected one of dynamic"):
         TextSampler(RECORDS, zero_reward, generation_kwargs={"cache_implementation": "quantized"})
     sampler = TextSampler(RECORDS, zero_reward, generation_kwargs={"use_cache": False, "cache_implementation": "static"})
-    assert sampler.generation_kwargs == {"use_cache": False, "cache_implementation": "static"}
+    assert sampler.backend.generation_kwargs == {"use_cache": False, "cache_implementation": "static"}
