@@ -54,7 +54,7 @@ LOSS_SETTINGS: dict[str, dict[str, Any]] = {
 }
 # The command line's options that are DiffusionConfig settings of the same name (the same for every algorithm).
 CONFIG_OPTIONS = ("iterations", "prompts_per_iteration", "num_generations", "num_inference_steps", "guidance_scale", "learning_rate",
-                  "epochs", "minibatch_size", "lora_rank", "mixed_precision", "eta")  # fmt: skip
+                  "epochs", "minibatch_size", "lora_rank", "mixed_precision", "eta", "gradient_checkpointing")  # fmt: skip
 EVAL_IMAGES_PER_PROMPT = 4
 EVAL_SEED = 12_345
 
@@ -147,6 +147,7 @@ def worker(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "reward": [r["reward_mean"] for r in rows],
         "reward_std": [r["reward_std"] for r in rows],
+        "loss": [r["loss"] for r in rows],
         "samples": [r["samples"] for r in rows],
         "kl": [r.get("kl", float("nan")) for r in rows],
         "seconds": [r["iteration_time"] for r in rows],
@@ -333,6 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--eta", type=float, default=D["eta"], help="REBEL's step size")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the backward pass")
     parser.add_argument("--eval-prompts", type=int, default=8, help="prompts of the fixed-seed evaluation (4 images each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     parser.add_argument("--out", default="docs/benchmarks", help="folder of diffusion.md, diffusion.png and the grids")

@@ -46,12 +46,14 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import PeakRSS, command_line, kept_sections, machine, mean, mean_std, table
 
-ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo")  # rebel-rloo: rebel.text with loss="rloo" (a diagnostic, not run by default)
+# Not run by default: rebel-rloo (rebel.text with loss="rloo", a diagnostic) and rebel-vllm (generation_backend="vllm").
+ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo", "rebel-vllm")
 LABELS = {
     "rebel": "REBEL (rebel.text)",
     "trl-rloo": "TRL RLOOTrainer",
     "trl-grpo": "TRL GRPOTrainer",
     "rebel-rloo": "RLOO loss in rebel.text",
+    "rebel-vllm": "REBEL (rebel.text, vLLM generation)",
 }
 # Settings of each task when not given on the command line.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,7 +130,8 @@ def run_rebel(
         top_p=1.0, top_k=0, learning_rate=args.learning_rate, eta=args.eta, epochs=args.epochs, minibatch_size=None,
         max_grad_norm=1.0, lr_schedule="constant", kl_coef=0.0, missing_eos_penalty=None, seed=args.seed,
         stats_forward=False, tensorboard=False, plot=False, progress=False, log_completions=0,
-        checkpoint_every=args.iterations,
+        checkpoint_every=args.iterations, mixed_precision=args.mixed_precision,
+        **({"generation_backend": "vllm"} if args.worker == "rebel-vllm" else {}),
     )  # fmt: skip
     trainer = TextTrainer(model=model, reward_funcs=[reward], train_dataset=records, config=config, processing_class=tokenizer)
     rows = trainer.train()
@@ -142,6 +145,7 @@ def run_rebel(
 
 
 def run_trl(algo: str, model: Any, tokenizer: Any, records: Any, reward: Any, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import torch
     from transformers import PrinterCallback, TrainerCallback
 
     if algo == "trl-rloo":
@@ -175,7 +179,8 @@ def run_trl(algo: str, model: Any, tokenizer: Any, records: Any, reward: Any, ar
         gradient_accumulation_steps=1, num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
         temperature=args.temperature, top_p=1.0, top_k=0, learning_rate=args.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, num_iterations=args.epochs,
-        bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True, seed=args.seed,
+        bf16=args.mixed_precision == "bf16", fp16=False, use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU needs use_cpu
+        gradient_checkpointing=False, disable_dropout=True, seed=args.seed,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
     )  # fmt: skip
     record = Record()
@@ -291,7 +296,9 @@ def task_section(
         "",
         f"{settings['iterations']} updates, {settings['prompts']} prompts x {settings['num_generations']} generations per update, "
         f"max_new_tokens {settings['max_new_tokens']}, temperature {args.temperature}, learning rate {settings['learning_rate']:g}, "
-        f"{epochs} epoch(s) per batch ({settings['iterations'] * epochs} optimizer steps), seeds {', '.join(map(str, seeds))}"
+        f"{epochs} epoch(s) per batch ({settings['iterations'] * epochs} optimizer steps), "
+        + ("bf16 autocast (float32 weights), " if getattr(args, "mixed_precision", "no") == "bf16" else "")
+        + f"seeds {', '.join(map(str, seeds))}"
         + (" (mean ± std over seeds)." if len(seeds) > 1 else "."),
         "",
     ]
@@ -523,6 +530,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="passes over each batch (REBEL epochs, TRL num_iterations); several: one section each",
     )
     parser.add_argument("--eta", type=float, default=1.0, help="REBEL's step size")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="bf16: autocast in every trainer (REBEL's mixed_precision, TRL's bf16), float32 weights")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts scored after training (tiny task)")
     parser.add_argument("--out", default="docs/benchmarks", help="folder of text.md and text.png")
@@ -565,6 +574,7 @@ def run_all(task: str, epochs: int, model_dir: Path, args: argparse.Namespace, t
                 "--num-generations", str(settings["num_generations"]), "--max-new-tokens", str(settings["max_new_tokens"]),
                 "--learning-rate", repr(settings["learning_rate"]), "--temperature", repr(args.temperature),
                 "--epochs", str(epochs), "--eta", repr(args.eta), "--threads", str(args.threads), "--eval-prompts", str(args.eval_prompts),
+                "--mixed-precision", args.mixed_precision,
             ]  # fmt: skip
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             subprocess.run([sys.executable, str(Path(__file__).resolve()), *worker_args], check=True, env=env)

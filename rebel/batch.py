@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +31,9 @@ class RolloutBatch:
             them over processes and writes their running totals to the metrics.
         stats: scalar statistics of the collection (episode returns, lengths, ...), averaged
             over processes and written to the metrics as they are.
+        entropy_weight: ``alpha`` when each reward holds the entropy term ``-alpha log pi_t(tau)``
+            (a soft reward, whose REBEL step has the fixed point ``exp(r / alpha)``); the trainer
+            keeps the normalised step from overshooting it (:class:`~rebel.RewardNormalizer`).
     """
 
     group: Tensor
@@ -41,6 +45,7 @@ class RolloutBatch:
     logp_old: Tensor | None = None
     step_logp_old: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    entropy_weight: float = 0.0
 
     def __post_init__(self) -> None:
         b = self.reward.shape[0] if self.reward.dim() == 1 else None
@@ -56,6 +61,8 @@ class RolloutBatch:
                 raise ValueError(f"data[{key!r}] has {len(value)} entries; expected one per trajectory ({b})")
         if self.context is not None and len(self.context) != b:
             raise ValueError(f"context has {len(self.context)} entries; expected {b}")
+        if not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
+            raise ValueError(f"entropy_weight must be a finite number >= 0, got {self.entropy_weight!r}")
         counts = torch.unique(self.group, return_counts=True)[1]
         if b and (counts < 2).any():
             raise ValueError("every group of a RolloutBatch needs at least two trajectories")

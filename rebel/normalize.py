@@ -58,6 +58,11 @@ class RewardNormalizer:
       (a prompt, a start state); contexts seen fewer than ``min_count`` times use the batch's.
     Subtracting a per-context constant never changes a REBEL pair's target; dividing by a
     standard deviation rescales it, which acts like a per-context step size.
+
+    ``min_scale`` bounds every divisor from below (``"none"`` divides by 1): the trainer passes
+    ``eta * alpha`` for a soft reward ``Q - alpha log pi_t``, whose REBEL step
+    ``pi_t^(1 - eta alpha / s) exp(eta Q / s)`` leaves its fixed point ``exp(Q / alpha)`` once
+    the divisor ``s`` falls below ``eta alpha / 2``.
     """
 
     def __init__(self, kind: str = "none", *, min_count: int = 16, eps: float = 1e-6) -> None:
@@ -66,19 +71,21 @@ class RewardNormalizer:
         self.kind, self.min_count, self.eps = kind, min_count, eps
         self.per_context: dict[Hashable, RunningMeanStd] = {}
 
-    def __call__(self, reward: Tensor, context: Sequence[Hashable] | None = None, group: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, reward: Tensor, context: Sequence[Hashable] | None = None, group: Tensor | None = None, *, min_scale: float = 0.0
+    ) -> Tensor:
         if self.kind == "none":
-            return reward
+            return reward / min_scale if min_scale > 1 else reward
         if self.kind == "within_group":
             if group is None:
                 raise ValueError("reward_normalization='within_group' needs the batch's group ids")
             _, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
             sums = torch.zeros(len(counts), dtype=reward.dtype, device=reward.device).index_add(0, index, reward)
             centred = reward - (sums / counts.to(reward.dtype))[index]
-            return centred / (centred.pow(2).mean().sqrt() + self.eps)
+            return centred / (centred.pow(2).mean().sqrt() + self.eps).clamp(min=min_scale)
         batch_mean, batch_std = reward.mean(), reward.std(unbiased=False)
         if self.kind == "batch":
-            return (reward - batch_mean) / (batch_std + self.eps)
+            return (reward - batch_mean) / (batch_std + self.eps).clamp(min=min_scale)
         if context is None:
             raise ValueError("reward_normalization='per_context' needs a sampler that sets batch.context")
         values = reward.detach().cpu().double().numpy()
@@ -95,7 +102,7 @@ class RewardNormalizer:
                 mean[i], std[i] = float(stats.mean), float(stats.std)
             else:
                 mean[i], std[i] = batch_mean, batch_std
-        return (reward - mean) / (std + self.eps)
+        return (reward - mean) / (std + self.eps).clamp(min=min_scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "per_context": {k: v.state_dict() for k, v in self.per_context.items()}}

@@ -335,7 +335,9 @@ class Trainer:
         batch = batch.to(self.device)
         collect_time = time.perf_counter() - start
         raw_reward = batch.reward
-        batch.reward = self.normalizer(raw_reward, batch.context, batch.group).to(raw_reward.dtype)
+        # a soft reward r - alpha log pi_t: dividing by less than eta * alpha would overshoot exp(r / alpha)
+        min_scale = config.eta * batch.entropy_weight
+        batch.reward = self.normalizer(raw_reward, batch.context, batch.group, min_scale=min_scale).to(raw_reward.dtype)
         # logp_old: the training forward itself, no grad, on the first epoch's minibatches
         # (same inputs, same kernels), so each log-ratio is exactly 0 when training starts.
         partition = batch.minibatch_indices(config.minibatch_size, self.generator)

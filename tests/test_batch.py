@@ -89,3 +89,13 @@ def test_within_group_normalisation_centres_groups_and_scales_differences_to_one
     assert torch.allclose(out[3] - out[2], 2 * (out[1] - out[0]), atol=1e-5)  # relative sizes across groups kept
     with pytest.raises(ValueError, match="needs the batch's group ids"):
         RewardNormalizer("within_group")(reward)
+
+
+@pytest.mark.parametrize("kind", ["none", "batch", "within_group", "per_context"])
+def test_min_scale_bounds_every_normalisations_divisor(kind):
+    reward, group = torch.tensor([1.0, 1.2, 3.0, 3.2]), torch.tensor([0, 0, 1, 1])
+    plain = RewardNormalizer(kind)(reward, ["a"] * 4, group)
+    assert torch.equal(RewardNormalizer(kind)(reward, ["a"] * 4, group, min_scale=0.05), plain)  # spreads above 0.05: unchanged
+    floored = RewardNormalizer(kind)(reward, ["a"] * 4, group, min_scale=5.0)  # every spread below 5: divided by 5 instead
+    centred = {"none": reward, "within_group": reward - torch.tensor([1.1, 1.1, 3.1, 3.1])}.get(kind, reward - reward.mean())
+    assert torch.allclose(floored, centred / 5.0, atol=1e-6)

@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +389,181 @@ def test_halfcheetah_posture_reads_the_torso_pitch_and_marks_runs_on_their_back(
     with pytest.raises(SystemExit):
         posture.main()
     assert "--rebel-option 'learning_start' is not an option this benchmark can set" in capsys.readouterr().err
+
+
+def made_up_text_result(seconds, lengths, rewards, cuda_mb):
+    return {"reward": rewards, "seconds": seconds, "completion_length": lengths, "rss_peak_mb": 900.0, "cuda_peak_mb": cuda_mb}
+
+
+def test_gpu_report_from_made_up_numbers_keeps_the_rest_of_the_page(tmp_path):
+    bench = load("gpu")
+    tiny = {"prompts": 4, "num_generations": 2}
+    rebel = bench.text_row("text-tiny", "rebel", made_up_text_result([9.0, 1.0, 3.0], [5.0, 2.0, 4.0], [0.1, 0.3, 0.5], 2048.0), tiny)
+    # iterations 2-3: (2 + 4) tokens x 8 completions in 1 + 3 seconds
+    assert (rebel["first_iteration_s"], rebel["iteration_s"], rebel["throughput"]) == (9.0, 2.0, 12.0)
+    sd = {"prompts_per_iteration": 2, "num_generations": 2}
+    ddpo = bench.diffusion_row(
+        "diffusion-sd15", "ddpo", {**made_up_text_result([5.0, 2.0], [0, 0], [-4.0, -3.5], None), "loss": [1.0, 3.0]}, sd
+    )
+    assert (ddpo["throughput"], ddpo["unit"], ddpo["loss_mean"]) == (2.0, "images/s", 2.0)
+    missing = bench.not_run("text-tiny", "trl-grpo", "TRL GRPOTrainer", "not available: trl is not installed (pip install trl)")
+    report = {
+        "command": "python benchmarks/gpu.py", "device": "NVIDIA H100 80GB HBM3 (79 GiB), CUDA 13.0", "date": "2027-01-01", "smoke": False,
+        "seconds": 400.0, "versions": {"torch": "2.11.0", "trl": "not installed"},
+        "parts": {
+            "text-tiny": {"model": "a tiny GPT-2", "settings": {"iterations": 3}, "rows": [rebel, missing], "budget": 100.0, "seconds": 40.0},
+            "diffusion-sd15": {"model": "SD 1.5", "settings": {"iterations": 2}, "rows": [ddpo], "budget": 180.0, "seconds": 90.0},
+        },
+    }  # fmt: skip
+    page = tmp_path / "gpu.md"
+    page.write_text(
+        "# GPU\n\nHand-written text.\n\n<!-- begin gpu-results -->\nNot measured yet.\n<!-- end gpu-results -->\n\nMore text.\n"
+    )
+    bench.write_outputs(report, tmp_path)
+    text = page.read_text()
+    assert text.startswith(
+        "# GPU\n\nHand-written text.\n\n<!-- begin gpu-results -->\nMeasured on **NVIDIA H100 80GB HBM3 (79 GiB), CUDA 13.0** (2027-01-01)"
+    )
+    assert text.endswith("<!-- end gpu-results -->\n\nMore text.\n") and "Not measured yet." not in text
+    assert "| text-tiny | REBEL (rebel.text) | 9.00 | 2.000 | 12.0 tokens/s | 2048 | 900 | 0.100 -> 0.500 | - | measured |" in text
+    assert "| text-tiny | TRL GRPOTrainer | - | - | - | - | - | - | - | not available: trl is not installed (pip install trl) |" in text
+    assert (
+        "| diffusion-sd15 | DDPO (clipped per-step loss) | 5.00 | 2.000 | 2.0 images/s | - | 900 | -4.000 -> -3.500 | 2 | measured |"
+        in text
+    )
+    assert "* `text-tiny` (40 s of its 100 s budget): a tiny GPT-2; iterations 3." in text
+    assert "Versions: torch 2.11.0, trl not installed." in text
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["parts"]["text-tiny"]["rows"][0]["raw"]["seconds"] == [9.0, 1.0, 3.0]
+
+
+def test_gpu_script_builds_stable_diffusion_15_and_smollm2_at_their_sizes():
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
+
+    bench = load("gpu")
+    with torch.device("meta"):  # shapes only
+        models = [UNet2DConditionModel(**bench.SD15_UNET), AutoencoderKL(**bench.SD15_VAE),
+                  CLIPTextModel(CLIPTextConfig(**bench.SD15_TEXT_ENCODER)), LlamaForCausalLM(LlamaConfig(**bench.SMOLLM2_135M))]  # fmt: skip
+    # SD 1.5's UNet, VAE and text encoder, and SmolLM2-135M, parameter for parameter
+    assert [sum(p.numel() for p in m.parameters()) for m in models] == [859_520_964, 83_653_863, 123_060_480, 134_515_008]
+    assert models[0].config.sample_size * 2 ** (len(models[1].config.block_out_channels) - 1) == 512
+
+
+def test_gpu_script_chat_tokenizer_round_trips_a_chat_prompt():
+    bench = load("gpu")
+    tokenizer = bench.chat_tokenizer(600)
+    assert len(tokenizer) == 600 and (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?\n\nReply."}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nWhat is 2 + 3?\n\nReply.<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert ids[0] == 1 and ids.count(2) == 1 and len(ids) == 2 + len("user\nWhat is 2 + 3?\n\nReply.") + 2 + len("assistant\n")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user\nWhat is 2 + 3?\n\nReply.\nassistant\n"
+    assert tokenizer.decode([tokenizer.convert_tokens_to_ids("5"), 599, 2], skip_special_tokens=True) == f"5<|x{599 - 3 - 96}|>"
+    with pytest.raises(ValueError, match="vocab_size must be at least 99"):
+        bench.chat_tokenizer(50)
+
+
+def test_gpu_script_ends_a_run_at_its_budget_with_the_processes_it_started(tmp_path, monkeypatch):
+    bench = load("gpu")
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(bench, "MIN_RUN_SECONDS", 0.0)
+    budget = bench.Budget("text-tiny", 1.5)
+    result, status = bench.run_worker(script, [], tmp_path / "r.json", budget, dict(os.environ))
+    assert result is None and status == "timed out: ended at the part's 2 s budget"
+    pid = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # the grandchild got SIGKILL with its session; wait for it to go
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {pid}, started by the worker, outlived the timeout")
+    assert bench.run_worker(script, [], tmp_path / "r.json", budget, dict(os.environ)) == (
+        None,
+        "skipped: 0 s of the part's 2 s budget were left",
+    )
+    failing = tmp_path / "failing.py"
+    failing.write_text("raise ValueError('no such model')\n")
+    assert bench.run_worker(failing, [], tmp_path / "f.json", bench.Budget("text-tiny", 60.0), dict(os.environ)) == (
+        None,
+        "failed (exit 1): ValueError: no such model",
+    )
+
+
+def test_gpu_script_says_why_a_run_cannot_start(monkeypatch, capsys):
+    bench = load("gpu")
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    assert bench.unavailable("trl-grpo") == "not available: trl is not installed (pip install trl)"
+    assert bench.unavailable("rebel-vllm").startswith("not available: ")
+    assert bench.unavailable("rebel") is None
+    for argv, message in [
+        (
+            ["--budget", "text-tiny=0"],
+            "--budget text-tiny=0: expected PART=SECONDS with PART one of text-tiny, text-smollm2, diffusion-sd15",
+        ),
+        (["--budget", "tiny=10"], "--budget tiny=10: expected PART=SECONDS"),
+        (
+            ["--smollm2", "/no/such/folder"],
+            "--smollm2 /no/such/folder: expected a folder with a saved causal LM and its tokenizer, or random",
+        ),
+        (["--device", "cpu", "--threads", "0"], "--threads 0: expected a count >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    args = bench.parse_args(["--device", "cpu", "--smoke", "--budget", "diffusion-sd15=30"])
+    assert args.budgets == {**bench.BUDGETS, "diffusion-sd15": 30.0} and args.out == Path("runs/gpu_smoke") and args.threads == 1
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_runs_every_part_on_a_cpu(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--smoke", "--out", str(out)]
+    subprocess.run(command, check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    report = json.loads((out / "gpu.json").read_text())
+    assert report["smoke"] and list(report["parts"]) == ["text-tiny", "text-smollm2", "diffusion-sd15"]
+    rows = {(row["part"], row["run"]): row for part in report["parts"].values() for row in part["rows"]}
+    has_trl = importlib.util.find_spec("trl") is not None
+    for (part, run), row in rows.items():
+        if run.startswith("trl") and not has_trl:
+            assert row["status"] == "not available: trl is not installed (pip install trl)"
+        elif run != "rebel-vllm":
+            assert row["status"] == "measured", (part, run, row["status"])
+            assert row["iterations"] == 2 and row["throughput"] > 0 and row["gpu_peak_mb"] is None
+    assert len(rows) == 2 * 4 + 2 and rows[("diffusion-sd15", "ddpo")]["loss_mean"] is not None
+    page = (out / "gpu.md").read_text()
+    assert page.startswith("<!-- begin gpu-results -->\n**Toy sizes (`--smoke`) on CPU")
+    assert page.count("\n| text-") == 8 and page.count("\n| diffusion-sd15 |") == 2
+
+
+def test_gpu_script_goes_on_after_a_part_that_cannot_build_its_model(tmp_path, monkeypatch, capsys):
+    bench = load("gpu")
+
+    def broken(part, args, tmp, budget):
+        raise OSError("no GGUF file here\nsecond line")
+
+    def diffusion(part, args, tmp, budget):
+        return {"model": "SD 1.5", "settings": {"iterations": 3}, "rows": [bench.not_run(part, "rebel", "REBEL", "skipped: 0 s left")]}
+
+    monkeypatch.setattr(bench, "run_text_part", broken)
+    monkeypatch.setattr(bench, "run_diffusion_part", diffusion)
+    bench.main(["--device", "cpu", "--parts", "text-smollm2", "diffusion-sd15", "--out", str(tmp_path)])
+    page = (tmp_path / "gpu.md").read_text()
+    assert "| text-smollm2 | (the part's model) | - | - | - | - | - | - | - | failed: OSError: no GGUF file here |" in page
+    assert "| diffusion-sd15 | REBEL | - | - | - | - | - | - | - | skipped: 0 s left |" in page
+    assert "OSError: no GGUF file here" in capsys.readouterr().err  # the traceback
+    assert list(json.loads((tmp_path / "gpu.json").read_text())["parts"]) == ["text-smollm2", "diffusion-sd15"]
 
 
 def test_generation_report_leaves_the_first_iteration_apart():

@@ -1,8 +1,10 @@
-"""The three checks of docs/math.md ("The checks") that any REBEL implementation must pass."""
+"""The checks of docs/math.md ("The checks") that any REBEL implementation must pass."""
 
+import pytest
 import torch
 
-from rebel import Policy, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, trajectory_log_prob
+from rebel import Policy, RewardNormalizer, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_loss, trajectory_log_prob
+from rebel.normalize import REWARD_NORMALIZATIONS
 from rebel_envs.tabular import TabularMDP, TabularSampler, TabularSoftmaxPolicy, mirror_descent_step
 
 ARM_REWARDS = torch.tensor([0.1, 0.9, 0.4, -0.3, 0.6], dtype=torch.float64)
@@ -32,19 +34,26 @@ def test_check1_exact_minimisation_is_the_mirror_descent_step():
         policy.logits.copy_(torch.tensor([[[0.3, -0.2, 0.0, 1.0, -0.5]]]))
     pi_t = policy.probs()[0, 0].detach().clone()
     batch = AllArmsSampler(ARM_REWARDS).collect(policy)
-    logp_old = policy.log_prob(batch).detach()
     eta = 2.0
-    optimizer = torch.optim.LBFGS(policy.parameters(), lr=1, max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16)
+    assert minimise_exactly(policy, batch, ARM_REWARDS, eta) < 1e-16
+    assert torch.allclose(policy.probs()[0, 0].detach(), mirror_descent_step(pi_t, ARM_REWARDS, eta), atol=1e-10)
+
+
+def minimise_exactly(policy, batch, reward, eta):
+    """Minimise REBEL's loss from theta_t (LBFGS) and return the minimum."""
+    logp_old = policy.log_prob(batch).detach()
+    optimizer = torch.optim.LBFGS(
+        policy.parameters(), max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
-        loss = rebel_loss(policy.log_prob(batch), logp_old, ARM_REWARDS, batch.group, eta=eta)
+        loss = rebel_loss(policy.log_prob(batch), logp_old, reward, batch.group, eta=eta)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    assert closure().item() < 1e-16
-    assert torch.allclose(policy.probs()[0, 0].detach(), mirror_descent_step(pi_t, ARM_REWARDS, eta), atol=1e-10)
+    return closure().item()
 
 
 def test_check1_through_the_trainer(tmp_path):
@@ -66,6 +75,49 @@ def test_check1_through_the_trainer(tmp_path):
     Trainer(policy, AllArmsSampler(ARM_REWARDS), config).train()
     pi_2 = mirror_descent_step(mirror_descent_step(pi_0, ARM_REWARDS, eta), ARM_REWARDS, eta)
     assert torch.allclose(policy.probs()[0, 0].detach().double(), pi_2, atol=2e-3)
+
+
+ARM_Q = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.0], dtype=torch.float64)
+
+
+def soft_bandit_iteration(kind, min_scale=None, iterations=30, alpha=0.1, eta=2.0, states=4096):
+    """REBEL on a 5-arm bandit with known Q and the critic's soft reward Q(a) - alpha log pi_t(a),
+    normalised as the trainer does (``min_scale = eta * alpha`` unless given), each regression
+    minimised exactly: returns the final policy's probabilities."""
+    policy = TabularSoftmaxPolicy(1, 5, 1).double()
+    generator = torch.Generator().manual_seed(0)
+    normalizer = RewardNormalizer(kind)
+    group = torch.arange(states).repeat_interleave(2)
+    for _ in range(iterations):
+        actions = torch.multinomial(policy.probs()[0, 0].detach(), 2 * states, replacement=True, generator=generator)
+        batch = RolloutBatch(
+            group=group,
+            reward=torch.zeros(2 * states),
+            mask=torch.ones(2 * states, 1, dtype=torch.bool),
+            data={"states": torch.zeros(2 * states, 1, dtype=torch.long), "actions": actions[:, None]},
+        )
+        soft = ARM_Q[actions] - alpha * policy.log_prob(batch).detach()
+        target = normalizer(soft, [0] * len(soft), group, min_scale=eta * alpha if min_scale is None else min_scale)
+        minimise_exactly(policy, batch, target, eta)
+    return policy.probs()[0, 0].detach()
+
+
+def kl_to_soft_optimum(probs, alpha=0.1):
+    return (probs * (probs.log() - torch.log_softmax(ARM_Q / alpha, -1))).sum().item()
+
+
+@pytest.mark.parametrize("kind", REWARD_NORMALIZATIONS)
+def test_check4_every_reward_normalisation_keeps_the_soft_fixed_point(kind):
+    """pi_{t+1} ∝ pi_t^(1 - eta alpha / s) exp(eta Q / s) is a contraction towards exp(Q / alpha)
+    while the divisor s >= eta alpha; eta * alpha = 0.2, so ``none`` contracts by 0.8 per step."""
+    assert kl_to_soft_optimum(soft_bandit_iteration(kind)) < 1e-5
+
+
+def test_check4_without_the_floor_a_shrinking_spread_overshoots_the_soft_fixed_point():
+    """Near exp(Q / alpha) the soft rewards of a state become equal, their spread s -> 0 and the
+    exponent 1 - eta alpha / s turns very negative: the policy oscillates and sticks on an arm."""
+    probs = soft_bandit_iteration("within_group", min_scale=0.0)
+    assert kl_to_soft_optimum(probs) > 1.0 and probs[1] > 0.99  # on the second-best arm
 
 
 class GaussianMLP(Policy):

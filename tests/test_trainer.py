@@ -272,6 +272,29 @@ def test_batch_reward_normalisation_rescales_the_target(tmp_path):
     assert row["reward_mean"] == pytest.approx(5.0)  # metrics report the raw reward
 
 
+@pytest.mark.parametrize(("entropy_weight", "divisor"), [(0.0, None), (0.1, 0.2)])
+def test_a_soft_rewards_normalised_scale_is_at_least_eta_alpha(tmp_path, entropy_weight, divisor):
+    """With ``batch.entropy_weight = alpha`` the trainer divides by max(spread, eta * alpha)."""
+    reward = torch.tensor([1.0, 1.1, 5.0, 5.06])  # within-group spread 0.041, below eta * alpha = 0.2
+
+    class Spy(Sampler):
+        def collect(self, policy):
+            return RolloutBatch(
+                group=torch.tensor([0, 0, 1, 1]),
+                reward=reward,
+                mask=torch.ones(4, 1, dtype=torch.bool),
+                data={"states": torch.zeros(4, 1, dtype=torch.long), "actions": torch.tensor([[0], [1], [0], [1]])},
+                entropy_weight=entropy_weight,
+            )
+
+    policy, _ = make_tabular(TabularConfig(env="bandit", num_actions=2))
+    config = TrainerConfig(output_dir=str(tmp_path / "r"), iterations=1, eta=2.0, reward_normalization="within_group", **FAST)
+    row = Trainer(policy, Spy(), config).train()[0]
+    centred = torch.tensor([-0.05, 0.05, -0.03, 0.03])
+    target = centred / (divisor or centred.pow(2).mean().sqrt().item())
+    assert row["loss"] == pytest.approx((((target[1] - target[0]) ** 2 + (target[3] - target[2]) ** 2) / 2).item(), rel=1e-4)
+
+
 def test_policy_and_sampler_types_are_checked(tmp_path):
     policy, sampler = make_tabular(TabularConfig())
     with pytest.raises(TypeError, match="policy must be a rebel.Policy, got Linear"):

@@ -150,6 +150,8 @@ class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ign
         if self.budget is None:
             self.budget = float(self.total_steps)
         check_group_size("group_size", self.group_size)
+        # per_context needs context keys, which no control sampler sets
+        check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "within_group"))
         if self.value_bootstrap and self.variant == "critic":
             raise ValueError("value_bootstrap applies to the mc and trajectory variants (critic learns Q by TD), got variant='critic'")
         if self.value_hidden_sizes is not None and (not self.value_hidden_sizes or any(int(h) < 1 for h in self.value_hidden_sizes)):

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from rebel.batch import RolloutBatch
 from rebel.config import check_counts, check_group_size, check_int, check_positive
+from rebel.control.distributions import ActionDistribution
 from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
@@ -53,7 +54,13 @@ class CriticSampler(Sampler):
        the policy does not follow an untrained critic. With ``alpha > 0`` (soft Q) the
        reward is ``Q(s, a) - alpha log pi_t(a|s)``: REBEL's step
        ``pi_{t+1} ~ pi_t^(1 - eta alpha) exp(eta Q)`` then has SAC's soft-optimal policy
-       ``exp(Q / alpha)`` as its fixed point (keep ``eta * alpha <= 1``).
+       ``exp(Q / alpha)`` as its fixed point (keep ``eta * alpha <= 1``). The batch's
+       ``entropy_weight`` is alpha, so that the trainer's reward normalisation divides by at
+       least ``eta * alpha`` and keeps that fixed point (:class:`~rebel.RewardNormalizer`).
+
+    ``log pi`` is, as in SAC, the density of the action as the critic takes it: a bounded
+    ``Box`` action rescaled to ``[-1, 1]``, so ``log pi`` of the env action plus
+    ``sum log((high - low) / 2)``; entropies and ``target_entropy`` are in those units.
 
     **Tuned alpha** (``tune_alpha=True``, SAC's ``ent_coef="auto"``): after each TD update
     one Adam step (at ``critic_lr``) of ``log alpha`` on SAC's temperature loss
@@ -84,6 +91,8 @@ class CriticSampler(Sampler):
 
     #: Which estimate of Q the REBEL batch uses: ``"min"`` or ``"mean"`` of the two critics.
     q_reduction: str = "min"
+    #: log pi of the critic's action minus log pi of the env action (a bounded Box: sum log((high - low) / 2)).
+    log_action_scale: float = 0.0
 
     def __init__(
         self,
@@ -149,6 +158,8 @@ class CriticSampler(Sampler):
             self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
             self.action_low = torch.as_tensor(low, dtype=torch.float32)
             self.action_high = torch.as_tensor(high, dtype=torch.float32)
+            if self.bounded:
+                self.log_action_scale = float(torch.log((self.action_high - self.action_low) / 2).sum())
         discrete_obs = isinstance(obs_space, gym.spaces.Discrete)
         self.buffer = ReplayBuffer(
             buffer_size,
@@ -243,6 +254,11 @@ class CriticSampler(Sampler):
             return torch.as_tensor(self.rng.uniform(self.action_low.numpy(), self.action_high.numpy(), size=shape), dtype=torch.float32)
         return torch.as_tensor(self.rng.standard_normal(shape), dtype=torch.float32)
 
+    def _log_prob(self, dist: ActionDistribution, env_actions: Tensor, raw: Tensor) -> Tensor:
+        """log pi of the actions as the critic takes them (SAC's units): the env actions' plus
+        the log of the rescaling's Jacobian."""
+        return dist.log_prob(env_actions, raw) + self.log_action_scale
+
     def _critic_actions(self, env_actions: Tensor) -> Tensor:
         """Actions as the critic takes them: indices, or a bounded Box rescaled to [-1, 1]."""
         if self.discrete or not self.bounded:
@@ -266,7 +282,7 @@ class CriticSampler(Sampler):
             nonlocal last_logp
             dist = policy.distribution(next_inputs)  # one forward pass: policy.act's sample, and its density
             env_actions, raw = dist.sample(self.generator)
-            logp = dist.log_prob(env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
+            logp = self._log_prob(dist, env_actions, raw) if self.alpha else torch.zeros(len(raw), device=raw.device)
             last_logp = logp
             return self._critic_actions(env_actions), logp
 
@@ -323,7 +339,7 @@ class CriticSampler(Sampler):
             q = torch.zeros(len(inputs), device=inputs.device)
         stats = {"q_mean": q.mean().item()}
         if self.alpha and self.critic_updates:  # the soft Q's own policy improvement: reward Q - alpha log pi_t
-            logp = policy.distribution(inputs).log_prob(env_actions, raw).float()
+            logp = self._log_prob(policy.distribution(inputs), env_actions, raw).float()
             q = q - self.alpha * logp
             stats["entropy"] = -logp.mean().item()
         per_state = q.view(self.num_states, k)
@@ -334,6 +350,7 @@ class CriticSampler(Sampler):
             mask=torch.ones(len(q), 1, dtype=torch.bool, device=inputs.device),
             data={"inputs": inputs[:, None], "raw_actions": raw[:, None]},
             stats={**stats, "q_diff_abs": pair_gaps.item()},
+            entropy_weight=self.alpha if self.critic_updates else 0.0,
         )
 
     # ------------------------------------------------------------- checkpoint

@@ -121,6 +121,8 @@ def test_env_objects_and_bad_inputs(tmp_path):
         ValueError, match="value_bootstrap applies to the mc and trajectory variants .critic learns Q by TD., got variant=.critic."
     ):
         Rebel("Pendulum-v1", variant="critic", value_bootstrap=True)
+    with pytest.raises(ValueError, match="reward_normalization='per_context' is not supported; expected one of none, batch, within_group"):
+        Rebel("Pendulum-v1", reward_normalization="per_context")
 
 
 def test_a_classic_control_video_renders_with_the_control_extras_pygame(tmp_path):

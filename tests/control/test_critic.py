@@ -88,18 +88,21 @@ def test_the_rebel_batch_compares_actions_at_replay_states_by_their_q_values():
 
 
 def test_with_alpha_the_reward_is_the_soft_q_of_the_sampled_action():
+    """log pi in SAC's units: the density of the critic's action tanh(u) in [-1, 1], not of
+    Pendulum's torque 2 tanh(u) in [-2, 2] (which is lower by log 2)."""
     alpha = 0.3
     policy, sampler = make(num_states=5, actions_per_state=2, learning_starts=100, alpha=alpha)
-    assert torch.equal(sampler.collect(policy).reward, torch.zeros(10))  # no critic yet: no entropy term either
+    first = sampler.collect(policy)
+    assert torch.equal(first.reward, torch.zeros(10)) and first.entropy_weight == 0.0  # no critic yet: no entropy term either
     batch = sampler.collect(policy)
+    assert batch.entropy_weight == alpha  # the trainer's normalisation divides by at least eta * alpha
     inputs, raw = batch.data["inputs"][:, 0], batch.data["raw_actions"][:, 0]
     q = torch.minimum(*sampler.critic.q(inputs, torch.tanh(raw)))
     mean, log_std = policy.net(inputs).split(1, dim=-1)
     dist = torch.distributions.Normal(mean, log_std.clamp(*LOG_STD_RANGE).exp())
-    squashed = torch.distributions.TransformedDistribution(
-        dist, [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(0.0, 2.0)]
-    )  # Pendulum's torque in [-2, 2]
-    logp = squashed.log_prob(2 * torch.tanh(raw)).sum(-1)
+    squashed = torch.distributions.TransformedDistribution(dist, [torch.distributions.TanhTransform()])
+    logp = squashed.log_prob(torch.tanh(raw)).sum(-1)
+    assert sampler.log_action_scale == pytest.approx(np.log(2.0))
     assert torch.allclose(batch.reward, q - alpha * logp, atol=1e-4)
     assert batch.stats["entropy"] == pytest.approx(-logp.mean().item(), rel=1e-4)
     assert batch.stats["q_mean"] == pytest.approx(q.mean().item(), rel=1e-5)
