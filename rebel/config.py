@@ -112,6 +112,12 @@ def _parser(kind: type, optional: bool) -> Any:
 # ------------------------------------------------------------------ checks
 
 
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: a library's error inside a one-line one."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> None:
     """``value`` must be an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

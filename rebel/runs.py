@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from rebel.config import first_line
+
 CHECKPOINT_PREFIX = "iter_"
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # a folder with any of these holds a run
@@ -450,8 +452,7 @@ def load_checkpoint_file(path: Path) -> Any:
     try:
         return load_file(path)
     except Exception as error:  # noqa: BLE001 (torn, truncated or missing: torch raises many kinds)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DamagedCheckpointError(f"checkpoint file {path} is damaged or unreadable ({reason})") from None
+        raise DamagedCheckpointError(f"checkpoint file {path} is damaged or unreadable ({first_line(error)})") from None
 
 
 def newest_intact(run_dir: str | os.PathLike, name: str = "trainer.pt") -> tuple[Path, Any]:

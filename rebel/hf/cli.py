@@ -12,7 +12,7 @@ from typing import Any
 
 from rebel.cli import add_config_arguments, resolve_configs, resumed_folder
 from rebel.config import add_arguments as add_dataclass_arguments
-from rebel.hf.inputs import first_line
+from rebel.config import first_line
 
 
 def add_arguments(

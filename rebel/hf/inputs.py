@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rebel.config import first_line
+
 # ``name`` or ``org/name``: what the Hugging Face hub accepts as a repository id
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 T = TypeVar("T")
@@ -50,12 +52,6 @@ def root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None:
         error = error.__cause__
     return error
-
-
-def first_line(error: BaseException) -> str:
-    """``Type: first line of the message``."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ------------------------------------------------------------------ rewards

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebel.config import option
-from rebel.hf.inputs import check_source, first_line, is_hub_id, root_cause
+from rebel.config import first_line, option
+from rebel.hf.inputs import check_source, is_hub_id, root_cause
 
 DATASET_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DATASET_EXPECTED = f"a {', '.join(DATASET_FILES)} file, a save_to_disk folder or a hub id (org/name)"
