@@ -36,11 +36,10 @@ from torch import Tensor
 from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_group_size, check_int
 from rebel.policy import Policy
-from rebel.sampler import Sampler
 from rebel.text.env import Message, TextEnv
 from rebel.text.generation import GenerationBackend, SamplingSettings, make_backend
 from rebel.text.policy import CausalLMPolicy
-from rebel.text.sampler import _rank_and_world, completion_mask
+from rebel.text.sampler import PromptCursor, completion_mask
 
 FORMS = ("whole", "per_turn")
 BRANCH_TURNS = ("uniform", "all")
@@ -256,7 +255,7 @@ def pack(prompts: list[list[int]], completions: list[list[int]], flags: list[lis
     return torch.tensor(ids), torch.tensor(attention), torch.tensor(mask, dtype=torch.bool)
 
 
-class DialogSampler(Sampler):
+class DialogSampler(PromptCursor):
     """Samples dialogs with a :class:`~rebel.text.env.TextEnv` and scores them (both REBEL forms,
     see the module's docstring).
 
@@ -340,17 +339,6 @@ class DialogSampler(Sampler):
         self.epoch, self.position = 0, 0
         self.generator = torch.Generator().manual_seed(data_seed)
         self.last_dialogs: list[dict[str, Any]] = []  # the last batch's sampled dialogs, for the transcript
-
-    # ------------------------------------------------------------- state
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------- collect
     def runner(self, policy: Policy) -> DialogRunner:
@@ -462,22 +450,7 @@ class DialogSampler(Sampler):
         return [turns[int(torch.randint(0, len(turns), (1,), generator=self.generator))]]
 
     def next_rows(self) -> list[Any]:
-        """This process's opening rows of the next iteration (None without a dataset): a slice
-        of the global row order, as :meth:`TextSampler.next_indices` takes prompts."""
+        """This process's opening rows of the next iteration (None each without a dataset)."""
         if self.dataset is None:
             return [None] * self.prompts_per_iteration
-        rank, world = _rank_and_world()
-        k, n = self.prompts_per_iteration, len(self.dataset)
-        taken: list[int] = []
-        while len(taken) < k * world:
-            order = (
-                torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + self.epoch)).tolist()
-                if self.shuffle
-                else list(range(n))
-            )
-            step = min(k * world - len(taken), n - self.position)
-            taken += order[self.position : self.position + step]
-            self.position += step
-            if self.position == n:
-                self.epoch, self.position = self.epoch + 1, 0
-        return [self.dataset[i] for i in taken[rank * k : (rank + 1) * k]]
+        return [self.dataset[i] for i in self.next_indices()]

@@ -19,7 +19,52 @@ from rebel.text.policy import CausalLMPolicy
 from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward
 
 
-class TextSampler(Sampler):
+class PromptCursor(Sampler):
+    """A sampler that takes ``prompts_per_iteration`` records a process and iteration from a
+    dataset of ``len(self.dataset)`` records, in an epoch-seeded order (``data_seed``,
+    ``shuffle``), and draws its random numbers from ``self.generator``; its state (the cursor
+    and the generator) resumes exactly."""
+
+    dataset: Any
+    prompts_per_iteration: int
+    data_seed: int
+    shuffle: bool
+    epoch: int
+    position: int
+    generator: torch.Generator
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+
+    def next_indices(self) -> list[int]:
+        """This process's prompts of the next iteration: a slice of the global prompt order
+        (an epoch-seeded permutation), so processes never share a prompt in an iteration."""
+        rank, world = _rank_and_world()
+        k, n = self.prompts_per_iteration, len(self.dataset)
+        taken: list[int] = []
+        while len(taken) < k * world:
+            order = self._order(self.epoch, n)
+            step = min(k * world - len(taken), n - self.position)
+            taken += order[self.position : self.position + step]
+            self.position += step
+            if self.position == n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return taken[rank * k : (rank + 1) * k]
+
+    def _order(self, epoch: int, n: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)).tolist()
+
+
+class TextSampler(PromptCursor):
     """Each iteration takes ``prompts_per_iteration`` prompts (per process) from the
     dataset and samples ``num_generations`` completions of each (one group per prompt).
 
@@ -118,17 +163,6 @@ class TextSampler(Sampler):
         self.generator = torch.Generator().manual_seed(data_seed)
         self.last_samples: list[dict[str, Any]] = []  # the last batch, for logging
 
-    # ------------------------------------------------------------- state
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.generator.set_state(state["generator"])
-
     # ----------------------------------------------------------- collect
     def collect(self, policy: Policy) -> RolloutBatch:
         if not isinstance(policy, CausalLMPolicy):
@@ -197,27 +231,7 @@ class TextSampler(Sampler):
             stats=stats,
         )
 
-    def next_indices(self) -> list[int]:
-        """This process's prompts of the next iteration: a slice of the global prompt order
-        (an epoch-seeded permutation), so processes never share a prompt in an iteration."""
-        rank, world = _rank_and_world()
-        k, n = self.prompts_per_iteration, len(self.dataset)
-        taken: list[int] = []
-        while len(taken) < k * world:
-            order = self._order(self.epoch, n)
-            step = min(k * world - len(taken), n - self.position)
-            taken += order[self.position : self.position + step]
-            self.position += step
-            if self.position == n:
-                self.epoch, self.position = self.epoch + 1, 0
-        return taken[rank * k : (rank + 1) * k]
-
     # ---------------------------------------------------------- helpers
-    def _order(self, epoch: int, n: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(n))
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)).tolist()
-
     def _tokenize(self, tokenizer: Any, texts: list[str], add_special_tokens: bool) -> dict[str, Tensor]:
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
