@@ -37,9 +37,9 @@ from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_group_size, check_int
 from rebel.policy import Policy
 from rebel.text.env import Message, TextEnv
-from rebel.text.generation import GenerationBackend, SamplingSettings, make_backend
+from rebel.text.generation import GenerationBackend, SamplingSettings
 from rebel.text.policy import CausalLMPolicy
-from rebel.text.sampler import PromptCursor, completion_mask
+from rebel.text.sampler import PromptCursor, completion_mask, sampler_backend
 
 FORMS = ("whole", "per_turn")
 BRANCH_TURNS = ("uniform", "all")
@@ -270,10 +270,11 @@ class DialogSampler(PromptCursor):
         max_turns, max_dialog_tokens: the caps that truncate a dialog.
         branch_turns: ``"uniform"`` (one turn per sampled dialog) or ``"all"`` (per_turn).
         rollouts_per_branch: ``m``, continuations of each branch (per_turn).
-        top_p, top_k, generation_backend, generation_kwargs, generation_batch_size, vllm_*:
-            as :class:`~rebel.text.sampler.TextSampler`'s.
+        top_p, top_k: as :class:`~rebel.text.sampler.TextSampler`'s.
         data_seed: seed of the row order and of the sampler's generator.
         shuffle: reshuffle the rows every pass over the dataset.
+        generation_backend, backend_settings: the backend and its settings
+            (``generation_kwargs``, ``generation_batch_size``, ``vllm_*``), as TextSampler's.
     """
 
     def __init__(
@@ -292,15 +293,9 @@ class DialogSampler(PromptCursor):
         top_p: float = 1.0,
         top_k: int = 0,
         generation_backend: str | GenerationBackend = "transformers",
-        generation_kwargs: dict[str, Any] | None = None,
-        generation_batch_size: int | None = None,
-        vllm_mode: str = "colocate",
-        vllm_server_url: str = "http://127.0.0.1:8000",
-        vllm_max_model_length: int | None = None,
-        vllm_gpu_memory_utilization: float = 0.3,
-        vllm_kwargs: dict[str, Any] | None = None,
         data_seed: int = 0,
         shuffle: bool = True,
+        **backend_settings: Any,
     ) -> None:
         if not callable(env):
             raise TypeError(f"env must be a callable returning a TextEnv, got {type(env).__name__}")
@@ -314,19 +309,7 @@ class DialogSampler(PromptCursor):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if dataset is not None and len(dataset) == 0:
             raise ValueError("dataset is empty; expected opening rows for env.reset (or None)")
-        if isinstance(generation_backend, GenerationBackend):
-            self.backend = generation_backend
-        else:
-            self.backend = make_backend(
-                generation_backend,
-                generation_kwargs=generation_kwargs,
-                generation_batch_size=generation_batch_size,
-                mode=vllm_mode,
-                server_url=vllm_server_url,
-                max_model_length=vllm_max_model_length,
-                gpu_memory_utilization=vllm_gpu_memory_utilization,
-                vllm_kwargs=vllm_kwargs,
-            )
+        self.backend = sampler_backend(generation_backend, **backend_settings)
         self.env, self.dataset, self.form, self.branch_turns = env, dataset, form, branch_turns
         self.num_generations, self.prompts_per_iteration, self.rollouts_per_branch = (
             num_generations,

@@ -131,19 +131,8 @@ class TextSampler(PromptCursor):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        if isinstance(generation_backend, GenerationBackend):
-            self.backend = generation_backend
-        else:
-            self.backend = make_backend(
-                generation_backend,
-                generation_kwargs=generation_kwargs,
-                generation_batch_size=generation_batch_size,
-                mode=vllm_mode,
-                server_url=vllm_server_url,
-                max_model_length=vllm_max_model_length,
-                gpu_memory_utilization=vllm_gpu_memory_utilization,
-                vllm_kwargs=vllm_kwargs,
-            )
+        self.backend = sampler_backend(generation_backend, generation_kwargs, generation_batch_size, vllm_mode, vllm_server_url,
+                                       vllm_max_model_length, vllm_gpu_memory_utilization, vllm_kwargs)  # fmt: skip
         self.dataset = PromptDataset(dataset)
         self.reward_funcs: list[RewardFunc] = as_reward_funcs(reward_funcs, reward_processing_classes)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
@@ -268,6 +257,32 @@ class TextSampler(PromptCursor):
             with policy.adapter_disabled():
                 ref = policy.token_log_probs(input_ids, attention_mask, t)
         return torch.where(mask, logp - ref, 0.0).sum(1).double().cpu()  # a select: nan/inf at masked positions stay out
+
+
+def sampler_backend(
+    backend: str | GenerationBackend,
+    generation_kwargs: dict[str, Any] | None = None,
+    generation_batch_size: int | None = None,
+    vllm_mode: str = "colocate",
+    vllm_server_url: str = "http://127.0.0.1:8000",
+    vllm_max_model_length: int | None = None,
+    vllm_gpu_memory_utilization: float = 0.3,
+    vllm_kwargs: dict[str, Any] | None = None,
+) -> GenerationBackend:
+    """``backend`` itself when it is a :class:`GenerationBackend`, else the one it names, from
+    the samplers' settings of the same names."""
+    if isinstance(backend, GenerationBackend):
+        return backend
+    return make_backend(
+        backend,
+        generation_kwargs=generation_kwargs,
+        generation_batch_size=generation_batch_size,
+        mode=vllm_mode,
+        server_url=vllm_server_url,
+        max_model_length=vllm_max_model_length,
+        gpu_memory_utilization=vllm_gpu_memory_utilization,
+        vllm_kwargs=vllm_kwargs,
+    )
 
 
 def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:
