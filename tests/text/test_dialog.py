@@ -278,3 +278,40 @@ def test_bad_dialog_inputs_are_refused_in_one_line(chat_lm):
     with pytest.raises(ValueError, match="needs reward_funcs and train_dataset"):
         TextTrainer(chat_lm)
     assert env_rng("a", 1, 2).random() == random.Random("a:1:2").random()
+
+
+def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from rebel.cli import main
+
+    def make_model(config=None, save_to=None):
+        tokenizer = char_tokenizer()
+        tokenizer.chat_template = TEMPLATE
+        model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_positions=128, seed=0)
+        model.save_pretrained(str(save_to))
+        tokenizer.save_pretrained(str(save_to))
+        return model, tokenizer
+
+    task = types.SimpleNamespace(make_env=CounterEnv, dataset=[{"digit": d} for d in range(10)], max_length=100, make_model=make_model,
+                                 text_config={"max_new_tokens": 3, "prompts_per_iteration": 2, "learning_rate": 1e-3})  # fmt: skip
+    registry = types.ModuleType("rebel_envs.dialog_tasks")
+    registry.DIALOG_TASKS = {"counter": task}
+    monkeypatch.setitem(sys.modules, "rebel_envs.dialog_tasks", registry)
+    quiet = ["--no-progress", "--no-tensorboard", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
+    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "straight"), "--iterations", "3", *quiet]) == 0
+    assert "transcripts.jsonl" in capsys.readouterr().out
+    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "split"), "--iterations", "2", *quiet]) == 0
+    assert main(["train", "text", "--resume", str(tmp_path / "split"), "--iterations", "3"]) == 0
+    straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    drop = lambda rows: [
+        {k: v for k, v in r.items() if "time" not in k and "per_second" not in k and k != "explained_variance"} for r in rows
+    ]
+    assert drop(straight) == drop(split) and len(straight) == 3 and straight[0]["samples"] == 2 * 2
+    capsys.readouterr()
+    assert main(["train", "text", "--env", "nope", "--output-dir", str(tmp_path / "bad")]) != 0
+    assert "--env nope: not an embedded dialog task; expected one of counter" in capsys.readouterr().err
+    assert main(["train", "text", "--env", "counter", "--reward", "m:f", "--output-dir", str(tmp_path / "bad")]) != 0
+    assert "--reward m:f with --env counter: the dialog task gives its own rewards" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
