@@ -315,3 +315,27 @@ def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_pa
     assert main(["train", "text", "--env", "counter", "--reward", "m:f", "--output-dir", str(tmp_path / "bad")]) != 0
     assert "--reward m:f with --env counter: the dialog task gives its own rewards" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+class SayDigit(TextEnv):
+    """Each of 3 turns pays 1 for an answer that starts with the digit the user asks for (always "7")."""
+
+    def reset(self, rng, row=None):
+        self.turn = 0
+        return [{"role": "user", "content": "7"}]
+
+    def step(self, message, rng):
+        self.turn += 1
+        done = self.turn >= 3
+        return EnvReply([] if done else [{"role": "user", "content": "7"}], float(message[:1] == "7"), terminated=done)
+
+
+@pytest.mark.parametrize(
+    ("form", "settings"), [("whole", {"learning_rate": 1e-2}), ("per_turn", {"learning_rate": 5e-3, "branch_turns": "all"})]
+)
+def test_both_forms_raise_the_return(chat_lm, tmp_path, form, settings):
+    config = TextConfig(output_dir=str(tmp_path / form), iterations=15, prompts_per_iteration=8, num_generations=4, max_new_tokens=3,
+                        checkpoint_every=100, dialog_form=form, seed=0, **FAST, **settings)  # fmt: skip
+    rows = TextTrainer(chat_lm, env=SayDigit, config=config).train()
+    first, last = sum(r["episode_return"] for r in rows[:3]) / 3, sum(r["episode_return"] for r in rows[-3:]) / 3
+    assert last > first + 0.8, [r["episode_return"] for r in rows]  # of at most 3
