@@ -400,16 +400,16 @@ class DialogSampler(PromptCursor):
         turns = runner.sample_turns(
             [p for p in prefixes for _ in range(n)], [self.limits.max_tokens - len(p) for p in prefixes for _ in range(n)], self.generator
         )
-        continuations = []
+        continuations = []  # point p, branch i, rollout j at (p * n + i) * m + j - 1
         for p, (dialog, k) in enumerate(points):
             for i in range(n):
                 for j in range(1, m + 1):  # rollout index j: the same env random numbers for every branch i
-                    copy = branch(dialog, k, self.env(), j)
-                    runner.take_turn(copy, turns[p * n + i])
-                    continuations.append(copy)
+                    follow = branch(dialog, k, self.env(), j)
+                    runner.take_turn(follow, turns[p * n + i])
+                    continuations.append(follow)
         runner.run(continuations, self.generator)
-        q = torch.tensor([c.return_from(points[c_index // (n * m)][1]) for c_index, c in enumerate(continuations)], dtype=torch.float64)
-        q = q.view(len(points), n, m).mean(2).reshape(-1)
+        returns_to_go = [c.return_from(points[index // (n * m)][1]) for index, c in enumerate(continuations)]
+        q = torch.tensor(returns_to_go, dtype=torch.float64).view(len(points) * n, m).mean(1)  # Q of each branch
         ids, attention, mask = pack(
             [p for p in prefixes for _ in range(n)], turns, [[True] * len(t) for t in turns], runner.tokenizer.pad_token_id
         )
@@ -427,7 +427,7 @@ class DialogSampler(PromptCursor):
     def branching_turns(self, dialog: Dialog) -> list[int]:
         """The turns of ``dialog`` to branch at: one drawn uniformly, or all (those with room
         for at least one token)."""
-        turns = [k for k in range(len(dialog.snapshots)) if dialog.opening.__len__() + dialog.turn_starts[k] < self.limits.max_tokens]
+        turns = [k for k in range(len(dialog.snapshots)) if len(dialog.opening) + dialog.turn_starts[k] < self.limits.max_tokens]
         if self.branch_turns == "all" or not turns:
             return turns
         return [turns[int(torch.randint(0, len(turns), (1,), generator=self.generator))]]
