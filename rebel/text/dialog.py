@@ -161,18 +161,29 @@ class DialogRunner:
         return dialog
 
     def sample_turns(self, prefixes: list[list[int]], room: list[int], generator: torch.Generator) -> list[list[int]]:
-        """One agent turn for each prefix, at most ``room[k]`` tokens each (the rest of a
-        longer sample is dropped; every sampled token counts in ``generated_tokens``)."""
+        """One agent turn for each prefix, at most ``min(max_turn_tokens, room[k])`` tokens (its
+        room: the tokens left before the dialog's cap, so that no sequence outgrows the model).
+        Prefixes with the same limit share a generation call (usually all of them: only
+        dialogs near the cap have less room than a turn)."""
+        limit = [max(1, min(self.limits.max_turn_tokens, r)) for r in room]
+        turns: list[list[int]] = [[] for _ in prefixes]
+        for new in sorted(set(limit), reverse=True):
+            index = [k for k, v in enumerate(limit) if v == new]
+            for k, ids in zip(index, self._generate([prefixes[k] for k in index], new, generator)):
+                turns[k] = ids
+        return turns
+
+    def _generate(self, prefixes: list[list[int]], new: int, generator: torch.Generator) -> list[list[int]]:
+        """Sampled turns of at most ``new`` tokens (up to the first EOS) of the left-padded prefixes."""
         device = next(self.policy.parameters()).device
         width = max(len(p) for p in prefixes)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
-        new = max(1, min(self.limits.max_turn_tokens, max(room)))
         out = self.backend.generate(self.policy, ids, mask, replace(self.settings, max_new_tokens=new), generator)
         lengths = completion_mask(out, self.settings.eos_token_ids).sum(1).tolist()
         self.generated_tokens += int(sum(lengths))
-        return [row[: min(n, r)] for row, n, r in zip(out.tolist(), lengths, room)]
+        return [row[:n] for row, n in zip(out.tolist(), lengths)]
 
     def run(self, dialogs: Sequence[Dialog], generator: torch.Generator, keep_snapshots: bool = False) -> None:
         """Advance every dialog until it terminates or is truncated."""
@@ -267,7 +278,8 @@ class DialogSampler(PromptCursor):
         num_generations: dialogs per opening (whole) or branches per branching turn (per_turn), >= 2.
         prompts_per_iteration: openings per iteration and process.
         max_new_tokens: the longest agent turn.
-        max_turns, max_dialog_tokens: the caps that truncate a dialog.
+        max_turns, max_dialog_tokens: the caps that truncate a dialog (``max_dialog_tokens``:
+            the whole sequence, opening included; default: the model's positions).
         branch_turns: ``"uniform"`` (one turn per sampled dialog) or ``"all"`` (per_turn).
         rollouts_per_branch: ``m``, continuations of each branch (per_turn).
         top_p, top_k: as :class:`~rebel.text.sampler.TextSampler`'s.
@@ -287,7 +299,7 @@ class DialogSampler(PromptCursor):
         prompts_per_iteration: int = 8,
         max_new_tokens: int = 64,
         max_turns: int = 8,
-        max_dialog_tokens: int = 512,
+        max_dialog_tokens: int | None = None,
         branch_turns: str = "uniform",
         rollouts_per_branch: int = 1,
         top_p: float = 1.0,
@@ -303,8 +315,10 @@ class DialogSampler(PromptCursor):
         check_choice("branch_turns", branch_turns, BRANCH_TURNS)
         check_group_size("num_generations", num_generations)
         for name, value in (("prompts_per_iteration", prompts_per_iteration), ("max_new_tokens", max_new_tokens), ("max_turns", max_turns),
-                            ("max_dialog_tokens", max_dialog_tokens), ("rollouts_per_branch", rollouts_per_branch)):  # fmt: skip
+                            ("rollouts_per_branch", rollouts_per_branch)):  # fmt: skip
             check_int(name, value)
+        if max_dialog_tokens is not None:
+            check_int("max_dialog_tokens", max_dialog_tokens)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if dataset is not None and len(dataset) == 0:
@@ -316,7 +330,7 @@ class DialogSampler(PromptCursor):
             prompts_per_iteration,
             rollouts_per_branch,
         )
-        self.limits = DialogLimits(max_tokens=max_dialog_tokens, max_turns=max_turns, max_turn_tokens=max_new_tokens)
+        self.max_dialog_tokens, self.max_turns, self.max_new_tokens = max_dialog_tokens, max_turns, max_new_tokens
         self.top_p, self.top_k = top_p, top_k
         self.data_seed, self.shuffle = data_seed, shuffle
         self.epoch, self.position = 0, 0
@@ -324,19 +338,36 @@ class DialogSampler(PromptCursor):
         self.last_dialogs: list[dict[str, Any]] = []  # the last batch's sampled dialogs, for the transcript
 
     # ----------------------------------------------------------- collect
-    def runner(self, policy: Policy) -> DialogRunner:
-        """A :class:`DialogRunner` for ``policy`` with this sampler's settings."""
+    def limits(self, policy: Policy) -> DialogLimits:
+        """The caps for ``policy`` (a causal LM with a chat template): ``max_dialog_tokens``
+        defaults to the model's positions, and may not exceed them."""
         if not isinstance(policy, CausalLMPolicy):
             raise TypeError(f"DialogSampler samples from a CausalLMPolicy, got {type(policy).__name__}")
+        if getattr(policy.tokenizer, "chat_template", None) is None:
+            raise ValueError("dialogs need a tokenizer with a chat template (tokenizer.chat_template is None)")
+        config = getattr(policy.model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        tokens = self.max_dialog_tokens or positions
+        if tokens is None:
+            raise ValueError("max_dialog_tokens is not set and the model's config names no max_position_embeddings; set max_dialog_tokens")
+        if positions is not None and tokens > positions:
+            raise ValueError(
+                f"max_dialog_tokens {tokens} is longer than the model's {positions} positions; set max_dialog_tokens <= {positions}"
+            )
+        return DialogLimits(max_tokens=tokens, max_turns=self.max_turns, max_turn_tokens=self.max_new_tokens)
+
+    def runner(self, policy: Policy) -> DialogRunner:
+        """A :class:`DialogRunner` for ``policy`` with this sampler's settings."""
+        limits = self.limits(policy)
         settings = SamplingSettings(
             temperature=policy.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
-            max_new_tokens=self.limits.max_turn_tokens,
+            max_new_tokens=self.max_new_tokens,
             eos_token_ids=tuple(policy.eos_token_ids),
             pad_token_id=policy.tokenizer.pad_token_id,
         )
-        return DialogRunner(policy, self.backend, settings, self.limits)
+        return DialogRunner(policy, self.backend, settings, limits)
 
     def collect(self, policy: Policy) -> RolloutBatch:
         runner = self.runner(policy)
@@ -393,12 +424,12 @@ class DialogSampler(PromptCursor):
         n, m = self.num_generations, self.rollouts_per_branch
         sampled = [runner.open(self.env(), seed, row, True) for row, seed in zip(rows, seeds)]
         runner.run(sampled, self.generator, keep_snapshots=True)
-        points = [(d, k) for d in sampled for k in self.branching_turns(d)]
+        points = [(d, k) for d in sampled for k in self.branching_turns(d, runner.limits.max_tokens)]
         if not points:
             raise ValueError("no sampled dialog has an agent turn to branch from (max_dialog_tokens is shorter than the openings?)")
         prefixes = [d.opening + d.tokens[: d.turn_starts[k]] for d, k in points]
         turns = runner.sample_turns(
-            [p for p in prefixes for _ in range(n)], [self.limits.max_tokens - len(p) for p in prefixes for _ in range(n)], self.generator
+            [p for p in prefixes for _ in range(n)], [runner.limits.max_tokens - len(p) for p in prefixes for _ in range(n)], self.generator
         )
         continuations = []  # point p, branch i, rollout j at (p * n + i) * m + j - 1
         for p, (dialog, k) in enumerate(points):
@@ -424,10 +455,10 @@ class DialogSampler(PromptCursor):
         )
         return batch, sampled
 
-    def branching_turns(self, dialog: Dialog) -> list[int]:
+    def branching_turns(self, dialog: Dialog, max_tokens: int) -> list[int]:
         """The turns of ``dialog`` to branch at: one drawn uniformly, or all (those with room
         for at least one token)."""
-        turns = [k for k in range(len(dialog.snapshots)) if len(dialog.opening) + dialog.turn_starts[k] < self.limits.max_tokens]
+        turns = [k for k in range(len(dialog.snapshots)) if len(dialog.opening) + dialog.turn_starts[k] < max_tokens]
         if self.branch_turns == "all" or not turns:
             return turns
         return [turns[int(torch.randint(0, len(turns), (1,), generator=self.generator))]]

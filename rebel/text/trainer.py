@@ -84,7 +84,9 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         "whole", "with an env: whole (n dialogs per opening, reward = return) | per_turn (Monte-Carlo resets: Q of n branched turns)"
     )
     max_turns: int = option(8, "with an env: agent turns after which a dialog is truncated")
-    max_dialog_tokens: int = option(512, "with an env: tokens of a whole dialog (opening included) after which it is truncated")
+    max_dialog_tokens: int | None = option(
+        None, "with an env: tokens of a whole dialog (opening included) after which it is truncated; none: the model's positions"
+    )
     branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
     rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
     log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and TensorBoard per iteration (0: none)")
@@ -100,8 +102,10 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_generation_kwargs(self.generation_kwargs)
         check_choice("dialog_form", self.dialog_form, FORMS)
         check_choice("branch_turns", self.branch_turns, BRANCH_TURNS)
-        for name in ("max_turns", "max_dialog_tokens", "rollouts_per_branch"):
+        for name in ("max_turns", "rollouts_per_branch"):
             check_int(name, getattr(self, name))
+        if self.max_dialog_tokens is not None:
+            check_int("max_dialog_tokens", self.max_dialog_tokens)
         check_int("log_dialogs", self.log_dialogs, minimum=0)
         check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
@@ -194,6 +198,7 @@ class TextTrainer(PretrainedTrainer):
                 sampler: TextSampler | DialogSampler = DialogSampler(
                     env, train_dataset, form=config.dialog_form, data_seed=config.seed, **pick(config, DIALOG_SETTINGS)
                 )
+                sampler.limits(policy)  # the caps fit the model (checked before a run starts)
                 logger: Any = DialogLogger(sampler, config.log_dialogs)
             else:
                 sampler = TextSampler(

@@ -173,6 +173,12 @@ def test_caps_truncate_and_the_end_of_the_task_terminates(policy):
     assert any(d.length == 9 for d in dialogs)  # some cut inside an agent turn, at the cap
     _, dialogs = run_dialogs(policy)
     assert all(d.terminated and not d.truncated and d.turns == 3 for d in dialogs)
+    short = CausalLMPolicy(tiny_gpt2(policy.tokenizer, n_layer=1, n_embd=32, n_positions=14), policy.tokenizer)
+    lengths = set()
+    for seed in range(4):  # by default the cap is the model's positions: no sequence outgrows them
+        _, dialogs = run_dialogs(short, seed=seed, max_dialog_tokens=None)
+        lengths |= {d.length for d in dialogs}
+    assert max(lengths) == 14 and min(lengths) < 14
 
 
 def test_a_branch_holds_the_original_prefix_and_env_state_and_replays_it_exactly(policy):
@@ -273,6 +279,8 @@ def test_bad_dialog_inputs_are_refused_in_one_line(chat_lm):
         TextTrainer(chat_lm, reward_funcs=lambda p, c: [0.0] * len(p), env=CounterEnv)
     with pytest.raises(ValueError, match="kl_coef=0.1 applies to single completions"):
         TextTrainer(chat_lm, env=CounterEnv, config=TextConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="max_dialog_tokens 512 is longer than the model's 256 positions"):
+        TextTrainer(chat_lm, env=CounterEnv, config=TextConfig(max_dialog_tokens=512))
     with pytest.raises(ValueError, match="dialog_form"):
         TextConfig(dialog_form="turns")
     with pytest.raises(ValueError, match="needs reward_funcs and train_dataset"):
