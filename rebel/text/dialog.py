@@ -374,10 +374,8 @@ class DialogSampler(PromptCursor):
         rows = self.next_rows()
         seeds = [str(int(torch.randint(0, 2**62, (1,), generator=self.generator))) for _ in rows]
         self.last_seeds = seeds  # each opening's dialog seed (its environment's random streams)
-        if self.form == "whole":
-            batch, sampled = self._whole(runner, rows, seeds)
-        else:
-            batch, sampled = self._per_turn(runner, rows, seeds)
+        with self.backend.fixed_weights(policy):  # a vLLM engine gets the weights once, not every round
+            batch, sampled = (self._whole if self.form == "whole" else self._per_turn)(runner, rows, seeds)
         returns = torch.tensor([d.return_from(0) for d in sampled], dtype=torch.float64)
         batch.counts.update(
             generated_tokens=float(runner.generated_tokens), turns=float(sum(d.turns for d in sampled)), dialogs=float(len(sampled))

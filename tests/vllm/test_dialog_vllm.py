@@ -50,7 +50,15 @@ def test_greedy_dialogs_equal_the_transformers_backend(chat_llama, backend, form
     policy = CausalLMPolicy(chat_llama)
     settings = {"form": form, "num_generations": 2, "prompts_per_iteration": 4, "max_new_tokens": 4, "max_dialog_tokens": 60, "top_k": 1,
                 "rollouts_per_branch": 2, "branch_turns": "all"}  # fmt: skip
-    ours = DialogSampler(Repeat, generation_backend=backend, **settings).collect(policy)
+    engine = backend.sync(policy)
+    loads = []
+    load_weights = engine.load_weights
+    engine.load_weights = lambda weights: loads.append(1) or load_weights(weights)
+    try:
+        ours = DialogSampler(Repeat, generation_backend=backend, **settings).collect(policy)
+    finally:
+        del engine.load_weights
+    assert len(loads) == 1  # the weights went to the engine once for all the rounds of the collection
     sampler = DialogSampler(Repeat, **settings)
     reference = sampler.collect(policy)
     assert torch.equal(ours.data["input_ids"], reference.data["input_ids"]) and torch.equal(ours.mask, reference.mask)
