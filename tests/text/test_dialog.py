@@ -347,3 +347,32 @@ def test_both_forms_raise_the_return(chat_lm, tmp_path, form, settings):
     rows = TextTrainer(chat_lm, env=SayDigit, config=config).train()
     first, last = sum(r["episode_return"] for r in rows[:3]) / 3, sum(r["episode_return"] for r in rows[-3:]) / 3
     assert last > first + 0.8, [r["episode_return"] for r in rows]  # of at most 3
+
+
+def test_env_tokens_follow_a_chatml_template_after_the_sampled_end_token():
+    """A ChatML template (as SmolLM2's, Qwen's) ends an agent message with ``<|im_end|>\\n``: the
+    agent samples up to ``<|im_end|>``, and the newline comes first in the env's tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rebel.text.dialog import encode, reply_ids
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    history = [{"role": "user", "content": "guess 1-16"}]
+    sampled = [*encode(tokenizer, "8"), tokenizer.eos_token_id]  # as the agent sampled it: ending at <|im_end|>
+    agent = {"role": "assistant", "content": "8"}
+    replies = [{"role": "user", "content": "higher"}]
+    delta = reply_ids(tokenizer, history, agent, replies, tokenizer.decode(sampled[-1:]))
+    assert tokenizer.decode(delta).startswith("\n<|im_start|>user\nhigher")
+    whole = encode(tokenizer, render(tokenizer, history, True)) + sampled + delta
+    assert tokenizer.decode(whole) == render(tokenizer, [*history, agent, *replies], True)
+    cut = reply_ids(tokenizer, history, agent, replies, None)  # a turn cut before its end token: the template closes it
+    assert tokenizer.decode(cut).startswith("<|im_end|>\n<|im_start|>user")
