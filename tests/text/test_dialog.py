@@ -343,10 +343,12 @@ class SayDigit(TextEnv):
 )
 def test_both_forms_raise_the_return(chat_lm, tmp_path, form, settings):
     config = TextConfig(output_dir=str(tmp_path / form), iterations=15, prompts_per_iteration=8, num_generations=4, max_new_tokens=3,
-                        checkpoint_every=100, dialog_form=form, seed=0, **FAST, **settings)  # fmt: skip
+                        checkpoint_every=100, dialog_form=form, seed=0, **{**FAST, "tensorboard": True}, **settings)  # fmt: skip
     rows = TextTrainer(chat_lm, env=SayDigit, config=config).train()
     first, last = sum(r["episode_return"] for r in rows[:3]) / 3, sum(r["episode_return"] for r in rows[-3:]) / 3
     assert last > first + 0.8, [r["episode_return"] for r in rows]  # of at most 3
+    events = b"".join(p.read_bytes() for p in (tmp_path / form / "tensorboard").iterdir())
+    assert b"dialogs/text_summary" in events and b"**assistant**: " in events  # the transcripts' TensorBoard text
 
 
 def test_env_tokens_follow_a_chatml_template_after_the_sampled_end_token():
