@@ -378,3 +378,18 @@ def test_env_tokens_follow_a_chatml_template_after_the_sampled_end_token():
     assert tokenizer.decode(whole) == render(tokenizer, [*history, agent, *replies], True)
     cut = reply_ids(tokenizer, history, agent, replies, None)  # a turn cut before its end token: the template closes it
     assert tokenizer.decode(cut).startswith("<|im_end|>\n<|im_start|>user")
+
+
+@pytest.mark.slow  # about 20 s (two torchrun processes)
+def test_two_processes_take_their_own_openings_and_gather_the_transcripts(torchrun_two_processes, chat_lm, tmp_path):
+    from pathlib import Path
+
+    rank0, rank1 = torchrun_two_processes(Path(__file__).with_name("dialog_worker.py"), chat_lm, port=29587)
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    for a, b in zip(rank0["openings"], rank1["openings"]):
+        assert len(a) == len(b) == 3 and not set(a) & set(b)  # each process had its own rows
+    row = rank0["rows"][-1]
+    assert row["samples"] == 2 * 2 * 3 * 2 and row["dialogs"] == 2 * 2 * 3 * 2 and row["turns"] == 2 * row["dialogs"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "transcripts.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 * 2 * 2  # 2 dialogs of each process per iteration, gathered on the main one
