@@ -32,6 +32,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-3,
     "epochs": 2,
     "minibatch_size": 16,  # 4 prompts x 4 images: 4 LoRA steps per iteration
+    "eval_every": 5,  # a fixed-seed grid of every shape prompt in eval/ (and its brightness in the metrics)
 }
 
 
@@ -85,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
         pipeline = source.model if not embedded else _embedded_pipeline(task, config, bool(args.resume))
         trainer = DiffusionTrainer(
-            pipeline, reward, prompts, config, run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)}
+            pipeline,
+            reward,
+            prompts,
+            config,
+            run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
+            eval_prompts=shape_prompts() if embedded and source.prompts is None else None,
         )
         evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
         before = evaluate() if evaluate else None

@@ -9,6 +9,7 @@ builds a :class:`DiffusionPolicy` and a :class:`DiffusionSampler` and runs :clas
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.runs import EVAL_FOLDER
 from rebel.trainer import TrainerConfig
 
 # DiffusionConfig fields that DiffusionSampler takes under the same names
@@ -49,6 +51,14 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
     lora_alpha: int | None = option(None, "LoRA alpha; none: the rank")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass")
     log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, TensorBoard); 0: none")
+    eval_every: int = option(
+        10, "iterations between fixed-seed evaluation grids (eval/iter_NNNN.png, eval/reward_mean), and one at the end; 0: none"
+    )
+    eval_prompts: int = option(4, "prompts of the evaluation grid, drawn once from the prompts with eval_seed (or given to the trainer)")
+    eval_images_per_prompt: int = option(2, "images per evaluation prompt")
+    eval_seed: int = option(
+        12_345, "seed of the evaluation's prompts and initial noise: the same pictures each time for an unchanged policy"
+    )
 
     def __post_init__(self) -> None:
         check_group_size("num_generations", self.num_generations)
@@ -60,8 +70,9 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank"):
+        for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank", "eval_prompts", "eval_images_per_prompt"):
             check_int(name, getattr(self, name))
+        check_int("eval_every", self.eval_every, minimum=0)
         super().__post_init__()
 
 
@@ -76,6 +87,8 @@ class DiffusionTrainer(PretrainedTrainer):
         config: the run's settings.
         callbacks: ``fn(trainer, metrics)`` after each iteration (see :class:`rebel.Trainer`).
         pipeline_kwargs: more ``from_pretrained`` arguments (``torch_dtype``, ``variant``, ...).
+        eval_prompts: the prompts of the evaluation grid (default: ``config.eval_prompts`` drawn
+            from ``prompts`` with ``config.eval_seed``); see :class:`EvaluationGrid`.
     """
 
     adapter = "diffusion"
@@ -91,10 +104,16 @@ class DiffusionTrainer(PretrainedTrainer):
         callbacks: Sequence[Any] = (),
         pipeline_kwargs: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
+        eval_prompts: Sequence[str] | None = None,
     ) -> None:
         config = config or DiffusionConfig()
         # the sampler first: its checks of the prompts and rewards are cheap, the pipeline is not
         sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
+        if eval_prompts is None:
+            rng = random.Random(config.eval_seed)
+            eval_prompts = [sampler.prompt_fn(rng) for _ in range(config.eval_prompts)]
+        elif isinstance(eval_prompts, str) or not eval_prompts or not all(isinstance(p, str) for p in eval_prompts):
+            raise ValueError("eval_prompts must be a non-empty list of strings")
         policy = DiffusionPolicy(
             pipeline,
             num_inference_steps=config.num_inference_steps,
@@ -108,8 +127,8 @@ class DiffusionTrainer(PretrainedTrainer):
             gradient_checkpointing=config.gradient_checkpointing,
             pipeline_kwargs=pipeline_kwargs,
         )
-        logger = ImageGridLogger(sampler, config.log_images)
-        super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
+        loggers = [ImageGridLogger(sampler, config.log_images), EvaluationGrid(sampler, list(eval_prompts), config)]
+        super().__init__(policy, sampler, config, callbacks=[*loggers, *callbacks], run_config=run_config)
 
     @property
     def unet(self) -> Any:
@@ -156,6 +175,45 @@ class ImageGridLogger:
                 for k, (p, r) in enumerate(zip(prompts, rewards))
             ],
         )
+
+
+class EvaluationGrid:
+    """Trainer callback: every ``eval_every`` iterations (and in the run's last one) the same
+    ``eval_images_per_prompt`` images of each evaluation prompt, from the same initial noise
+    (``eval_seed``), so the pictures of one run compare across iterations: a grid in
+    ``eval/iter_NNNN.png`` (one row per prompt, each tile captioned with its reward) and
+    TensorBoard, ``eval/reward_mean`` and ``eval/reward_std`` (and ``eval/rewards/<function>``
+    with several) in the iteration's metrics. Drawn by the main process; the training RNG is
+    not touched."""
+
+    def __init__(self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig) -> None:
+        self.sampler, self.prompts, self.config = sampler, prompts, config
+
+    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        every = self.config.eval_every
+        if not every or not (trainer.finishing or trainer.iteration % every == 0) or not trainer.accelerator.is_main_process:
+            return
+        iteration = int(metrics["iteration"])
+        images, reward, scores = self.evaluate(trainer.policy)
+        metrics["eval/reward_mean"], metrics["eval/reward_std"] = reward.mean().item(), reward.std(unbiased=False).item()
+        if len(scores) > 1:
+            metrics.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
+        grid = image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=self.config.eval_images_per_prompt)
+        folder = trainer.run.path / EVAL_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"iter_{iteration:04d}.png")
+        trainer.run.log_image("eval", _array(grid), iteration)
+
+    @torch.no_grad()
+    def evaluate(self, policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(images, rewards, each reward function's)`` of the evaluation prompts, drawn
+        from a generator seeded with ``eval_seed`` (in chunks of ``sample_batch_size``)."""
+        texts = [p for p in self.prompts for _ in range(self.config.eval_images_per_prompt)]
+        generator = torch.Generator().manual_seed(self.config.eval_seed)
+        size = self.config.sample_batch_size or len(texts)
+        images = torch.cat([policy.sample(texts[s : s + size], generator)["images"] for s in range(0, len(texts), size)])
+        reward, scores = self.sampler.score(images, texts)
+        return images, reward, scores
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str], columns: int, tile: int = 96) -> Any:

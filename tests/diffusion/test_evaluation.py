@@ -1,0 +1,54 @@
+"""The fixed-seed evaluation grid of a diffusion run: same prompts and noise each time, eval/ metrics."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rebel.diffusion import DiffusionConfig, DiffusionTrainer, brightness
+from rebel.runs import read_metrics
+
+PROMPTS = ["a red circle", "a blue square", "a green circle"]
+
+
+def config(tmp_path, name, **kwargs):
+    base = {"output_dir": str(tmp_path / name), "iterations": 3, "prompts_per_iteration": 2, "num_generations": 2, "num_inference_steps": 3,
+            "guidance_scale": 2.0, "lora_rank": 2, "learning_rate": 1e-2, "progress": False, "plot": False, "tensorboard": False,
+            "log_images": 0, "eval_every": 2, "eval_prompts": 2, "eval_images_per_prompt": 2}  # fmt: skip
+    return DiffusionConfig(**{**base, **kwargs})
+
+
+def grid(run, iteration):
+    return np.asarray(Image.open(run / "eval" / f"iter_{iteration:04d}.png"))
+
+
+def test_eval_grid_uses_the_same_prompts_and_noise_every_time(tiny_pipe, tmp_path):
+    # a learning rate too small to move float32 weights: an unchanged policy draws the same pictures at every evaluation
+    frozen = DiffusionTrainer(tiny_pipe, brightness, PROMPTS, config(tmp_path, "frozen", learning_rate=1e-12))
+    rows = frozen.trainer.train()
+    assert ["eval/reward_mean" in r for r in rows] == [False, True, True]  # every 2 iterations, and at the end
+    evaluator = frozen.trainer.callbacks[1]
+    assert len(evaluator.prompts) == 2 and set(evaluator.prompts) <= set(PROMPTS)
+    run = tmp_path / "frozen"
+    assert np.array_equal(grid(run, 2), grid(run, 3)) and not (run / "eval" / "iter_0001.png").exists()
+    assert rows[1]["eval/reward_mean"] == rows[2]["eval/reward_mean"]
+    # the metric is the reward of those images: the direct computation
+    texts = [p for p in evaluator.prompts for _ in range(2)]
+    images = frozen.policy.sample(texts, torch.Generator().manual_seed(12_345))["images"]
+    assert rows[-1]["eval/reward_mean"] == pytest.approx(sum(brightness(images, texts)) / 4)
+
+
+def test_evaluation_leaves_training_alone(tiny_pipe, tmp_path):
+    plain = DiffusionTrainer(tiny_pipe, brightness, PROMPTS, config(tmp_path, "plain", eval_every=0)).train()
+    evaluated = DiffusionTrainer(tiny_pipe, brightness, PROMPTS, config(tmp_path, "eval", eval_every=1), eval_prompts=["a red circle"])
+    rows = evaluated.train()
+    strip = lambda rs: [{k: v for k, v in r.items() if "time" not in k and "per_second" not in k and not k.startswith("eval/")} for r in rs]
+    assert strip(rows) == strip(plain)  # the evaluation draws from its own generator
+    assert not (tmp_path / "plain" / "eval").exists()
+    assert evaluated.trainer.callbacks[1].prompts == ["a red circle"]
+    assert not np.array_equal(grid(tmp_path / "eval", 2), grid(tmp_path / "eval", 3))  # the policy moved: so did the pictures
+    assert all(r["eval/reward_std"] >= 0 for r in read_metrics(tmp_path / "eval"))
+    with pytest.raises(ValueError, match="eval_prompts must be a non-empty list of strings"):
+        DiffusionTrainer(tiny_pipe, brightness, PROMPTS, config(tmp_path, "bad"), eval_prompts="a cat")
+    with pytest.raises(ValueError, match="eval_every"):
+        config(tmp_path, "bad", eval_every=-1)
