@@ -38,6 +38,7 @@ CHECKPOINT_PREFIX = "iter_"
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # a folder with any of these holds a run
 BEST_FOLDER = "best"  # the model of the best evaluation so far
+BEST_RECORD = "best.json"  # in it: the iteration and evaluation that made it the best
 EVAL_FOLDER = "eval"  # evaluation outputs: grids during training, rebel eval's results
 CURVE_KEYS = ("reward_mean", "episode_return", "expected_return", "eval_return", "loss", "kl", "explained_variance")
 
@@ -455,6 +456,26 @@ def published_folder(final: Path) -> Path | None:
         if path.is_dir():
             return path
     return None
+
+
+def read_best(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of a run's best model (``RUN/best/best.json``: its iteration and
+    evaluation), or None when the run has none."""
+    folder = published_folder(Path(run_dir) / BEST_FOLDER)
+    if folder is None or not (folder / BEST_RECORD).is_file():
+        return None
+    return json.loads((folder / BEST_RECORD).read_text())
+
+
+def publish_best(run_dir: str | os.PathLike, write: Any, record: dict[str, Any]) -> Path:
+    """Replace ``RUN/best`` with a new folder: ``write(folder)`` writes the model into it,
+    ``record`` goes to its ``best.json``; staged beside it, then renamed into place."""
+    staging = Path(run_dir) / f".tmp-{BEST_FOLDER}"
+    _remove(staging)
+    staging.mkdir(parents=True)
+    write(staging)
+    (staging / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return publish_folder(staging, Path(run_dir) / BEST_FOLDER)
 
 
 def new_eval_path(run_dir: str | os.PathLike, label: str, suffix: str = ".json") -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,14 +25,13 @@ from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
-from rebel.runs import BEST_FOLDER, newest_intact, publish_folder, published_folder, read_config
+from rebel.runs import newest_intact, publish_best, read_best, read_config
 from rebel.sampler import Sampler
 from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
 AGENT_FILE = "agent.pt"  # the agent in a saved folder (RUN/best/agent.pt)
-BEST_RECORD = "best.json"  # beside it: the iteration, env steps and evaluation that made it the best
 
 # Settings each variant starts from, the control task's and the trainer's alike (measured:
 # docs/control.md, docs/control_tuning.md); explicit options win.
@@ -323,11 +320,7 @@ class Rebel:
             return
         record = {key: metrics[key] for key in ("iteration", "env_steps", "eval_return", "eval_return_std", "eval_length")}
         record.update(eval_episodes=self.config.eval_episodes, eval_seed=seed)
-        staging = run_dir / f".tmp-{BEST_FOLDER}"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.save(staging / AGENT_FILE)
-        (staging / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        publish_folder(staging, run_dir / BEST_FOLDER)
+        publish_best(run_dir, lambda folder: self.save(folder / AGENT_FILE), record)
 
     # ------------------------------------------------------------------ public
     @property
@@ -420,15 +413,6 @@ class Rebel:
     def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
         env_id, variant, seed, saved = _saved_options(control, trainer)
         return cls(env if env is not None else env_id, variant=variant, seed=seed, **{**saved, **options})
-
-
-def read_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """The record of a run's best model (``RUN/best/best.json``: iteration, env steps,
-    evaluation), or None when it has none."""
-    folder = published_folder(Path(run_dir) / BEST_FOLDER)
-    if folder is None or not (folder / BEST_RECORD).is_file():
-        return None
-    return json.loads((folder / BEST_RECORD).read_text())
 
 
 def run_config(run_dir: str | Path) -> ControlConfig:

@@ -79,8 +79,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
     deterministic evaluation of the run's newest checkpoint (``last``), of its ``best/`` model
     or of a saved agent. Reads the run without taking its lock and writes only a new result
     file (and its GIF), never the run's metrics, checkpoints or videos."""
-    from rebel.control.agent import Rebel, read_best
-    from rebel.runs import BEST_FOLDER, checkpoint_dirs, new_eval_path, newest_intact, read_config
+    from rebel.control.agent import Rebel
+    from rebel.runs import BEST_FOLDER, checkpoint_dirs, new_eval_path, newest_intact, read_best, read_config
 
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")

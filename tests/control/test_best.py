@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rebel.cli import main
-from rebel.control.agent import Rebel, read_best
-from rebel.runs import read_metrics
+from rebel.control.agent import Rebel
+from rebel.runs import read_best, read_metrics
 
 # CartPole, about 100 env steps an iteration, an evaluation after each: returns go up and down
 OPTIONS = {
