@@ -478,6 +478,14 @@ def publish_best(run_dir: str | os.PathLike, write: Any, record: dict[str, Any])
     return publish_folder(staging, Path(run_dir) / BEST_FOLDER)
 
 
+def check_eval_output(run_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """An evaluation's ``--output`` may not name a file the run keeps (config, metrics, checkpoints, best model)."""
+    kept = [(Path(run_dir) / name).resolve() for name in (*RUN_FILES, BEST_FOLDER)]
+    target = Path(out).resolve()
+    if any(target == p or p in target.parents for p in kept):
+        raise ValueError(f"--output {out} is one of the run's own files; name a new file (default: {run_dir}/eval/<model>-<time>.json)")
+
+
 def new_eval_path(run_dir: str | os.PathLike, label: str, suffix: str = ".json") -> Path:
     """A new file ``RUN/eval/<label>-<date>-<time><suffix>`` (``-2``, ``-3``... when taken),
     made empty here so that two evaluations never share one."""

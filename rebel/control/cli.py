@@ -80,7 +80,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
     or of a saved agent. Reads the run without taking its lock and writes only a new result
     file (and its GIF), never the run's metrics, checkpoints or videos."""
     from rebel.control.agent import Rebel
-    from rebel.runs import BEST_FOLDER, checkpoint_dirs, new_eval_path, newest_intact, read_best, read_config
+    from rebel.runs import BEST_FOLDER, check_eval_output, checkpoint_dirs, new_eval_path, newest_intact, read_best, read_config
 
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
@@ -105,7 +105,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
         agent, label = Rebel.load(path), path.stem
     result.update(episodes=args.episodes, seed=args.seed, **agent.evaluate(args.episodes, seed=args.seed))
     out = Path(args.output) if args.output else new_eval_path(run_dir, label)
-    refuse_run_files(run_dir, out)
+    check_eval_output(run_dir, out)
     if args.video:
         video = agent.record_video(str(out.with_suffix(".gif")), episodes=1, seed=args.seed)
         result["video"] = str(video) if video else None
@@ -113,13 +113,3 @@ def evaluate_run(args: argparse.Namespace) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     result["output"] = str(out)
     print(json.dumps(result))
-
-
-def refuse_run_files(run_dir: Path, out: Path) -> None:
-    """``--output`` may not name a file the run itself keeps (its config, metrics, checkpoints, best model)."""
-    from rebel.runs import BEST_FOLDER, RUN_FILES
-
-    kept = [(run_dir / name).resolve() for name in (*RUN_FILES, BEST_FOLDER)]
-    target = out.resolve()
-    if any(target == p or p in target.parents for p in kept):
-        raise ValueError(f"--output {out} is one of the run's own files; name a new file (default: {run_dir}/eval/<model>-<time>.json)")

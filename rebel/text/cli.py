@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,60 @@ def _has_content(path: Path, name: str) -> bool:
     except OSError as error:
         raise ValueError(f"{name} cannot be read ({error.strerror})") from error
     return False
+
+
+# ------------------------------------------------------------------ rebel eval
+
+
+def evaluate_run(args: argparse.Namespace) -> None:
+    """``rebel eval RUN_DIR [--model last|best|PATH] [--output FILE]``: the run's evaluation
+    (its eval dataset and rewards, ``eval_generation``) of its final model (``last``: RUN/model),
+    its best (RUN/best, with ``save_best``) or a saved model folder. Reads the run without its
+    lock and writes only a new result file."""
+    from rebel.config import from_dict
+    from rebel.runs import BEST_FOLDER, check_eval_output, new_eval_path, read_best, read_config
+    from rebel.text.evaluation import TextEvaluator
+    from rebel.text.policy import CausalLMPolicy
+    from rebel.text.sampler import TextSampler
+    from rebel.text.trainer import SAMPLER_SETTINGS, TextConfig
+    from rebel_envs.text_tasks import SortingTaskConfig
+
+    run, saved = Path(args.run_dir), read_config(args.run_dir)
+    source, task = from_dict(TextSource, saved.get("source", {})), from_dict(SortingTaskConfig, saved.get("task", {}))
+    config = from_dict(TextConfig, {**saved.get("trainer", {}), **saved.get("text", {}), "output_dir": str(run), "progress": False})
+    folder = {"last": run / "model", "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
+    if not folder.is_dir():
+        what = {"last": "final model (written when a run ends)", "best": "best model (runs with --save-best and an evaluation set)"}
+        raise FileNotFoundError(
+            f"{run} has no {what.get(args.model, 'model folder')} at {folder}; expected --model last, best or a saved model folder"
+        )
+    dataset = _eval_dataset(source, task)
+    if dataset is None:
+        raise ValueError(f"{run} was trained without an evaluation set (--eval-dataset): nothing to evaluate on")
+    rewards = _rewards(source.eval_reward, None, "--eval-reward") if source.eval_reward else _rewards(source.reward, source.dataset)
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        check_eval_output(run, out)
+    policy = CausalLMPolicy(_saved_model(folder, source, run), folder, temperature=config.temperature).eval()
+    settings = {k: v for k, v in vars(config).items() if k in SAMPLER_SETTINGS and k not in ("generation_backend", "vllm_kwargs")}
+    sampler = TextSampler(dataset, rewards, **{**settings, "reward_weights": None if source.eval_reward else config.reward_weights})
+    metrics, _ = TextEvaluator(sampler, dataset, sampler.reward_funcs, sampler.reward_weights, config).measure(policy)
+    result: dict[str, Any] = {"run": str(run), "model": args.model, "folder": str(folder), "prompts": len(dataset), **metrics}
+    if args.model == "best":
+        result["best"] = read_best(run)
+    out = out or new_eval_path(run, args.model if args.model in ("last", "best") else folder.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({**result, "output": str(out)}))
+
+
+def _saved_model(folder: Path, source: TextSource, run: Path) -> Any:
+    """The model a saved folder holds: itself, or a LoRA adapter on the run's base model."""
+    if not (folder / "adapter_config.json").is_file():
+        return str(folder)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = source.model or str(run / "base_model")
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), str(folder))

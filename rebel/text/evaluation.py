@@ -4,7 +4,7 @@ under ``eval/`` (TRL's ``eval_dataset``; the rewards may differ from the trainin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,9 @@ class TextEvaluator:
     ``eval/reward_std``, ``eval/rewards/<function>``, ``eval/completion_length`` and
     ``eval/eos_fraction`` (under ``eval/greedy/`` and ``eval/sampled/`` when both), and
     writes ``log_completions`` of them to ``eval_completions.jsonl``. The training
-    penalties (missing EOS, KL) do not apply; the training RNG is not touched."""
+    penalties (missing EOS, KL) do not apply; the training RNG is not touched. ``keep_best``
+    is called as ``keep_best(iteration, metric, score)`` after each evaluation (the score:
+    ``eval/reward_mean``, the greedy one with ``both``)."""
 
     def __init__(
         self,
@@ -36,43 +38,71 @@ class TextEvaluator:
         reward_funcs: Sequence[RewardFunc],
         reward_weights: Sequence[float],
         config: Any,
+        keep_best: Callable[[int, str, float], None] | None = None,
     ) -> None:
         self.sampler, self.dataset, self.config = sampler, PromptDataset(dataset), config
         self.reward_funcs, self.reward_weights = list(reward_funcs), list(reward_weights)
+        self.keep_best = keep_best
+
+    @property
+    def score_key(self) -> str:
+        """The metric a best model is chosen by."""
+        return "eval/greedy/reward_mean" if self.config.eval_generation == "both" else "eval/reward_mean"
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
         if every and (trainer.finishing or trainer.iteration % every == 0):
-            metrics.update(self.evaluate(trainer, int(metrics["iteration"])))
+            iteration = int(metrics["iteration"])
+            metrics.update(self.evaluate(trainer, iteration))
+            if self.keep_best is not None:
+                self.keep_best(iteration, self.score_key, metrics[self.score_key])
 
     def evaluate(self, trainer: Any, iteration: int) -> dict[str, float]:
         """The ``eval/`` metrics of the policy now (every process must call it)."""
-        c, acc = self.config, trainer.accelerator
-        records = [self.dataset[i] for i in range(acc.process_index, len(self.dataset), acc.num_processes)]
+        acc = trainer.accelerator
+
+        def gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            from accelerate.utils import gather_object
+
+            return [row for part in gather_object([rows]) for row in part]
+
+        with torch.no_grad(), sharding.full_weights(acc, trainer.model):
+            out, samples = self.measure(trainer.policy, acc.process_index, acc.num_processes, gather if acc.num_processes > 1 else None)
+        if acc.is_main_process and self.config.log_completions > 0:
+            trainer.run.append_jsonl(
+                "eval_completions.jsonl",
+                [
+                    {"iteration": iteration, "mode": mode, **row}
+                    for mode, rows in samples.items()
+                    for row in rows[: self.config.log_completions]
+                ],
+            )
+        return out
+
+    def measure(
+        self, policy: Any, rank: int = 0, world: int = 1, gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """``(eval/ metrics, rows of each mode)`` of ``policy`` on this process's slice of the
+        prompts (``gather`` merges the processes' rows)."""
+        c = self.config
+        records = [self.dataset[i] for i in range(rank, len(self.dataset), world)]
         modes = ("greedy", "sampled") if c.eval_generation == "both" else (c.eval_generation,)
         out: dict[str, float] = {}
-        with torch.no_grad(), sharding.full_weights(acc, trainer.model):
-            for mode in modes:
-                rows = self.sampler.evaluate(
-                    trainer.policy,
-                    records,
-                    self.reward_funcs,
-                    self.reward_weights,
-                    greedy=mode == "greedy",
-                    seed=c.seed + EVAL_SEED_OFFSET + acc.process_index,
-                    batch_size=c.prompts_per_iteration * c.num_generations,
-                )
-                if acc.num_processes > 1:
-                    from accelerate.utils import gather_object
-
-                    rows = [row for part in gather_object([rows]) for row in part]
-                prefix = "eval/" if len(modes) == 1 else f"eval/{mode}/"
-                out.update(summarize(rows, [reward_name(fn) for fn in self.reward_funcs], prefix))
-                if acc.is_main_process and c.log_completions > 0:
-                    trainer.run.append_jsonl(
-                        "eval_completions.jsonl", [{"iteration": iteration, "mode": mode, **row} for row in rows[: c.log_completions]]
-                    )
-        return out
+        samples = {}
+        for mode in modes:
+            rows = self.sampler.evaluate(
+                policy,
+                records,
+                self.reward_funcs,
+                self.reward_weights,
+                greedy=mode == "greedy",
+                seed=c.seed + EVAL_SEED_OFFSET + rank,
+                batch_size=c.prompts_per_iteration * c.num_generations,
+            )
+            samples[mode] = rows = gather(rows) if gather is not None else rows
+            prefix = "eval/" if len(modes) == 1 else f"eval/{mode}/"
+            out.update(summarize(rows, [reward_name(fn) for fn in self.reward_funcs], prefix))
+        return out, samples
 
 
 def summarize(rows: list[dict[str, Any]], names: Sequence[str], prefix: str = "eval/") -> dict[str, float]:

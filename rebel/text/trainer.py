@@ -19,6 +19,7 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
 from rebel.text.evaluation import EVAL_GENERATION, TextEvaluator
@@ -79,6 +80,9 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
     eval_generation: str = option(
         "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
+    )
+    save_best: bool = option(
+        False, "with an eval_dataset: keep the model of the best eval/reward_mean in RUN/best/ (with LoRA the adapter)"
     )
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
@@ -195,7 +199,7 @@ class TextTrainer(PretrainedTrainer):
             if eval_reward_funcs is not None:
                 funcs = as_reward_funcs(eval_reward_funcs)
                 weights = [1.0] * len(funcs)
-            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config))
+            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, self._keep_best if config.save_best else None))
         super().__init__(policy, sampler, config, callbacks=[*logger, *callbacks], run_config=run_config)
         if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
@@ -231,6 +235,20 @@ class TextTrainer(PretrainedTrainer):
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
+
+    def _keep_best(self, iteration: int, metric: str, score: float) -> None:
+        """Save the model into ``RUN/best/`` when ``score`` beats the one recorded there (every
+        process calls; a resumed run keeps the best of the runs before)."""
+        run = self.trainer.run.path
+        best = read_best(run)
+        if best is not None and score <= best["score"]:
+            return
+        state = self.trainer.policy_state()  # every process takes part when the policy is sharded
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            record = {"iteration": iteration, "metric": metric, "score": score}
+            publish_best(run, lambda folder: self.trainer.policy.save_pretrained(folder, state_dict=state), record)
+        self.accelerator.wait_for_everyone()
 
 
 class CompletionLogger:

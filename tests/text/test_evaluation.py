@@ -134,3 +134,41 @@ def test_the_embedded_default_shows_eval_metrics(tmp_path):
     assert main(["train", "text", "--output-dir", str(tmp_path / "run"), "--iterations", "2", *small]) == 0
     row = read_metrics(tmp_path / "run")[-1]
     assert 0 <= row["eval/reward_mean"] <= 1 and row["eval/rewards/sorted_digits_reward"] == row["eval/reward_mean"]
+
+
+def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{k}{k}:"}) + "\n" for k in range(10)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"{k}:"}) + "\n" for k in range(6)))
+    rewards = tmp_path / "digit_rewards.py"
+    rewards.write_text("def digits(prompts, completions, **kw):\n    return [sum(ch.isdigit() for ch in c) / 4 for c in completions]\n")
+    run = tmp_path / "run"
+    args = ["train", "text", "--model", tiny_lm, "--dataset", str(prompts), "--reward", f"{rewards}:digits", "--eval-dataset",
+            str(held_out), "--eval-every", "1", "--save-best", "--iterations", "5", "--learning-rate", "0.03", "--max-new-tokens", "4",
+            "--output-dir", str(run), "--no-progress", "--no-tensorboard", "--no-plot"]  # fmt: skip
+    assert main(args) == 0
+    rows = read_metrics(run)
+    scores = [r["eval/reward_mean"] for r in rows]
+    best = json.loads((run / "best" / "best.json").read_text())
+    first_best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    assert (best["iteration"], best["score"], best["metric"]) == (first_best + 1, scores[first_best], "eval/reward_mean")
+    assert len(set(scores)) > 1  # the evaluations differ: the choice above means something
+
+    def files():
+        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    results = {}
+    for model in ("best", "last"):
+        assert main(["eval", str(run), "--model", model]) == 0
+        results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["best"]["eval/reward_mean"] == best["score"]  # the saved best model evaluates to its recorded score
+    assert results["last"]["eval/reward_mean"] == scores[-1]  # the final model, to the last evaluation's
+    after = files()
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(str(k) for k in set(after) - set(before)) == sorted(
+        str(__import__("pathlib").Path(r["output"]).relative_to(run)) for r in results.values()
+    )
+    assert main(["eval", str(run), "--model", "best", "--output", str(run / "config.yaml")]) == 2
+    assert "is one of the run's own files" in capsys.readouterr().err
