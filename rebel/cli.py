@@ -46,14 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval",
         help="evaluate a run's best or last model",
         description="Evaluation of a run's model: control runs play deterministic episodes, text runs complete their evaluation "
-        "set (--eval-dataset, or the embedded task's held-out prompts). Reads the run only (a run still training can be "
+        "set (--eval-dataset, or the embedded task's held-out prompts), diffusion runs draw their fixed-seed evaluation grid "
+        "(a PNG beside the JSON file). Reads the run only (a run still training can be "
         "evaluated) and writes its result to a new file, RUN_DIR/eval/<model>-<time>.json unless --output names one.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument(
         "--model",
         default="last",
-        help="last (control: the newest checkpoint; text: RUN_DIR/model), best (RUN_DIR/best) or a saved model's path (default: last)",
+        help="last (control: the newest checkpoint; text: RUN_DIR/model; diffusion: RUN_DIR/lora), best (RUN_DIR/best) or a saved "
+        "model's path (default: last)",
     )
     evaluate.add_argument("--episodes", type=int, default=10, help="control: evaluation episodes (default: 10)")
     evaluate.add_argument("--seed", type=int, default=10_000, help="control: reset seed of the first episode (default: 10000)")
@@ -132,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         adapter = read_config(args.run_dir).get("adapter")
         module = importlib.import_module(f"rebel.{adapter}.cli") if adapter in ADAPTERS and adapter != "tabular" else None
         if module is None or not hasattr(module, "evaluate_run"):
-            raise ValueError(f"{args.run_dir} is a {adapter!r} run; rebel eval evaluates control and text runs")
+            raise ValueError(f"{args.run_dir} is a {adapter!r} run; rebel eval evaluates control, text and diffusion runs")
         module.evaluate_run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel eval: error: {error}", file=sys.stderr)

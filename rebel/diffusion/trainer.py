@@ -10,7 +10,7 @@ builds a :class:`DiffusionPolicy` and a :class:`DiffusionSampler` and runs :clas
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
 from rebel.hf.trainer import PretrainedTrainer
-from rebel.runs import EVAL_FOLDER
+from rebel.runs import EVAL_FOLDER, publish_best, read_best
 from rebel.trainer import TrainerConfig
 
 # DiffusionConfig fields that DiffusionSampler takes under the same names
@@ -56,6 +56,7 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
     )
     eval_prompts: int = option(4, "prompts of the evaluation grid, drawn once from the prompts with eval_seed (or given to the trainer)")
     eval_images_per_prompt: int = option(2, "images per evaluation prompt")
+    save_best: bool = option(False, "keep the LoRA (or UNet) of the best eval/reward_mean so far in RUN/best/")
     eval_seed: int = option(
         12_345, "seed of the evaluation's prompts and initial noise: the same pictures each time for an unchanged policy"
     )
@@ -110,8 +111,7 @@ class DiffusionTrainer(PretrainedTrainer):
         # the sampler first: its checks of the prompts and rewards are cheap, the pipeline is not
         sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
         if eval_prompts is None:
-            rng = random.Random(config.eval_seed)
-            eval_prompts = [sampler.prompt_fn(rng) for _ in range(config.eval_prompts)]
+            eval_prompts = default_eval_prompts(sampler, config)
         elif isinstance(eval_prompts, str) or not eval_prompts or not all(isinstance(p, str) for p in eval_prompts):
             raise ValueError("eval_prompts must be a non-empty list of strings")
         policy = DiffusionPolicy(
@@ -127,7 +127,8 @@ class DiffusionTrainer(PretrainedTrainer):
             gradient_checkpointing=config.gradient_checkpointing,
             pipeline_kwargs=pipeline_kwargs,
         )
-        loggers = [ImageGridLogger(sampler, config.log_images), EvaluationGrid(sampler, list(eval_prompts), config)]
+        keep_best = self._keep_best if config.save_best else None
+        loggers = [ImageGridLogger(sampler, config.log_images), EvaluationGrid(sampler, list(eval_prompts), config, keep_best)]
         super().__init__(policy, sampler, config, callbacks=[*loggers, *callbacks], run_config=run_config)
 
     @property
@@ -145,6 +146,15 @@ class DiffusionTrainer(PretrainedTrainer):
         """The LoRA (diffusers format: ``pipeline.load_lora_weights(path)``) or, without LoRA,
         the UNet (``path/unet``)."""
         self.trainer.policy.save_pretrained(path)  # type: ignore[attr-defined]
+
+    def _keep_best(self, iteration: int, score: float) -> None:
+        """Save the LoRA (or UNet) into ``RUN/best/`` when ``score`` beats the one recorded
+        there (main process; a resumed run keeps the best of the runs before)."""
+        run = self.trainer.run.path
+        best = read_best(run)
+        if best is None or score > best["score"]:
+            record = {"iteration": iteration, "metric": "eval/reward_mean", "score": score}
+            publish_best(run, self.trainer.policy.save_pretrained, record)  # type: ignore[attr-defined]
 
 
 class ImageGridLogger:
@@ -177,6 +187,12 @@ class ImageGridLogger:
         )
 
 
+def default_eval_prompts(sampler: DiffusionSampler, config: DiffusionConfig) -> list[str]:
+    """``config.eval_prompts`` prompts drawn from the sampler's prompts with ``eval_seed``."""
+    rng = random.Random(config.eval_seed)
+    return [sampler.prompt_fn(rng) for _ in range(config.eval_prompts)]
+
+
 class EvaluationGrid:
     """Trainer callback: every ``eval_every`` iterations (and in the run's last one) the same
     ``eval_images_per_prompt`` images of each evaluation prompt, from the same initial noise
@@ -184,25 +200,34 @@ class EvaluationGrid:
     ``eval/iter_NNNN.png`` (one row per prompt, each tile captioned with its reward) and
     TensorBoard, ``eval/reward_mean`` and ``eval/reward_std`` (and ``eval/rewards/<function>``
     with several) in the iteration's metrics. Drawn by the main process; the training RNG is
-    not touched."""
+    not touched. ``keep_best(iteration, eval/reward_mean)`` is called after each evaluation."""
 
-    def __init__(self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig) -> None:
-        self.sampler, self.prompts, self.config = sampler, prompts, config
+    def __init__(
+        self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig, keep_best: Callable[[int, float], None] | None = None
+    ) -> None:
+        self.sampler, self.prompts, self.config, self.keep_best = sampler, prompts, config, keep_best
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
         if not every or not (trainer.finishing or trainer.iteration % every == 0) or not trainer.accelerator.is_main_process:
             return
         iteration = int(metrics["iteration"])
-        images, reward, scores = self.evaluate(trainer.policy)
-        metrics["eval/reward_mean"], metrics["eval/reward_std"] = reward.mean().item(), reward.std(unbiased=False).item()
-        if len(scores) > 1:
-            metrics.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
-        grid = image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=self.config.eval_images_per_prompt)
+        grid, values = self.grid(trainer.policy)
+        metrics.update(values)
         folder = trainer.run.path / EVAL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"iter_{iteration:04d}.png")
         trainer.run.log_image("eval", _array(grid), iteration)
+        if self.keep_best is not None:
+            self.keep_best(iteration, values["eval/reward_mean"])
+
+    def grid(self, policy: DiffusionPolicy) -> tuple[Any, dict[str, float]]:
+        """The evaluation's grid (a PIL image) and ``eval/`` metrics of ``policy``."""
+        images, reward, scores = self.evaluate(policy)
+        values = {"eval/reward_mean": reward.mean().item(), "eval/reward_std": reward.std(unbiased=False).item()}
+        if len(scores) > 1:
+            values.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
+        return image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=self.config.eval_images_per_prompt), values
 
     @torch.no_grad()
     def evaluate(self, policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

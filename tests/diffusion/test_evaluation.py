@@ -1,5 +1,7 @@
 """The fixed-seed evaluation grid of a diffusion run: same prompts and noise each time, eval/ metrics."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,35 @@ def test_evaluation_leaves_training_alone(tiny_pipe, tmp_path):
         DiffusionTrainer(tiny_pipe, brightness, PROMPTS, config(tmp_path, "bad"), eval_prompts="a cat")
     with pytest.raises(ValueError, match="eval_every"):
         config(tmp_path, "bad", eval_every=-1)
+
+
+def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, capsys):
+    from rebel.cli import main
+
+    run = tmp_path / "run"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["train", "diffusion", "--model", tiny_pipe, "--reward", "brightness", "--prompts", str(prompts), "--iterations", "3",
+            "--prompts-per-iteration", "2", "--num-generations", "2", "--num-inference-steps", "3", "--guidance-scale", "2.0",
+            "--lora-rank", "2", "--learning-rate", "0.05", "--log-images", "0", "--eval-every", "1", "--eval-prompts", "2",
+            "--save-best", "--output-dir", str(run), "--no-progress", "--no-tensorboard", "--no-plot"]  # fmt: skip
+    assert main(args) == 0
+    scores = [r["eval/reward_mean"] for r in read_metrics(run)]
+    best = json.loads((run / "best" / "best.json").read_text())
+    first_best = max(range(3), key=lambda k: (scores[k], -k))
+    assert (best["iteration"], best["score"]) == (first_best + 1, scores[first_best]) and len(set(scores)) > 1
+
+    def files():
+        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    results = {}
+    for model in ("best", "last"):
+        assert main(["eval", str(run), "--model", model]) == 0
+        results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["best"]["eval/reward_mean"] == pytest.approx(best["score"], abs=1e-6)  # the saved weights draw the recorded grid
+    assert results["last"]["eval/reward_mean"] == pytest.approx(scores[-1], abs=1e-6)
+    assert np.array_equal(np.asarray(Image.open(results["last"]["grid"])), grid(run, 3))
+    after = files()
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert len(set(after) - set(before)) == 4 and all(str(k).startswith("eval/") for k in set(after) - set(before))
