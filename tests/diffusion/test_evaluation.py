@@ -56,7 +56,7 @@ def test_evaluation_leaves_training_alone(tiny_pipe, tmp_path):
         config(tmp_path, "bad", eval_every=-1)
 
 
-def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, capsys):
+def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, eval_best_and_last):
     from rebel.cli import main
 
     run = tmp_path / "run"
@@ -72,17 +72,9 @@ def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, capsy
     first_best = max(range(3), key=lambda k: (scores[k], -k))
     assert (best["iteration"], best["score"]) == (first_best + 1, scores[first_best]) and len(set(scores)) > 1
 
-    def files():
-        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-
-    before = files()
-    results = {}
-    for model in ("best", "last"):
-        assert main(["eval", str(run), "--model", model]) == 0
-        results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results, before, after = eval_best_and_last(run)
     assert results["best"]["eval/reward_mean"] == pytest.approx(best["score"], abs=1e-6)  # the saved weights draw the recorded grid
     assert results["last"]["eval/reward_mean"] == pytest.approx(scores[-1], abs=1e-6)
     assert np.array_equal(np.asarray(Image.open(results["last"]["grid"])), grid(run, 3))
-    after = files()
     assert {k: v for k, v in after.items() if k in before} == before
     assert len(set(after) - set(before)) == 4 and all(str(k).startswith("eval/") for k in set(after) - set(before))

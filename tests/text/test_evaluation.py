@@ -1,6 +1,7 @@
 """Evaluation during training: eval_dataset, evaluation rewards, greedy and sampled, eval/ metrics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_the_embedded_default_shows_eval_metrics(tmp_path):
     assert 0 <= row["eval/reward_mean"] <= 1 and row["eval/rewards/sorted_digits_reward"] == row["eval/reward_mean"]
 
 
-def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys):
+def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys, eval_best_and_last):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{k}{k}:"}) + "\n" for k in range(10)))
     held_out = tmp_path / "held_out.jsonl"
@@ -155,20 +156,12 @@ def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys):
     assert (best["iteration"], best["score"], best["metric"]) == (first_best + 1, scores[first_best], "eval/reward_mean")
     assert len(set(scores)) > 1  # the evaluations differ: the choice above means something
 
-    def files():
-        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-
-    before = files()
-    results = {}
-    for model in ("best", "last"):
-        assert main(["eval", str(run), "--model", model]) == 0
-        results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results, before, after = eval_best_and_last(run)
     assert results["best"]["eval/reward_mean"] == best["score"]  # the saved best model evaluates to its recorded score
     assert results["last"]["eval/reward_mean"] == scores[-1]  # the final model, to the last evaluation's
-    after = files()
     assert {k: v for k, v in after.items() if k in before} == before
     assert sorted(str(k) for k in set(after) - set(before)) == sorted(
-        str(__import__("pathlib").Path(r["output"]).relative_to(run)) for r in results.values()
+        str(Path(r["output"]).relative_to(run)) for r in results.values()
     )
     assert main(["eval", str(run), "--model", "best", "--output", str(run / "config.yaml")]) == 2
     assert "is one of the run's own files" in capsys.readouterr().err
