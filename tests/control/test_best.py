@@ -51,7 +51,12 @@ def straight(tmp_path_factory):
     run = tmp_path_factory.mktemp("best") / "run"
     seen = []
     agent = Rebel("CartPole-v1", output_dir=str(run), total_steps=1500, callbacks=[lambda t, m: seen.append(read_best(run))], **OPTIONS)
-    agent.learn()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite's one_thread fixture starts after a module's fixtures
+    try:
+        agent.learn()
+    finally:
+        torch.set_num_threads(threads)
     return run, seen, agent
 
 
