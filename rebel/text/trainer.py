@@ -19,13 +19,15 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
 from rebel.text.dialog import BRANCH_TURNS, FORMS, DialogSampler
 from rebel.text.env import TextEnv
+from rebel.text.evaluation import EVAL_GENERATION, TextEvaluator
 from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
-from rebel.text.rewards import check_reward_funcs
+from rebel.text.rewards import as_reward_funcs, check_reward_funcs
 from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
@@ -90,6 +92,13 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
     rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
     log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and TensorBoard per iteration (0: none)")
+    eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
+    eval_generation: str = option(
+        "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
+    )
+    save_best: bool = option(
+        False, "with an eval_dataset: keep the model of the best eval/reward_mean in RUN/best/ (with LoRA the adapter)"
+    )
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
     vllm_kwargs: dict[str, Any] = option({}, "vllm.LLM arguments of speed, memory, placement (enforce_eager, ...)")  # noqa: RUF009 - option() builds a field
@@ -99,6 +108,8 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_choice("dtype", self.dtype, DTYPES)
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
+        check_int("eval_every", self.eval_every, minimum=0)
+        check_choice("eval_generation", self.eval_generation, EVAL_GENERATION)
         check_generation_kwargs(self.generation_kwargs)
         check_choice("dialog_form", self.dialog_form, FORMS)
         check_choice("branch_turns", self.branch_turns, BRANCH_TURNS)
@@ -142,6 +153,10 @@ class TextTrainer(PretrainedTrainer):
             dialogs with it (``config.dialog_form``, :class:`~rebel.text.dialog.DialogSampler`);
             the env gives the rewards (no ``reward_funcs``) and ``train_dataset``, optional,
             holds the rows its ``reset`` opens episodes from.
+        eval_dataset: prompts evaluated every ``eval_every`` iterations (same forms as
+            ``train_dataset``), metrics under ``eval/`` (see :class:`~rebel.text.evaluation.TextEvaluator`).
+        eval_reward_funcs: the evaluation's rewards, summed (default: the training ones, with
+            ``reward_weights``).
     """
 
     adapter = "text"
@@ -162,15 +177,25 @@ class TextTrainer(PretrainedTrainer):
         model_kwargs: dict[str, Any] | None = None,
         reference_model: Any = None,
         run_config: dict[str, Any] | None = None,
+        eval_dataset: Any = None,
+        eval_reward_funcs: Any = None,
     ) -> None:
         config = config or TextConfig()
         if env is not None:  # the inputs' cheap checks come before the model loads
             check_dialog_inputs(env, reward_funcs, config)
+            if eval_dataset is not None or eval_reward_funcs is not None:
+                raise ValueError("eval_dataset with env: evaluation on dialogs is not supported yet (the transcripts show the dialogs)")
         else:
             if train_dataset is None or reward_funcs is None:
                 raise ValueError("TextTrainer needs reward_funcs and train_dataset (or env, a callable returning a TextEnv)")
             train_dataset = PromptDataset(train_dataset)
             reward_funcs = check_reward_funcs(reward_funcs)
+            if eval_dataset is not None:
+                eval_dataset = PromptDataset(eval_dataset, "eval_dataset")
+            if eval_reward_funcs is not None:
+                if eval_dataset is None:
+                    raise ValueError("eval_reward_funcs needs an eval_dataset to score")
+                eval_reward_funcs = check_reward_funcs(eval_reward_funcs)
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})
@@ -199,7 +224,7 @@ class TextTrainer(PretrainedTrainer):
                     env, train_dataset, form=config.dialog_form, data_seed=config.seed, **pick(config, DIALOG_SETTINGS)
                 )
                 sampler.limits(policy)  # the caps fit the model (checked before a run starts)
-                logger: Any = DialogLogger(sampler, config.log_dialogs)
+                logger: list[Any] = [DialogLogger(sampler, config.log_dialogs)]
             else:
                 sampler = TextSampler(
                     train_dataset,
@@ -209,8 +234,14 @@ class TextTrainer(PretrainedTrainer):
                     data_seed=config.seed,
                     **pick(config, SAMPLER_SETTINGS),
                 )
-                logger = CompletionLogger(sampler, config.log_completions)
-        super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
+                logger = [CompletionLogger(sampler, config.log_completions)]
+        if eval_dataset is not None:
+            funcs, weights = sampler.reward_funcs, sampler.reward_weights  # type: ignore[union-attr]
+            if eval_reward_funcs is not None:
+                funcs = as_reward_funcs(eval_reward_funcs)
+                weights = [1.0] * len(funcs)
+            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, self._keep_best if config.save_best else None))
+        super().__init__(policy, sampler, config, callbacks=[*logger, *callbacks], run_config=run_config)
         if getattr(sampler, "reference_model", None) is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
@@ -245,6 +276,20 @@ class TextTrainer(PretrainedTrainer):
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
+
+    def _keep_best(self, iteration: int, metric: str, score: float) -> None:
+        """Save the model into ``RUN/best/`` when ``score`` beats the one recorded there (every
+        process calls; a resumed run keeps the best of the runs before)."""
+        run = self.trainer.run.path
+        best = read_best(run)
+        if best is not None and score <= best["score"]:
+            return
+        state = self.trainer.policy_state()  # every process takes part when the policy is sharded
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            record = {"iteration": iteration, "metric": metric, "score": score}
+            publish_best(run, lambda folder: self.trainer.policy.save_pretrained(folder, state_dict=state), record)
+        self.accelerator.wait_for_everyone()
 
 
 class CompletionLogger:

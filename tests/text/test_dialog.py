@@ -323,6 +323,8 @@ def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_pa
     assert main(["train", "text", "--env", "counter", "--reward", "m:f", "--output-dir", str(tmp_path / "bad")]) != 0
     assert "--reward m:f with --env counter: the dialog task gives its own rewards" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert main(["eval", str(tmp_path / "straight")]) != 0
+    assert "trained on dialogs (--env counter): rebel eval does not evaluate dialogs yet" in capsys.readouterr().err
 
 
 class SayDigit(TextEnv):
