@@ -24,19 +24,15 @@ class Repeat(TextEnv):
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=3, num_generations=2, max_new_tokens=3,
                     learning_rate=1e-3, log_dialogs=2, progress=False, tensorboard=False, plot=False)  # fmt: skip
-trainer = TextTrainer(model_dir, None, [{"number": n} for n in range(100)], config, env=Repeat)
-openings = []
-original = trainer.sampler.collect
-
-
-def recording_collect(policy):
-    batch = original(policy)
-    openings.append(sorted(set(batch.context)))
-    return batch
-
-
-trainer.sampler.collect = recording_collect
+openings = []  # per iteration, the openings of this process's dialogs
+trainer = TextTrainer(
+    model_dir,
+    None,
+    [{"number": n} for n in range(100)],
+    config,
+    env=Repeat,
+    callbacks=[lambda t, metrics: openings.append(sorted({d["messages"][0]["content"] for d in trainer.sampler.last_dialogs}))],
+)
 rows = trainer.train()
 rank = trainer.trainer.accelerator.process_index
-params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-torch.save({"params": params, "openings": openings, "rows": rows}, out / f"rank{rank}.pt")
+torch.save({"params": dict(trainer.model.named_parameters()), "openings": openings, "rows": rows}, out / f"rank{rank}.pt")
