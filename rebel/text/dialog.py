@@ -248,7 +248,7 @@ def branch(dialog: Dialog, turn: int, env: TextEnv, rollout: int) -> Dialog:
         agent=dialog.agent[:start],
         turn_starts=dialog.turn_starts[:turn],
         rewards=dialog.rewards[:turn],
-        message_counts=dialog.message_counts[:turn],
+        message_counts=dialog.message_counts[: turn + 1],
     )
 
 

@@ -195,6 +195,7 @@ def test_a_branch_holds_the_original_prefix_and_env_state_and_replays_it_exactly
                 runner.take_turn(copy_, ids)
             assert copy_.tokens == dialog.tokens and copy_.agent == dialog.agent and copy_.rewards == dialog.rewards
             assert copy_.messages == dialog.messages and copy_.terminated == dialog.terminated
+            assert copy_.message_counts == dialog.message_counts and copy_.turn_starts == dialog.turn_starts
 
 
 def _turn_length(dialog, k):
