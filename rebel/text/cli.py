@@ -175,6 +175,9 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
     print(reward_summary(rows, 5, config.output_dir))
+    window = min(5, len(rows))
+    first, last = (sum(r["episode_return"] for r in part) / window for part in (rows[:window], rows[-window:]))
+    print(f"episode_return of the sampled dialogs {first:.3f} -> {last:.3f}")
     print(f"dialogs in {Path(config.output_dir) / 'transcripts.jsonl'}; model saved to {Path(config.output_dir) / 'model'}")
     return 0
 

@@ -310,7 +310,8 @@ def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_pa
     monkeypatch.setitem(sys.modules, "rebel_envs.dialog_tasks", registry)
     quiet = ["--no-progress", "--no-tensorboard", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
     assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "straight"), "--iterations", "3", *quiet]) == 0
-    assert "transcripts.jsonl" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "transcripts.jsonl" in out and "episode_return of the sampled dialogs" in out
     assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "split"), "--iterations", "2", *quiet]) == 0
     assert main(["train", "text", "--resume", str(tmp_path / "split"), "--iterations", "3"]) == 0
     straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
