@@ -5,6 +5,7 @@ Layout of a run folder::
     .lock                  held (flock) by the process that runs it; names that process
     config.yaml            the resolved configuration
     metrics.jsonl          one JSON object per iteration
+    commands.jsonl         the command of each start (the first, each resume)
     tensorboard/           TensorBoard event files
     checkpoints/iter_N/    written atomically; ``checkpoints/latest`` names the newest
     curves.png             learning curves, drawn at the end of a run
@@ -106,6 +107,11 @@ class RunDir:
         if self.is_main and rows:
             with open(self.path / name, "a") as f:
                 f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
+
+    def record_command(self, iteration: int) -> None:
+        """Append the command that (re)starts the run at ``iteration`` to ``commands.jsonl``
+        (model cards show it; a resume trims it like the metrics)."""
+        self.append_jsonl("commands.jsonl", [{"iteration": iteration, "command": command_line()}])
 
     def truncate_logs(self, iteration: int) -> None:
         """Drop rows past ``iteration`` from every ``*.jsonl`` of the run folder (rows written
@@ -390,10 +396,21 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     handle.seek(0)
     handle.truncate()
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command_line()})\n")
     handle.flush()
     return handle
+
+
+def command_line() -> str:
+    """This process's command line as a shell would take it (``rebel train ...``, ``python script.py ...``)."""
+    import shlex
+
+    if not sys.argv or not sys.argv[0]:
+        return "python"
+    program = Path(sys.argv[0]).name
+    if program.endswith(".py") or program == "-c":
+        program = f"python {sys.argv[0]}" if program != "-c" else "python -c ..."
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def plot_runs(

@@ -19,6 +19,7 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
 from rebel.text.generation import check_backend, check_generation_kwargs
@@ -28,6 +29,8 @@ from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# TextConfig fields a model card lists beside the REBEL settings
+CARD_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "temperature", "kl_coef", "use_lora", "lora_r", "lora_alpha")
 # TextConfig fields that TextSampler takes under the same names
 SAMPLER_SETTINGS = ("reward_weights", "num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs",
                     "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle", "generation_backend", "vllm_mode",
@@ -73,7 +76,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         LOGPROB_CHUNK_SIZE, "completion tokens whose float32 logits exist at once when scoring (0: all at once)"
     )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
-    save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
+    save_merged: bool = option(False, "with LoRA, also save the adapter merged into the base model (model_merged/, the base's size)")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
@@ -137,6 +140,11 @@ class TextTrainer(PretrainedTrainer):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         config = config or TextConfig()
+        # what the model card names: the base model (a folder or hub id) and the prompts' source
+        self.base_model = (
+            str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
+        self.dataset_name = ((run_config or {}).get("source") or {}).get("dataset") or "prompts"
         train_dataset = PromptDataset(train_dataset)  # the inputs' cheap checks come before the model loads
         reward_funcs = check_reward_funcs(reward_funcs)
         if peft_config is None and config.use_lora:
@@ -196,13 +204,38 @@ class TextTrainer(PretrainedTrainer):
         return "model"
 
     def _save(self, path: Path, state: dict[str, Any] | None = None) -> None:
-        """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
-        merged model in ``<path>_merged`` when ``save_merged``. ``state``: the policy's full
-        state dict, gathered from the processes that shard it."""
+        """The model and tokenizer with ``save_pretrained``; with LoRA only the adapter (which
+        ``AutoModelForCausalLM.from_pretrained(path)`` loads onto its base when peft is
+        installed), and the merged model in ``<path>_merged`` (with its card) when
+        ``save_merged``. ``state``: the policy's full state dict, gathered from the processes
+        that shard it."""
         policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
         policy.save_pretrained(path, state_dict=state)
         if policy.is_peft and self.config.save_merged:
-            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            merged = policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            self.write_card(merged, merged=True)
+
+    def card_info(self, merged: bool = False) -> CardInfo:
+        """The card of the saved model: the LoRA adapter (peft) unless ``merged`` or a full fine-tune."""
+        adapter = self.trainer.policy.is_peft and not merged  # type: ignore[attr-defined]
+        base = self.base_model or "the model built in-process"
+        load = "# with peft installed, transformers loads the base model and this adapter on it\n" if adapter else ""
+        return CardInfo(
+            title=f"{Path(base).name} trained with REBEL" + (" (LoRA)" if adapter else ""),
+            library_name="peft" if adapter else "transformers",
+            task="text-generation",
+            dataset=self.dataset_name,
+            settings=card_settings(self.config, CARD_SETTINGS),
+            reward=describe_rewards(self.sampler.reward_funcs, self.sampler.reward_weights),  # type: ignore[attr-defined]
+            usage=(
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                'folder = "."  # this folder, or its repo id on the Hub\n' + load + "model = AutoModelForCausalLM.from_pretrained(folder)\n"
+                "tokenizer = AutoTokenizer.from_pretrained(folder)"
+            ),
+            base_model=hub_base_model(self.base_model),
+            tags=("text-generation", "lora") if adapter else ("text-generation",),
+            extra={"pipeline_tag": "text-generation"},
+        )
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
