@@ -36,7 +36,8 @@ class CardInfo:
     ``task``: the Hub task (``text-generation``, ``text-to-image``, ``reinforcement-learning``);
     ``dataset``: what the model-index's results were measured on (an env id, a dataset);
     ``settings``: the settings shown (name -> value); ``reward``: the reward, in words;
-    ``usage``: a Python snippet that loads the folder."""
+    ``usage``: a Python snippet that loads the folder; ``start``: what training started
+    from, in words (default: the base model)."""
 
     title: str
     library_name: str
@@ -48,12 +49,13 @@ class CardInfo:
     base_model: str | None = None
     tags: Sequence[str] = ()
     license: str | None = None
+    start: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more metadata fields (pipeline_tag, ...)
 
 
 def card_settings(config: Any, own: Sequence[str]) -> dict[str, Any]:
-    """``{name: value}`` of a run config's REBEL settings and of the adapter's ``own`` fields."""
-    return {name: getattr(config, name) for name in (*TRAINER_CARD_SETTINGS, *own) if hasattr(config, name)}
+    """``{name: value}`` of a run config's REBEL settings and of the adapter's ``own`` fields (those set)."""
+    return {name: getattr(config, name) for name in (*TRAINER_CARD_SETTINGS, *own) if getattr(config, name, None) is not None}
 
 
 def describe_rewards(fns: Sequence[Any], weights: Sequence[float]) -> str:
@@ -178,9 +180,9 @@ def check_push(repo_id: str, token: str | None, folder: str | os.PathLike | None
 
 
 def _summary(info: CardInfo) -> str:
-    base = f"`{info.base_model}`" if info.base_model else "its base model"
+    start = info.start or (f"`{info.base_model}`" if info.base_model else "its base model")
     return (
-        f"A {info.task} model trained from {base} with REBEL (REgression to RElative REward Based RL) in rebel-rl: "
+        f"A {info.task} model trained from {start} with REBEL (REgression to RElative REward Based RL) in rebel-rl: "
         "each iteration samples several trajectories per context and regresses the difference of their "
         "log-probability ratios onto the difference of their rewards."
     )
@@ -188,7 +190,7 @@ def _summary(info: CardInfo) -> str:
 
 def _eval_results(evals: dict[str, float], info: CardInfo) -> list[Any]:
     """The model-index entries: ``eval_return`` (with its std) as the Hub's ``mean_reward``,
-    any other ``eval*`` number under its own name."""
+    any other evaluation reward (``eval/...reward...``) under its own name."""
     from huggingface_hub import EvalResult
 
     def result(metric: str, value: Any, name: str) -> Any:
@@ -206,7 +208,7 @@ def _eval_results(evals: dict[str, float], info: CardInfo) -> list[Any]:
         if key == "eval_return":
             std = evals.get("eval_return_std")
             out.append(result("mean_reward", f"{value:.2f} +/- {std:.2f}" if std is not None else round(value, 4), "mean_reward"))
-        elif key != "eval_return_std":
+        elif "reward" in key:
             out.append(result(key, round(float(value), 6), key))
     return out
 

@@ -402,14 +402,19 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
 
 
 def command_line() -> str:
-    """This process's command line as a shell would take it (``rebel train ...``, ``python script.py ...``)."""
+    """This process's command line as a shell would take it (``rebel train ...``,
+    ``python script.py ...``, ``python -m package ...``)."""
     import shlex
 
     if not sys.argv or not sys.argv[0]:
         return "python"
-    program = Path(sys.argv[0]).name
-    if program.endswith(".py") or program == "-c":
-        program = f"python {sys.argv[0]}" if program != "-c" else "python -c ..."
+    first = Path(sys.argv[0])
+    if first.name == "__main__.py":
+        program = f"python -m {first.parent.name}"
+    elif first.suffix == ".py" or first.name == "-c":
+        program = f"python {sys.argv[0] if first.name != '-c' else '-c ...'}"
+    else:
+        program = first.name
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 

@@ -75,8 +75,10 @@ def test_the_card_holds_the_metadata_settings_results_and_commands(tmp_path):
     assert "| reward_mean | 2.5 |" in card.text and "| eval_return | 812.25 |" in card.text
     assert "## Reproduce\n\n```bash\nrebel train control --env Hopper-v5\n```" in card.text
     # results given explicitly (a best model's evaluation) replace the last row; no run: no results, no commands
-    card = ModelCard.load(write_model_card(tmp_path / "best", INFO, run_dir=run, results={"eval_return": 900.0}))
-    assert card.data.eval_results[0].metric_value == 900.0 and "reward_mean" not in card.text
+    results = {"eval_return": 900.0, "eval_length": 1000.0, "eval/reward_mean": 0.5}
+    card = ModelCard.load(write_model_card(tmp_path / "best", INFO, run_dir=run, results=results))
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("mean_reward", 900.0), ("eval/reward_mean", 0.5)]
+    assert "| eval_length | 1000 |" in card.text and "| reward_mean |" not in card.text
     card = ModelCard.load(write_model_card(tmp_path / "bare", INFO))
     assert card.data.eval_results is None and "## Results" not in card.text and "## Reproduce" not in card.text
 
@@ -157,6 +159,8 @@ def test_each_start_of_a_run_records_its_command_and_a_resume_trims_them(tmp_pat
     assert command_line() == "rebel train tabular --output-dir 'my runs/a'"
     run = RunDir(tmp_path)
     run.record_command(0)
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/pytest/__main__.py", "-q"])
+    assert command_line() == "python -m pytest -q"
     monkeypatch.setattr(sys, "argv", ["train.py", "--resume"])
     run.record_command(4)
     rows = [json.loads(line) for line in (tmp_path / "commands.jsonl").read_text().splitlines()]

@@ -35,7 +35,7 @@ AGENT_FORMAT = "rebel-control-agent-1"
 AGENT_FILE = "agent.pt"  # the weights and settings inside a saved agent's folder
 FILE_SUFFIXES = (".pt", ".pth")  # Rebel.save to such a path writes one file, as before folders
 # ControlConfig fields a model card lists beside the REBEL settings
-CARD_SETTINGS = ("env", "variant", "total_steps", "hidden_sizes", "num_groups", "group_size", "gamma", "normalize_observations")
+CARD_SETTINGS = ("env", "variant", "hidden_sizes", "num_groups", "group_size", "gamma", "normalize_observations")
 
 # Settings each variant starts from, the control task's and the trainer's alike (measured:
 # docs/control.md, docs/control_tuning.md); explicit options win.
@@ -400,6 +400,7 @@ class Rebel:
                 "env = gym.make(agent.config.env)\nobs, _ = env.reset(seed=0)\naction, _ = agent.predict(obs, deterministic=True)"
             ),
             tags=(env, "deep-reinforcement-learning"),
+            start="a randomly initialised policy",
         )
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str | None = None) -> str:

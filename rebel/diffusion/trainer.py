@@ -145,7 +145,7 @@ class DiffusionTrainer(PretrainedTrainer):
     def card_info(self) -> CardInfo:
         """The card of the saved LoRA (diffusers' ``load_lora_weights``) or UNet."""
         lora = bool(self.config.use_lora)  # type: ignore[attr-defined]
-        base = self.base_model or "the pipeline built in-process"
+        base = self.base_model or "pipeline"
         pipe = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
         load = (
             'pipe.load_lora_weights(".")  # this folder, or its repo id on the Hub'
@@ -161,6 +161,7 @@ class DiffusionTrainer(PretrainedTrainer):
             reward=describe_rewards(self.sampler.reward_fns, self.sampler.reward_weights),  # type: ignore[attr-defined]
             usage="from diffusers import StableDiffusionPipeline, UNet2DConditionModel\n\n" + pipe + load,
             base_model=hub_base_model(self.base_model),
+            start=f"`{base}`" if self.base_model else "a pipeline built in-process",
             tags=("text-to-image", "diffusers", "stable-diffusion", *(("lora",) if lora else ())),
             extra={"pipeline_tag": "text-to-image"},
         )

@@ -218,7 +218,7 @@ class TextTrainer(PretrainedTrainer):
     def card_info(self, merged: bool = False) -> CardInfo:
         """The card of the saved model: the LoRA adapter (peft) unless ``merged`` or a full fine-tune."""
         adapter = self.trainer.policy.is_peft and not merged  # type: ignore[attr-defined]
-        base = self.base_model or "the model built in-process"
+        base = self.base_model or "model"
         load = "# with peft installed, transformers loads the base model and this adapter on it\n" if adapter else ""
         return CardInfo(
             title=f"{Path(base).name} trained with REBEL" + (" (LoRA)" if adapter else ""),
@@ -233,6 +233,7 @@ class TextTrainer(PretrainedTrainer):
                 "tokenizer = AutoTokenizer.from_pretrained(folder)"
             ),
             base_model=hub_base_model(self.base_model),
+            start=f"`{base}`" if self.base_model else "a model built in-process",
             tags=("text-generation", "lora") if adapter else ("text-generation",),
             extra={"pipeline_tag": "text-generation"},
         )
