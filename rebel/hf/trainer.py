@@ -71,22 +71,24 @@ class PretrainedTrainer(ABC):
     def exit_code(self) -> int:
         return self.trainer.exit_code
 
-    def save_model(self, path: str | Path | None = None) -> Path:
-        """Save what was trained to ``path`` (default: ``<run>/<model_folder>``); only the
-        main process writes, every process waits for it."""
+    def save_model(self, path: str | Path | None = None, results: dict[str, Any] | None = None) -> Path:
+        """Save what was trained, with its model card, to ``path`` (default:
+        ``<run>/<model_folder>``); the card shows ``results`` (e.g. the evaluation that made
+        a best model) or else the run's last metrics. Only the main process writes, every
+        process waits for it."""
         path = Path(path) if path is not None else Path(self.config.output_dir) / self.model_folder()
         state = self.trainer.policy_state()  # every process takes part when the policy is sharded
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._save(path) if state is None else self._save_sharded(path, state)
-            self.write_card(path)
+            self.write_card(path, results=results)
         self.accelerator.wait_for_everyone()
         return path
 
-    def write_card(self, path: Path, **kwargs: Any) -> Path:
+    def write_card(self, path: Path, results: dict[str, Any] | None = None, **kwargs: Any) -> Path:
         """Write the model card ``path/README.md`` (``kwargs`` go to :meth:`card_info`) from
-        this run's settings, last metrics and commands."""
-        return write_model_card(path, self.card_info(**kwargs), run_dir=self.config.output_dir)
+        this run's settings, commands and ``results`` or last metrics."""
+        return write_model_card(path, self.card_info(**kwargs), run_dir=self.config.output_dir, results=results)
 
     def push_to_hub(
         self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str | None = None

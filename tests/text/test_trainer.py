@@ -95,7 +95,7 @@ def test_lora_trains_only_the_adapter_and_saves_it(tiny_lm, tmp_path):
     assert f"| reward_mean | {rows[-1]['reward_mean']:.6g} |" in card.text
 
 
-def test_a_lora_run_resumes_from_its_adapter_only_save_and_merges_on_request(tiny_lm, tmp_path):
+def test_a_lora_run_resumes_from_its_adapter_only_save_and_merges_on_request(tiny_lm, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
     lora = {"use_lora": True, "lora_r": 4, "lora_target_modules": "c_attn,c_fc"}
@@ -111,6 +111,20 @@ def test_a_lora_run_resumes_from_its_adapter_only_save_and_merges_on_request(tin
     assert merged.data.library_name == "transformers" and "lora" not in merged.data.tags
     commands = ModelCard.load(tmp_path / "run" / "model" / "README.md").text.split("## Reproduce")[1]
     assert commands.count("python -m pytest") == 2  # this process's command, twice: the first start and the resume
+
+    from huggingface_hub import HfApi
+
+    pushed = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.append((repo_id, kw["private"], self.token)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: pushed.append(kw["folder_path"]) or "url")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    with pytest.raises(ValueError, match="^no Hugging Face token"):
+        resumed.push_to_hub("me/sorter")
+    assert pushed == []
+    assert resumed.push_to_hub("me/sorter", private=True, token="hf_x") == "url"
+    assert pushed == [("me/sorter", True, "hf_x"), str(tmp_path / "run" / "model")]
 
 
 def test_a_failing_reward_function_stops_the_run_and_keeps_the_last_iteration(tiny_lm, tmp_path):
