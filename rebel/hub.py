@@ -4,13 +4,14 @@ folder, and the upload of such a folder to the Hugging Face Hub.
 A card's metadata is what the Hub reads (``library_name``, ``base_model``, ``tags``,
 ``pipeline_tag``, ``model-index`` with the run's evaluation results); its text says what
 was trained, how (REBEL and the settings that matter), on which reward, with what result,
-and the command that made it (``commands.jsonl`` of the run folder). huggingface_hub is
+and the commands that made it (``commands.txt`` of the run folder). huggingface_hub is
 loaded only here, when a card is written or a folder pushed.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from rebel.config import first_line
 CARD_TAGS = ("rebel-rl", "reinforcement-learning")
 # the REBEL settings every card lists (TrainerConfig fields); an adapter adds its own
 TRAINER_CARD_SETTINGS = ("loss", "eta", "pairs", "learning_rate", "iterations", "epochs", "minibatch_size", "reward_normalization", "seed")
-# metrics of the last iteration that a card shows when the run logged them
 SAVED_MODEL_FOLDERS = ("model", "lora")  # where a run keeps its final model (lora: diffusion's LoRA)
+# metrics of the last iteration that a card shows when the run logged them
 RESULT_KEYS = ("iteration", "env_steps", "samples", "reward_mean", "reward_std", "episode_return", "expected_return", "optimal_return")
 
 
@@ -54,8 +55,14 @@ class CardInfo:
 
 
 def card_settings(config: Any, own: Sequence[str]) -> dict[str, Any]:
-    """``{name: value}`` of a run config's REBEL settings and of the adapter's ``own`` fields (those set)."""
-    return {name: getattr(config, name) for name in (*TRAINER_CARD_SETTINGS, *own) if getattr(config, name, None) is not None}
+    """``{name: value}`` of a run config's REBEL settings and of the adapter's ``own`` fields
+    (those set), after ``algorithm``: REBEL, or the baseline loss the run used instead."""
+    loss = getattr(config, "loss", "rebel")
+    algorithm = "REBEL" if loss == "rebel" else f"{loss} (baseline loss)"
+    return {
+        "algorithm": algorithm,
+        **{n: getattr(config, n) for n in (*TRAINER_CARD_SETTINGS, *own) if getattr(config, n, None) is not None},
+    }
 
 
 def describe_rewards(fns: Sequence[Any], weights: Sequence[float]) -> str:
@@ -82,18 +89,24 @@ def hub_base_model(source: Any) -> str | None:
 
 def write_model_card(
     folder: str | os.PathLike, info: CardInfo, run_dir: str | os.PathLike | None = None, results: dict[str, Any] | None = None
-) -> Path:
+) -> Path | None:
     """Write ``folder/README.md``: ``info``'s metadata and text, with the last metrics row and
     the commands of ``run_dir`` (when it is a run folder) and ``results`` (metrics to show
-    instead of the last row, e.g. the evaluation that made a best model)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    instead of the last row, e.g. the evaluation that made a best model). Without
+    huggingface_hub (an install older than the extras' list) the card is left out with a
+    warning and None returned: the weights beside it are saved regardless."""
+    try:
+        from huggingface_hub import ModelCard, ModelCardData
+    except ModuleNotFoundError:
+        warnings.warn(f"no model card in {folder}: huggingface_hub is not installed (pip install huggingface_hub)", stacklevel=2)
+        return None
 
-    from rebel.runs import read_jsonl, read_metrics
+    from rebel.runs import RunDir, read_metrics
 
     rows = read_metrics(run_dir) if run_dir is not None else []
     last = dict(results) if results is not None else (rows[-1] if rows else {})
     evals = {k: v for k, v in last.items() if k.startswith("eval") and _is_number(v)}
-    commands = [row["command"] for row in read_jsonl(Path(run_dir) / "commands.jsonl")] if run_dir is not None else []
+    commands = RunDir(run_dir).read_commands() if run_dir is not None else []
     data = ModelCardData(
         library_name=info.library_name,
         base_model=info.base_model,
@@ -110,7 +123,7 @@ def write_model_card(
             f"# {info.title}",
             _summary(info),
             "## Use it\n\n```python\n" + info.usage.strip() + "\n```",
-            "## Training\n\n" + _table({"algorithm": "REBEL", **info.settings}),
+            "## Training\n\n" + _table(info.settings),
             f"Reward: {info.reward}.",
             ("## Results\n\n" + _table({k: v for k, v in last.items() if k in RESULT_KEYS or k in evals})) if last else "",
             ("## Reproduce\n\n```bash\n" + "\n".join(commands) + "\n```") if commands else "",
@@ -181,6 +194,8 @@ def check_push(repo_id: str, token: str | None, folder: str | os.PathLike | None
 
 def _summary(info: CardInfo) -> str:
     start = info.start or (f"`{info.base_model}`" if info.base_model else "its base model")
+    if info.settings.get("algorithm", "REBEL") != "REBEL":
+        return f"A {info.task} model trained from {start} in rebel-rl's trainer with the {info.settings['algorithm']}, not REBEL's."
     return (
         f"A {info.task} model trained from {start} with REBEL (REgression to RElative REward Based RL) in rebel-rl: "
         "each iteration samples several trajectories per context and regresses the difference of their "

@@ -5,7 +5,7 @@ Layout of a run folder::
     .lock                  held (flock) by the process that runs it; names that process
     config.yaml            the resolved configuration
     metrics.jsonl          one JSON object per iteration
-    commands.jsonl         the command of each start (the first, each resume)
+    commands.txt           the command line of each start (the first, each resume)
     tensorboard/           TensorBoard event files
     checkpoints/iter_N/    written atomically; ``checkpoints/latest`` names the newest
     curves.png             learning curves, drawn at the end of a run
@@ -108,10 +108,19 @@ class RunDir:
             with open(self.path / name, "a") as f:
                 f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
 
-    def record_command(self, iteration: int) -> None:
-        """Append the command that (re)starts the run at ``iteration`` to ``commands.jsonl``
-        (model cards show it; a resume trims it like the metrics)."""
-        self.append_jsonl("commands.jsonl", [{"iteration": iteration, "command": command_line()}])
+    def record_command(self) -> None:
+        """Append this process's command line to ``commands.txt``: one line per start of the
+        run (the first, each resume), shown by model cards. Not a ``*.jsonl`` log: a resumed run's
+        logs equal an uninterrupted one's, its commands do not."""
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.path / "commands.txt", "a") as f:
+                f.write(command_line() + "\n")
+
+    def read_commands(self) -> list[str]:
+        """The lines of ``commands.txt`` (none if it does not exist)."""
+        path = self.path / "commands.txt"
+        return [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
 
     def truncate_logs(self, iteration: int) -> None:
         """Drop rows past ``iteration`` from every ``*.jsonl`` of the run folder (rows written
@@ -396,7 +405,8 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command_line()})\n")
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
     handle.flush()
     return handle
 

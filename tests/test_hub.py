@@ -21,7 +21,7 @@ INFO = CardInfo(
     library_name="rebel-rl",
     task="reinforcement-learning",
     dataset="Hopper-v5",
-    settings={"eta": 0.5, "variant": "mc"},
+    settings={"algorithm": "REBEL", "eta": 0.5, "variant": "mc"},
     reward="the environment's own",
     usage='agent = Rebel.load(".")',
     tags=("Hopper-v5",),
@@ -32,7 +32,7 @@ def run_folder(tmp_path, rows, commands=("rebel train control --env Hopper-v5",)
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "commands.jsonl").write_text("".join(json.dumps({"iteration": 0, "command": c}) + "\n" for c in commands))
+    (run / "commands.txt").write_text("".join(c + "\n" for c in commands))
     (run / "config.yaml").write_text("adapter: control\n")
     return run
 
@@ -81,6 +81,16 @@ def test_the_card_holds_the_metadata_settings_results_and_commands(tmp_path):
     assert "| eval_length | 1000 |" in card.text and "| reward_mean |" not in card.text
     card = ModelCard.load(write_model_card(tmp_path / "bare", INFO))
     assert card.data.eval_results is None and "## Results" not in card.text and "## Reproduce" not in card.text
+
+
+def test_a_run_with_a_baseline_loss_is_not_called_rebel(tmp_path):
+    from rebel.hub import card_settings
+    from rebel.trainer import TrainerConfig
+
+    settings = card_settings(TrainerConfig(loss="rloo", eta=2.0), ())
+    assert list(settings)[:3] == ["algorithm", "loss", "eta"] and settings["algorithm"] == "rloo (baseline loss)"
+    card = ModelCard.load(write_model_card(tmp_path, CardInfo(**{**INFO.__dict__, "settings": settings})))
+    assert "with the rloo (baseline loss), not REBEL's." in card.text and "| algorithm | rloo (baseline loss) |" in card.text
 
 
 def test_base_model_metadata_names_only_hub_ids(tmp_path):
@@ -154,19 +164,33 @@ def test_rebel_push_finds_a_runs_model_and_says_what_is_wrong_in_one_line(tmp_pa
     assert uploads == []
 
 
-def test_each_start_of_a_run_records_its_command_and_a_resume_trims_them(tmp_path, monkeypatch):
+def test_each_start_of_a_run_records_its_command(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/rebel", "train", "tabular", "--output-dir", "my runs/a"])
     assert command_line() == "rebel train tabular --output-dir 'my runs/a'"
     run = RunDir(tmp_path)
-    run.record_command(0)
+    run.record_command()
     monkeypatch.setattr(sys, "argv", ["/venv/lib/pytest/__main__.py", "-q"])
     assert command_line() == "python -m pytest -q"
     monkeypatch.setattr(sys, "argv", ["train.py", "--resume"])
-    run.record_command(4)
-    rows = [json.loads(line) for line in (tmp_path / "commands.jsonl").read_text().splitlines()]
-    assert rows == [
-        {"iteration": 0, "command": "rebel train tabular --output-dir 'my runs/a'"},
-        {"iteration": 4, "command": "python train.py --resume"},
-    ]
-    run.truncate_logs(2)  # a resume from iteration 2: the start at 4 never happened
-    assert [json.loads(line)["iteration"] for line in (tmp_path / "commands.jsonl").read_text().splitlines()] == [0]
+    run.record_command()
+    assert run.read_commands() == ["rebel train tabular --output-dir 'my runs/a'", "python train.py --resume"]
+    assert RunDir(tmp_path / "none").read_commands() == []
+
+
+def test_a_tabular_run_and_its_resume_record_two_commands_and_equal_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["rebel", "train", "tabular"])
+    for name, steps in (("straight", [["--iterations", "4"]]), ("split", [["--iterations", "2"], ["--iterations", "4"]])):
+        for k, extra in enumerate(steps):
+            start = ["--resume", str(tmp_path / name)] if k else ["--output-dir", str(tmp_path / name)]
+            assert main(["train", "tabular", *start, *extra, "--no-progress", "--no-plot", "--no-tensorboard"]) == 0
+    assert len(RunDir(tmp_path / "straight").read_commands()) == 1 and len(RunDir(tmp_path / "split").read_commands()) == 2
+    assert sorted(p.name for p in (tmp_path / "split").glob("*.jsonl")) == ["metrics.jsonl"]  # the logs a resume compares
+
+
+def test_without_huggingface_hub_the_card_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # an install without it
+    with pytest.warns(UserWarning, match="no model card in .*: huggingface_hub is not installed"):
+        assert write_model_card(tmp_path / "model", INFO) is None
+    assert not (tmp_path / "model" / "README.md").exists()
+    with pytest.raises(ValueError, match=r"^pushing to the Hub needs huggingface_hub: pip install 'rebel-rl\[control\]'"):
+        check_push("me/model", "hf_x")

@@ -85,7 +85,7 @@ class PretrainedTrainer(ABC):
         self.accelerator.wait_for_everyone()
         return path
 
-    def write_card(self, path: Path, results: dict[str, Any] | None = None, **kwargs: Any) -> Path:
+    def write_card(self, path: Path, results: dict[str, Any] | None = None, **kwargs: Any) -> Path | None:
         """Write the model card ``path/README.md`` (``kwargs`` go to :meth:`card_info`) from
         this run's settings, commands and ``results`` or last metrics."""
         return write_model_card(path, self.card_info(**kwargs), run_dir=self.config.output_dir, results=results)
