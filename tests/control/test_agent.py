@@ -100,6 +100,9 @@ def test_save_load_round_trip_and_predict(tmp_path, monkeypatch):
     assert "| variant | trajectory |" in card.text and "Rebel.load" in card.text
     best = ModelCard.load(agent.save(tmp_path / "best", results={"eval_return": 1.5, "eval_return_std": 0.25}) / "README.md")
     assert best.data.eval_results[0].metric_value == "1.50 +/- 0.25"  # what a best model's own evaluation gave
+    record = json.loads((tmp_path / "run" / "best" / "best.json").read_text())  # the run's best/, written by the same save
+    best = ModelCard.load(tmp_path / "run" / "best" / "README.md")
+    assert best.data.eval_results[0].metric_value == f"{record['eval_return']:.2f} +/- {record['eval_return_std']:.2f}"
 
     pushed = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.append((repo_id, kw["private"], self.token)))
