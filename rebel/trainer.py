@@ -246,6 +246,7 @@ class Trainer:
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
         self.run.write_config({**self.run_config, "trainer": self.config.trainer_settings()})
+        self.run.record_command()
         if self.config.tensorboard:
             self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
         rows: list[dict[str, Any]] = []

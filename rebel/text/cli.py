@@ -208,12 +208,13 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
     from rebel_envs.text_tasks import evaluate_sorting, make_sorting_model, sorting_dataset
 
     torch.set_num_threads(1)  # a ~100k-parameter model: threads cost more than they give
-    base = Path(config.output_dir) / "base_model"
+    base = (Path(config.output_dir) / "base_model").resolve()
     if resume and base.is_dir():
         model, tokenizer = AutoModelForCausalLM.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base))
     else:
         base.parent.mkdir(parents=True, exist_ok=True)
         model, tokenizer = make_sorting_model(task, save_to=base)
+        model.name_or_path = model.config._name_or_path = str(base)  # as if loaded from there: a LoRA adapter names its base
     held_out = sorting_dataset(256, task.min_digits, task.max_digits, seed=task.task_seed + 10_007)
     return model, tokenizer, lambda: evaluate_sorting(model, tokenizer, held_out, seed=task.task_seed, temperature=config.temperature)
 

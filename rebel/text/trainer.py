@@ -19,6 +19,7 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
@@ -32,6 +33,8 @@ from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# TextConfig fields a model card lists beside the REBEL settings
+CARD_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "temperature", "kl_coef", "use_lora", "lora_r", "lora_alpha")
 # TextConfig fields that TextSampler takes under the same names
 GENERATION_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs", "generation_batch_size",
                        "shuffle", "generation_backend", "vllm_mode", "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization",
@@ -80,7 +83,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         LOGPROB_CHUNK_SIZE, "completion tokens whose float32 logits exist at once when scoring (0: all at once)"
     )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
-    save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
+    save_merged: bool = option(False, "with LoRA, also save the adapter merged into the base model (model_merged/, the base's size)")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
     dialog_form: str = option(
         "whole", "with an env: whole (n dialogs per opening, reward = return) | per_turn (Monte-Carlo resets: Q of n branched turns)"
@@ -181,6 +184,11 @@ class TextTrainer(PretrainedTrainer):
         eval_reward_funcs: Any = None,
     ) -> None:
         config = config or TextConfig()
+        # what the model card names: the base model (a folder or hub id) and the prompts' source
+        self.base_model = (
+            str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
+        self.dataset_name = ((run_config or {}).get("source") or {}).get("dataset") or "prompts"
         if env is not None:  # the inputs' cheap checks come before the model loads
             check_dialog_inputs(env, reward_funcs, config)
             if eval_dataset is not None or eval_reward_funcs is not None:
@@ -266,13 +274,45 @@ class TextTrainer(PretrainedTrainer):
         return "model"
 
     def _save(self, path: Path, state: dict[str, Any] | None = None) -> None:
-        """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
-        merged model in ``<path>_merged`` when ``save_merged``. ``state``: the policy's full
-        state dict, gathered from the processes that shard it."""
+        """The model and tokenizer with ``save_pretrained``; with LoRA only the adapter (which
+        ``AutoModelForCausalLM.from_pretrained(path)`` loads onto its base when peft is
+        installed), and the merged model in ``<path>_merged`` (with its card) when
+        ``save_merged``. ``state``: the policy's full state dict, gathered from the processes
+        that shard it."""
         policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
         policy.save_pretrained(path, state_dict=state)
         if policy.is_peft and self.config.save_merged:
-            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            merged = policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            self.write_card(merged, merged=True)
+
+    def card_info(self, merged: bool = False) -> CardInfo:
+        """The card of the saved model: the LoRA adapter (peft) unless ``merged`` or a full fine-tune."""
+        adapter = self.trainer.policy.is_peft and not merged  # type: ignore[attr-defined]
+        base = self.base_model or "model"
+        load = "# with peft installed, transformers loads the base model and this adapter on it\n" if adapter else ""
+        return CardInfo(
+            title=f"{Path(base).name} trained with REBEL" + (" (LoRA)" if adapter else ""),
+            library_name="peft" if adapter else "transformers",
+            task="text-generation",
+            dataset=self.dataset_name,
+            settings=card_settings(self.config, CARD_SETTINGS),
+            reward=self._reward_description(),
+            usage=(
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                'folder = "."  # this folder, or its repo id on the Hub\n' + load + "model = AutoModelForCausalLM.from_pretrained(folder)\n"
+                "tokenizer = AutoTokenizer.from_pretrained(folder)"
+            ),
+            base_model=hub_base_model(self.base_model),
+            start=f"`{base}`" if self.base_model else "a model built in-process",
+            tags=("text-generation", "lora") if adapter else ("text-generation",),
+            extra={"pipeline_tag": "text-generation"},
+        )
+
+    def _reward_description(self) -> str:
+        if isinstance(self.sampler, DialogSampler):
+            env = self.sampler.env
+            return f"the return of dialogs with `{getattr(env, '__name__', type(env).__name__)}`"
+        return describe_rewards(self.sampler.reward_funcs, self.sampler.reward_weights)  # type: ignore[attr-defined]
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
@@ -288,7 +328,12 @@ class TextTrainer(PretrainedTrainer):
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             record = {"iteration": iteration, "metric": metric, "score": score}
-            publish_best(run, lambda folder: self.trainer.policy.save_pretrained(folder, state_dict=state), record)
+
+            def write(folder: Path) -> None:
+                self.trainer.policy.save_pretrained(folder, state_dict=state)  # type: ignore[attr-defined]
+                self.write_card(folder, results={"iteration": iteration, metric: score})
+
+            publish_best(run, write, record)
         self.accelerator.wait_for_everyone()
 
 
