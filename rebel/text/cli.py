@@ -115,7 +115,7 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
         model, tokenizer = AutoModelForCausalLM.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base))
     else:
         base.parent.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = make_sorting_model(task, save_to=base)
+        model, tokenizer = make_sorting_model(task, save_to=base, progress=config.progress)
     held_out = sorting_dataset(256, task.min_digits, task.max_digits, seed=task.task_seed + 10_007)
     return model, tokenizer, lambda: evaluate_sorting(model, tokenizer, held_out, seed=task.task_seed, temperature=config.temperature)
 
