@@ -125,6 +125,9 @@ def sorting_dataset(n: int, min_digits: int = 3, max_digits: int = 6, seed: int 
     return records
 
 
+SORTING_OPTIMUM = {"reward_mean": 1.0}  # every completion exactly sorted (penalties only subtract): drawn in curves.png
+
+
 def sorted_digits_reward(prompts: list[str], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
     """Share of positions where the completion matches the sorted digits (length
     mismatches count as wrong positions); 1.0 for an exact answer."""

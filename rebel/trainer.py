@@ -273,7 +273,7 @@ class Trainer:
         else:
             self.stop_reason = "done" if self._done() else "stopped"
         if self.config.plot:
-            self.run.plot_curves()
+            self.run.plot_curves(optimum=getattr(self.sampler, "optimum", None))
         return rows
 
     def _resume(self, chosen: Path | None) -> None:

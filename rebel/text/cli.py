@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from rebel.runs import claimed_run_folder
     from rebel.text.policy import MODEL_EXPECTED
     from rebel.text.trainer import TextConfig, TextTrainer
-    from rebel_envs.text_tasks import SortingTaskConfig
+    from rebel_envs.text_tasks import SORTING_OPTIMUM, SortingTaskConfig
 
     config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
     for what, value in (("model", source.model), ("tokenizer", source.tokenizer)):  # checked before any folder or model is made
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
             run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
         )
+        if source.reward is None:  # the embedded task's reward
+            trainer.sampler.optimum = SORTING_OPTIMUM
         rows = trainer.train(**start_options(args))
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
