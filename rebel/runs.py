@@ -203,22 +203,32 @@ def curves_figure(rows: list[dict[str, Any]], optimum: dict[str, float] | None =
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A run folder's ``config.yaml``; a malformed one is an error naming the file and line."""
-    import yaml
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {path} does not exist")
+    return read_yaml_config(path)
+
+
+def read_yaml_config(path: str | os.PathLike, option: str = "") -> dict[str, Any]:
+    """The sections of a YAML file in ``config.yaml``'s format; a missing or malformed one is
+    an error naming the file (after ``option``, the command-line option that named it) and line."""
+    import yaml
+
+    path = Path(path)
+    where = f"{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} does not exist")
     try:
         config = yaml.safe_load(path.read_text(errors="replace"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{path}{where}: malformed YAML ({problem})") from None
+        raise ValueError(f"{where}{line}: malformed YAML ({problem})") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
+        raise ValueError(f"{where}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
     return config
 
 
