@@ -190,7 +190,7 @@ def curves_figure(rows: list[dict[str, Any]], optimum: dict[str, float] | None =
         best = (optimum or {}).get(key)
         if best is not None:
             ax.axhline(best, linestyle="--", color="tab:green", linewidth=1.2, label=f"optimum {best:.4g}")
-            ax.legend(fontsize=9, loc="lower right")
+            ax.legend(fontsize=9)
         ax.set_title(key, fontsize=12)
         ax.set_xlabel(x_key, fontsize=10)
         ax.tick_params(labelsize=9)
