@@ -1,6 +1,7 @@
 """The ``rebel`` command.
 
-    rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
+    rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run,
+                                                           ``--config FILE`` starts one from a config.yaml)
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
     rebel vllm-serve [--host H] [--port P]                  a vLLM engine for --vllm-mode server (rebel.text.vllm_server)
     rebel --version

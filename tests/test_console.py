@@ -91,3 +91,24 @@ def test_text_warm_up_shows_its_progress(capsys):
     make_sorting_model(SortingTaskConfig(pretrain_steps=2), progress=True)
     out, err = capsys.readouterr()
     assert out.startswith("warm-up: supervised sorting: 2 steps in ") and "2/2" in err
+
+
+@pytest.mark.slow
+def test_a_short_diffusion_run_shows_no_library_noise(tmp_path):
+    """The embedded diffusion run end to end in a fresh process (about 1 min on a busy CPU):
+    the warm-up's bars and lines, none of the hidden messages, our own warning on resume."""
+    quick = "--image-size 8 --min-radius 1 --max-radius 3 --width 8 --vae-steps 3 --unet-steps 3 --pretrain-batch 4"
+    quick += " --iterations 1 --prompts-per-iteration 2 --num-generations 2 --num-inference-steps 2 --no-tensorboard"
+    run = tmp_path / "run"
+
+    def train(*args: str) -> str:
+        command = [sys.executable, "-m", "rebel.cli", "train", "diffusion", *args]
+        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=True).stdout
+
+    first = train(*quick.split(), "--output-dir", str(run))
+    assert "warm-up 1/2: autoencoder: 3 steps in " in first and "warm-up 2/2: denoiser: 3 steps in " in first
+    assert [n for n in NOISE if n in first] == []
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"iteration": 2, "rew')  # a torn last line: resume drops it with a warning of ours
+    resumed = train("--resume", str(run), "--iterations", "2")
+    assert "dropping a torn last line" in resumed and [n for n in NOISE if n in resumed] == []
