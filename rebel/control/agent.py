@@ -227,6 +227,8 @@ class Rebel:
         env_id = env if isinstance(env, str) else _env_id(env)
         self.config = resolve_config(env_id, variant, seed, output_dir, **options)
         probe = make_env(self.env_source)
+        # what the env itself gives when make_env flattened it (Dict, Tuple, MultiDiscrete, MultiBinary)
+        self.env_observation_space = probe.env.observation_space if isinstance(probe, gym.wrappers.FlattenObservation) else None
         torch.manual_seed(seed)
         self.policy = self._make_policy(probe.observation_space, probe.action_space)
         probe.close()
@@ -361,7 +363,13 @@ class Rebel:
         return self.trainer.stop_reason if self.trainer else None
 
     def predict(self, observation: Any, deterministic: bool = True) -> tuple[np.ndarray, None]:
-        """Action(s) for one observation or a batch, SB3-style ``(action, state)``."""
+        """Action(s) for one observation or a batch, SB3-style ``(action, state)``. For an env
+        whose observations are flattened (Dict, Tuple, MultiDiscrete, MultiBinary): one
+        observation of the env's own space, or a list of them."""
+        if self.env_observation_space is not None:
+            space = self.env_observation_space
+            single = not isinstance(observation, list) and space.contains(observation)
+            observation = gym.spaces.flatten(space, observation) if single else np.stack([gym.spaces.flatten(space, o) for o in observation])
         obs = np.asarray(observation)
         single = obs.shape == self.policy.observation_space.shape
         action = self.policy.predict(obs[None] if single else obs, deterministic=deterministic)

@@ -152,8 +152,9 @@ class CriticSampler(Sampler):
                 f"but the env has {obs_space} -> {action_space}"
             )
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.category_sizes = policy.category_sizes  # MultiDiscrete / MultiBinary: the critic takes one-hots
         self.pending = PendingObservations(obs_space)  # warm-up observations not yet in the statistics
-        if not self.discrete:
+        if not policy.categorical:
             low, high = action_space.low, action_space.high
             self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
             self.action_low = torch.as_tensor(low, dtype=torch.float32)
@@ -164,7 +165,7 @@ class CriticSampler(Sampler):
         self.buffer = ReplayBuffer(
             buffer_size,
             obs_shape=obs_space.shape,
-            action_shape=() if self.discrete else action_space.shape,
+            action_shape=() if self.discrete else (policy.act_dim,),
             obs_dtype=np.int64 if discrete_obs else np.float32,
             action_dtype=np.int64 if self.discrete else np.float32,
         )
@@ -178,8 +179,11 @@ class CriticSampler(Sampler):
                 lr=critic_lr,
                 tau=tau,
             )
-        if target_entropy is None:  # SAC's -dim(A); half the uniform entropy for Discrete
-            target_entropy = 0.5 * math.log(action_space.n) if self.discrete else -float(np.prod(action_space.shape))
+        if target_entropy is None:  # SAC's -dim(A); half the uniform entropy for Discrete (summed over dimensions)
+            if policy.categorical:
+                target_entropy = 0.5 * sum(math.log(n) for n in self.category_sizes or (action_space.n,))
+            else:
+                target_entropy = -float(np.prod(action_space.shape))
         self.target_entropy = float(target_entropy)
         self.log_alpha = torch.tensor(math.log(self.alpha) if self.alpha > 0 else 0.0, requires_grad=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=critic_lr)
@@ -249,6 +253,8 @@ class CriticSampler(Sampler):
         that snapshots do not capture); an unbounded Box draws a standard normal."""
         if self.discrete:
             return torch.as_tensor(self.rng.integers(self.envs.single_action_space.n, size=self.num_envs))
+        if self.category_sizes is not None:
+            return torch.as_tensor(self.rng.integers(self.category_sizes, size=(self.num_envs, len(self.category_sizes))))
         shape = (self.num_envs, *self.action_low.shape)
         if self.bounded:
             return torch.as_tensor(self.rng.uniform(self.action_low.numpy(), self.action_high.numpy(), size=shape), dtype=torch.float32)
@@ -260,7 +266,11 @@ class CriticSampler(Sampler):
         return dist.log_prob(env_actions, raw) + self.log_action_scale
 
     def _critic_actions(self, env_actions: Tensor) -> Tensor:
-        """Actions as the critic takes them: indices, or a bounded Box rescaled to [-1, 1]."""
+        """Actions as the critic takes them: indices (Discrete), one-hots of every dimension
+        side by side (MultiDiscrete, MultiBinary), or a bounded Box rescaled to [-1, 1]."""
+        if self.category_sizes is not None:
+            columns = env_actions.long().unbind(-1)
+            return torch.cat([torch.nn.functional.one_hot(a, n) for a, n in zip(columns, self.category_sizes)], dim=-1).float()
         if self.discrete or not self.bounded:
             return env_actions
         low, high = self.action_low.to(env_actions.device), self.action_high.to(env_actions.device)
