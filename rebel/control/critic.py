@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_counts, check_group_size, check_int, check_positive
+from rebel.config import check_choice, check_counts, check_group_size, check_int, check_positive
 from rebel.control.distributions import ActionDistribution
-from rebel.control.envs import EnvSource, make_env
+from rebel.control.envs import VEC_ENVS, EnvSource, make_env, remote_env
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import PendingObservations, check_discount
@@ -34,7 +34,8 @@ from rebel.sampler import Sampler
 class CriticSampler(Sampler):
     """Each iteration: act, fit the critic (its own TD learner), then compare actions at replay states.
 
-    1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv`` that resets an
+    1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv``, or with
+       ``vec_env="async"`` an ``AsyncVectorEnv`` with one worker process per copy, that resets an
        ended episode in the same step) for ``steps_per_iteration`` environment steps in
        all (rounded up to a multiple of ``num_envs``) with pi_t, or with uniformly random
        actions while fewer than ``learning_starts`` steps were taken (as SAC). Every
@@ -78,7 +79,9 @@ class CriticSampler(Sampler):
     at the start of the next :meth:`collect`
     (:class:`~rebel.control.rollouts.PendingObservations`), and are frozen after.
     ``Box`` actions reach the critic rescaled to ``[-1, 1]`` (``tanh`` of the raw sample
-    for a squashed policy); ``Discrete`` actions as indices into a Q head over actions.
+    for a squashed policy); ``Discrete`` actions as indices into a Q head over actions;
+    ``MultiDiscrete`` / ``MultiBinary`` actions as the one-hots of their dimensions side by side
+    (``log pi`` the sum of the dimensions' log-probabilities, no rescaling).
 
     Stats: ``episode_return`` and ``episode_length`` (means over the episodes finished this
     iteration), ``critic_loss``, ``td_target_mean`` and ``critic_updates`` (when the critic
@@ -116,7 +119,9 @@ class CriticSampler(Sampler):
         actions_per_state: int = 2,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
+        vec_env: str = "sync",
     ) -> None:
+        check_choice("vec_env", vec_env, VEC_ENVS)
         check_counts(num_envs=num_envs, steps_per_iteration=steps_per_iteration, num_states=num_states)
         check_counts(buffer_size=buffer_size, critic_batch_size=critic_batch_size)
         check_int("learning_starts", learning_starts, minimum=0)
@@ -143,8 +148,13 @@ class CriticSampler(Sampler):
         self.tune_alpha, self.max_alpha = tune_alpha, max_alpha
         self.num_states, self.actions_per_state = num_states, actions_per_state
 
-        factory = functools.partial(make_env, env, **(env_kwargs or {}))
-        self.envs = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        same_step = gym.vector.AutoresetMode.SAME_STEP
+        if vec_env == "async":
+            remote = functools.partial(remote_env, env, env_kwargs or {})
+            self.envs: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv([remote] * num_envs, autoreset_mode=same_step)
+        else:
+            factory = functools.partial(make_env, env, **(env_kwargs or {}))
+            self.envs = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=same_step)
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         if obs_space != policy.observation_space or action_space != policy.action_space:
             raise ValueError(
@@ -368,7 +378,7 @@ class CriticSampler(Sampler):
         return {
             "rng": copy.deepcopy(self.rng.bit_generator.state),
             "generator": self.generator.get_state(),
-            "envs": snapshot(self.envs),
+            "envs": self._env_states(),
             "obs": self.obs.copy(),
             "episode_return": self.episode_return.copy(),
             "episode_length": self.episode_length.copy(),
@@ -385,7 +395,7 @@ class CriticSampler(Sampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.generator.set_state(state["generator"])
-        restore(self.envs, state["envs"])
+        self._restore_envs(state["envs"])
         self.obs = np.array(state["obs"])
         self.episode_return = np.array(state["episode_return"])
         self.episode_length = np.array(state["episode_length"])
@@ -401,6 +411,27 @@ class CriticSampler(Sampler):
         self.critic.load_checkpoint_state(state["critic"])
         self.buffer.load_state_dict(state["buffer"])
         self.pending.load_state_dict(state)
+
+    def _env_states(self) -> dict[str, Any]:
+        """The envs' exact states: :func:`snapshot` of the ``SyncVectorEnv``, or each worker's
+        snapshot of its env (an ``AsyncVectorEnv``)."""
+        if isinstance(self.envs, gym.vector.AsyncVectorEnv):
+            return {"kind": "async_vector", "envs": list(self.envs.call("take_snapshot"))}
+        return snapshot(self.envs)
+
+    def _restore_envs(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_env_states` saved, in either kind of vector env (a run may resume
+        with the other ``vec_env``; the sub-envs' states are the same)."""
+        if len(state["envs"]) != self.num_envs:
+            raise ValueError(f"the checkpoint holds {len(state['envs'])} envs but this sampler has num_envs={self.num_envs}")
+        if isinstance(self.envs, gym.vector.AsyncVectorEnv):
+            self.envs.set_attr("incoming", list(state["envs"]))
+            self.envs.call("put_snapshot")
+        elif state["kind"] == "async_vector":
+            for env, env_state in zip(self.envs.envs, state["envs"]):
+                restore(env, env_state)
+        else:
+            restore(self.envs, state)
 
     def close(self) -> None:
         self.envs.close()

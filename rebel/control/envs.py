@@ -114,6 +114,28 @@ def env_name(env: EnvSource) -> str:
 VEC_ENVS = ("sync", "async")
 
 
+class SnapshotAccess(gym.Wrapper):
+    """Snapshot and restore of the env it wraps, callable from the process that owns a gymnasium
+    ``AsyncVectorEnv`` of such envs: ``call("take_snapshot")`` answers each worker's
+    :func:`~rebel.control.snapshots.snapshot`; ``set_attr("incoming", states)`` then
+    ``call("put_snapshot")`` restores them. What is captured is the env under this wrapper, the
+    same states ``snapshot`` takes of a ``SyncVectorEnv``'s sub-envs."""
+
+    incoming: Any = None
+
+    def take_snapshot(self) -> dict[str, Any]:
+        return snapshot(self.env)
+
+    def put_snapshot(self) -> None:
+        restore(self.env, self.incoming)
+        self.incoming = None
+
+
+def remote_env(env: EnvSource, kwargs: dict[str, Any]) -> gym.Env:
+    """:func:`make_env` inside :class:`SnapshotAccess`, for an ``AsyncVectorEnv`` worker."""
+    return SnapshotAccess(make_env(env, **kwargs))
+
+
 class EnvPool:
     """``n`` copies of one environment stepped together, only those still running.
 
