@@ -379,7 +379,9 @@ class Rebel:
         if self.env_observation_space is not None:
             space = self.env_observation_space
             single = not isinstance(observation, list) and space.contains(observation)
-            observation = gym.spaces.flatten(space, observation) if single else np.stack([gym.spaces.flatten(space, o) for o in observation])
+            observation = (
+                gym.spaces.flatten(space, observation) if single else np.stack([gym.spaces.flatten(space, o) for o in observation])
+            )
         obs = np.asarray(observation)
         single = obs.shape == self.policy.observation_space.shape
         action = self.policy.predict(obs[None] if single else obs, deterministic=deterministic)
@@ -394,6 +396,15 @@ class Rebel:
 
     def record_video(self, path: str, episodes: int = 1, seed: int = 10_000) -> Path | None:
         return record_video(self.policy, self.env_source, path, episodes=episodes, seed=seed)
+
+    def close(self) -> None:
+        """Close the environments this agent made (the worker processes of ``vec_env="async"``
+        included; they are also closed when the agent is garbage-collected)."""
+        if self.trainer is not None:
+            getattr(self.trainer.sampler, "close", lambda: None)()
+        for env in self._eval_envs:
+            env.close()
+        self._eval_envs = []
 
     def save(self, path: str | Path, results: dict[str, Any] | None = None) -> Path:
         """Write the policy (weights and observation statistics) and configs: into the

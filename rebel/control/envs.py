@@ -63,7 +63,7 @@ def check_observation_space(space: gym.Space, env_name: str, whole: gym.Space | 
             check_observation_space(part, env_name, whole)
     elif not isinstance(space, OBSERVATION_LEAVES):
         inside = "" if space is whole else f" (inside {whole})"
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 (a bad setting, as the other space errors)
             f"{env_name} has a {type(space).__name__} observation space {space}{inside}; rebel.control supports Box, Discrete, "
             "MultiDiscrete and MultiBinary observations and Dict / Tuple spaces of them"
         )
@@ -161,7 +161,9 @@ class EnvPool:
             probe.close()
             self.envs: list[gym.Env] = []
             self.shards = [list(part) for part in np.array_split(np.arange(n), min(workers, n))]
-            factories = [functools.partial(_Shard, env, len(part), kwargs, self.observation_space, self.action_space) for part in self.shards]
+            factories = [
+                functools.partial(_Shard, env, len(part), kwargs, self.observation_space, self.action_space) for part in self.shards
+            ]
             self.vector = gym.vector.AsyncVectorEnv(factories, shared_memory=False, copy=False)
             self.where = {int(i): (w, j) for w, part in enumerate(self.shards) for j, i in enumerate(part)}  # copy -> (worker, local)
         else:
@@ -175,14 +177,15 @@ class EnvPool:
         or each worker's share in its process (all workers at once); results in ``index``'s order."""
         if self.vector is None:
             return [OPERATIONS[method](self.envs[i], *row) for i, *row in zip(index, *columns)]
-        work: list[list[tuple[Any, ...]]] = [[] for _ in self.shards]
-        for k, i in enumerate(index):
-            w, j = self.where[int(i)]
-            work[w].append((k, j, *(column[k] for column in columns)))
-        self.vector.set_attr("inbox", [[(j, *row) for _, j, *row in part] for part in work])
+        # each worker gets the local copies and the arguments of its share, column by column
+        where = [self.where[int(i)] for i in index]
+        positions = [[k for k, (w, _) in enumerate(where) if w == worker] for worker in range(len(self.shards))]
+        self.vector.set_attr(
+            "inbox", [([where[k][1] for k in ks], *(_take(column, ks) for column in columns)) for ks in positions]
+        )  # fmt: skip
         results: list[Any] = [None] * len(index)
-        for part, answers in zip(work, self.vector.call("run", method)):
-            for (k, *_), answer in zip(part, answers):
+        for ks, answers in zip(positions, self.vector.call("run", method)):
+            for k, answer in zip(ks, answers if method not in COLUMNS else zip(*answers)):
                 results[k] = answer
         return results
 
@@ -244,27 +247,38 @@ def _restore(env: gym.Env, state: dict[str, Any], seed: int | None) -> None:
         reseed(env, seed)
 
 
+def _take(column: Sequence[Any], positions: list[int]) -> Any:
+    """The entries of ``column`` at ``positions``: an array's rows as one array, else a list."""
+    return column[positions] if isinstance(column, np.ndarray) else [column[k] for k in positions]
+
+
 #: What :class:`EnvPool` does to one copy, by name (in this process or in a :class:`_Shard`).
 OPERATIONS: dict[str, Callable[..., Any]] = {"reset": _reset, "step": _step, "snapshot": snapshot, "restore": _restore}
+#: Operations whose answers a worker sends as stacked columns.
+COLUMNS = ("step",)
 
 
 class _Shard(gym.Env):
     """A worker's share of an :class:`EnvPool`: ``n`` copies, made in the worker at the first
-    command. The pool puts ``[(local copy, *arguments), ...]`` in :attr:`inbox`
+    command. The pool puts ``(local copies, *argument columns)`` in :attr:`inbox`
     (``AsyncVectorEnv.set_attr``), then has every worker :meth:`run` an operation
-    (``AsyncVectorEnv.call``), which answers for each entry in order."""
+    (``AsyncVectorEnv.call``), which answers for each copy in order."""
 
-    inbox: list[tuple[Any, ...]] = []  # noqa: RUF012 (set per instance through AsyncVectorEnv.set_attr)
+    inbox: tuple[Any, ...] = ()  # (local copies, *argument columns), set through AsyncVectorEnv.set_attr
 
     def __init__(self, env: EnvSource, n: int, kwargs: dict[str, Any], observation_space: gym.Space, action_space: gym.Space) -> None:
         self.source, self.n, self.kwargs = env, n, kwargs
         self.observation_space, self.action_space = observation_space, action_space
         self.copies: list[gym.Env] = []
 
-    def run(self, operation: str) -> list[Any]:
+    def run(self, operation: str) -> Any:
         if not self.copies:
             self.copies = [make_env(self.source, **self.kwargs) for _ in range(self.n)]
-        return [OPERATIONS[operation](self.copies[j], *row) for j, *row in self.inbox]
+        local, *columns = self.inbox
+        answers = [OPERATIONS[operation](self.copies[j], *row) for j, *row in zip(local, *columns)]
+        if operation in COLUMNS and answers:  # arrays, not one small object per copy, through the pipe
+            return tuple(np.stack(column) for column in zip(*answers))
+        return answers
 
     def close(self) -> None:
         for env in self.copies:

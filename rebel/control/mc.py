@@ -329,6 +329,11 @@ class MonteCarloSampler(Sampler):
             states[i] = walker
         return states
 
+    def close(self) -> None:
+        """Close the env copies (and their worker processes)."""
+        self.walkers.close()
+        self.branches.close()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["walkers"]) != self.num_states:
             raise ValueError(f"the checkpoint holds {len(state['walkers'])} walkers but this sampler has num_states={self.num_states}")

@@ -140,6 +140,10 @@ class TrajectorySampler(Sampler):
             **value_function_state(self.value_function),
         }
 
+    def close(self) -> None:
+        """Close the env copies (and their worker processes)."""
+        self.pool.close()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seeds.bit_generator.state = state["seeds"]
         self.generator.set_state(state["generator"])

@@ -14,7 +14,14 @@ FAST = {"progress": False, "tensorboard": False, "plot": False}
 VARIANTS = {
     "trajectory": {"num_groups": 2, "segment_length": 40, "value_bootstrap": True, "value_epochs": 1},
     "mc": {"num_groups": 3, "horizon": 5, "value_epochs": 1, "rollouts_per_action": 2},
-    "critic": {"num_groups": 64, "steps_per_iteration": 100, "learning_starts": 100, "critic_batch_size": 32, "hidden_sizes": [32, 32], "critic_hidden_sizes": [32, 32]},
+    "critic": {
+        "num_groups": 64,
+        "steps_per_iteration": 100,
+        "learning_starts": 100,
+        "critic_batch_size": 32,
+        "hidden_sizes": [32, 32],
+        "critic_hidden_sizes": [32, 32],
+    },
 }
 
 
@@ -87,7 +94,10 @@ def test_a_run_in_worker_processes_resumes_exactly_and_across_vec_env(tmp_path, 
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"vec_env": "subproc"}, r"vec_env='subproc' is not supported; expected one of sync, async"), ({"n_envs": 0}, "n_envs must be an integer >= 1, got 0")],
+    [
+        ({"vec_env": "subproc"}, r"vec_env='subproc' is not supported; expected one of sync, async"),
+        ({"n_envs": 0}, "n_envs must be an integer >= 1, got 0"),
+    ],
 )
 def test_bad_settings_are_refused_in_one_line(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
