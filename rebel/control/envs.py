@@ -165,6 +165,7 @@ class EnvPool:
                 functools.partial(_Shard, env, len(part), kwargs, self.observation_space, self.action_space) for part in self.shards
             ]
             self.vector = gym.vector.AsyncVectorEnv(factories, shared_memory=False, copy=False)
+            self.vector.call("make_copies")  # each worker makes its copies now, as the in-process pool does
             self.where = {int(i): (w, j) for w, part in enumerate(self.shards) for j, i in enumerate(part)}  # copy -> (worker, local)
         else:
             self.envs = [probe, *(make_env(env, **kwargs) for _ in range(n - 1))]
@@ -259,8 +260,9 @@ COLUMNS = ("step",)
 
 
 class _Shard(gym.Env):
-    """A worker's share of an :class:`EnvPool`: ``n`` copies, made in the worker at the first
-    command. The pool puts ``(local copies, *argument columns)`` in :attr:`inbox`
+    """A worker's share of an :class:`EnvPool`: ``n`` copies, made in the worker by
+    :meth:`make_copies` (not in the process that builds the ``AsyncVectorEnv`` and makes one
+    ``_Shard`` there to read the spaces). The pool puts ``(local copies, *argument columns)`` in :attr:`inbox`
     (``AsyncVectorEnv.set_attr``), then has every worker :meth:`run` an operation
     (``AsyncVectorEnv.call``), which answers for each copy in order."""
 
@@ -271,9 +273,10 @@ class _Shard(gym.Env):
         self.observation_space, self.action_space = observation_space, action_space
         self.copies: list[gym.Env] = []
 
+    def make_copies(self) -> None:
+        self.copies = [make_env(self.source, **self.kwargs) for _ in range(self.n)]
+
     def run(self, operation: str) -> Any:
-        if not self.copies:
-            self.copies = [make_env(self.source, **self.kwargs) for _ in range(self.n)]
         local, *columns = self.inbox
         answers = [OPERATIONS[operation](self.copies[j], *row) for j, *row in zip(local, *columns)]
         if operation in COLUMNS and answers:  # arrays, not one small object per copy, through the pipe

@@ -77,7 +77,7 @@ def test_every_variant_learns_the_same_in_worker_processes(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", ["mc", "critic"])
 def test_a_run_in_worker_processes_resumes_exactly_and_across_vec_env(tmp_path, variant):
-    options = {"eval_every": 2, "eval_episodes": 1, "epochs": 1, "minibatch_size": 8, "n_envs": 2, **VARIANTS[variant], **FAST}
+    options = {"eval_every": 1, "eval_episodes": 1, "epochs": 1, "minibatch_size": 8, "n_envs": 2, **VARIANTS[variant], **FAST}
     straight = Rebel("Pendulum-v1", variant=variant, seed=1, output_dir=str(tmp_path / "a"), vec_env="async", total_steps=400, **options)
     straight.learn()
     Rebel("Pendulum-v1", variant=variant, seed=1, output_dir=str(tmp_path / "b"), vec_env="async", total_steps=400, **options).learn(200)
