@@ -39,13 +39,18 @@ class Clock:
     """Wall time and CPU time of this process and of its worker processes over a run."""
 
     def __init__(self) -> None:
+        self.before = self._worker_times()  # workers started before the run (a pool's): their making is not counted
         self.wall, self.main, self.workers = time.perf_counter(), time.process_time(), 0.0
 
     def stop(self) -> None:
         """Read the times (before the workers are closed)."""
         self.wall, self.main = time.perf_counter() - self.wall, time.process_time() - self.main
-        children = psutil.Process().children(recursive=True)
-        self.workers = sum(c.cpu_times().user + c.cpu_times().system for c in children if c.is_running())
+        self.workers = sum(t - self.before.get(pid, 0.0) for pid, t in self._worker_times().items())
+
+    @staticmethod
+    def _worker_times() -> dict[int, float]:
+        """CPU seconds so far of each process this one started."""
+        return {c.pid: c.cpu_times().user + c.cpu_times().system for c in psutil.Process().children(recursive=True)}
 
 
 def pool_rate(env: str, mode: str, steps: int) -> tuple[Clock, int]:
