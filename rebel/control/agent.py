@@ -375,17 +375,23 @@ class Rebel:
     def predict(self, observation: Any, deterministic: bool = True) -> tuple[np.ndarray, None]:
         """Action(s) for one observation or a batch, SB3-style ``(action, state)``. For an env
         whose observations are flattened (Dict, Tuple, MultiDiscrete, MultiBinary): one
-        observation of the env's own space, or a list of them."""
+        observation of the env's own space, a sequence of them, or flattened ones (arrays)."""
         if self.env_observation_space is not None:
-            space = self.env_observation_space
-            single = not isinstance(observation, list) and space.contains(observation)
-            observation = (
-                gym.spaces.flatten(space, observation) if single else np.stack([gym.spaces.flatten(space, o) for o in observation])
-            )
+            observation = self._flattened(observation)
         obs = np.asarray(observation)
         single = obs.shape == self.policy.observation_space.shape
         action = self.policy.predict(obs[None] if single else obs, deterministic=deterministic)
         return (action[0] if single else action), None
+
+    def _flattened(self, observation: Any) -> np.ndarray:
+        """``observation`` of the env's own space (one, or a sequence) flattened as the policy sees it."""
+        space = self.env_observation_space
+        assert space is not None
+        if space.contains(observation):
+            return gym.spaces.flatten(space, observation)
+        if isinstance(observation, np.ndarray) and observation.shape[-1:] == self.policy.observation_space.shape:
+            return observation  # flattened already
+        return np.stack([gym.spaces.flatten(space, one) for one in observation])
 
     def evaluate(self, episodes: int = 10, seed: int = 10_000) -> dict[str, float]:
         """Deterministic evaluation: mean / std return and mean length (the evaluation

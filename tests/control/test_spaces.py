@@ -88,12 +88,16 @@ def test_gumbel_noise_draws_multidiscrete_actions_with_the_policys_probabilities
         np.testing.assert_allclose(frequency, torch.softmax(logits[0, lo : lo + n], -1).numpy(), atol=0.015)
 
 
-def test_dict_observations_are_flattened_in_key_order_and_normalised_per_entry():
+def test_dict_observations_are_flattened_in_key_order_and_normalised_per_entry(tmp_path):
     space = gym.spaces.Dict({"pos": gym.spaces.Box(-5, 5, (2,)), "cell": gym.spaces.Discrete(3), "bits": gym.spaces.MultiBinary(2)})
     env = make_env(lambda: Tiny(observation_space=space))
     assert isinstance(env.observation_space, gym.spaces.Box) and env.observation_space.shape == (7,)
     raw = {"bits": np.array([1, 0], dtype=np.int8), "cell": 2, "pos": np.array([0.5, -3.0], dtype=np.float32)}
     np.testing.assert_array_equal(env.observation(raw), [1, 0, 0, 0, 1, 0.5, -3.0])  # keys sorted: bits, cell (one-hot), pos
+    agent = Rebel(lambda: Tiny(observation_space=space), variant="mc", output_dir=str(tmp_path / "run"), **FAST)
+    flat = env.observation(raw)
+    assert np.array_equal(agent.predict(raw)[0], agent.predict(flat)[0])  # a dict of the env's own space, flattened first
+    assert np.array_equal(agent.predict([raw, raw])[0], agent.predict(np.stack([flat, flat]))[0])
     policy = MLPPolicy(env.observation_space, env.action_space)
     obs = np.stack([env.reset(seed=s)[0] for s in range(50)])
     policy.update_observation_stats(obs)

@@ -1,6 +1,8 @@
 """Environments stepped in worker processes (``vec_env="async"``): the same results as in this
 process, bit for bit, for the pool, every variant and a resumed run; the settings' errors."""
 
+import multiprocessing
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -73,6 +75,10 @@ def test_every_variant_learns_the_same_in_worker_processes(tmp_path, variant):
     assert len(read_metrics(tmp_path / "sync")) >= 2
     for a, b in zip(runs["sync"].policy.state_dict().values(), runs["async"].policy.state_dict().values()):
         assert torch.equal(a, b)
+    workers = [p for p in multiprocessing.active_children() if p.name.startswith("Worker<AsyncVectorEnv>")]
+    assert workers
+    runs["async"].close()
+    assert not any(p.is_alive() for p in workers)  # close() ends the worker processes
 
 
 @pytest.mark.parametrize("variant", ["mc", "critic"])
