@@ -32,6 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import kept_sections
 from rebel.control import Rebel, evaluate
 from rebel.runs import latest_checkpoint, load_file, read_metrics
 
@@ -298,6 +303,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     if args.note:
         lines += ["", args.note]
     lines += ["", "![learning curves](control.png)", ""]
+    for section in kept_sections(out / "control.md"):  # written by other scripts (control_vec_env.py)
+        lines += [section, ""]
     (out / "control.md").write_text("\n".join(lines))
     from matplotlib.figure import Figure
 

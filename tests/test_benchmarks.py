@@ -42,8 +42,13 @@ def test_control_report_merges_runs_and_compares_with_ppo(tmp_path, monkeypatch)
         "argv",
         ["control_vs_sb3.py", "--merge", *map(str, paths), "--steps", "1000", "--out", str(out), "--note", "Seed 1's 'run' is new."],
     )
+    from benchmarks.common import replace_section
+
+    out.mkdir()
+    replace_section(out / "control.md", "vec-env", ["## Written by control_vec_env.py", "", "| a |"])
     bench.main()
     report = (out / "control.md").read_text()
+    assert report.endswith("\n<!-- begin vec-env -->\n## Written by control_vec_env.py\n\n| a |\n<!-- end vec-env -->\n")  # kept
     assert f"Command: `python control_vs_sb3.py --merge {paths[0]} {paths[1]} --steps 1000 --out {out} --note '...'`" in report
     assert report.count("Seed 1's 'run' is new.") == 1  # under the table only
     assert "| Hopper-v5 | rebel-critic | 400.0 ± 100.0 | 300, 500 | 200 | 0.20 |" in report

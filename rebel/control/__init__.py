@@ -8,7 +8,7 @@ variants are samplers: ``TrajectorySampler`` (rollouts from one start state),
 
 from rebel.control.agent import ControlConfig, Rebel
 from rebel.control.critic import CriticSampler
-from rebel.control.distributions import ATANH_EPS, ActionDistribution, Categorical, ClippedGaussian, SquashedGaussian
+from rebel.control.distributions import ATANH_EPS, ActionDistribution, Categorical, ClippedGaussian, MultiCategorical, SquashedGaussian
 from rebel.control.envs import EnvPool, make_env
 from rebel.control.evaluation import evaluate, record_video
 from rebel.control.mc import MonteCarloSampler
@@ -26,6 +26,7 @@ __all__ = [
     "EnvPool",
     "MLPPolicy",
     "MonteCarloSampler",
+    "MultiCategorical",
     "Rebel",
     "SquashedGaussian",
     "TrajectorySampler",

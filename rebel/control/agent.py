@@ -21,8 +21,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rebel.config import check_choice, check_group_size, from_dict, option, with_defaults
-from rebel.control.envs import EnvSource, make_env
+from rebel.config import check_choice, check_group_size, check_int, from_dict, option, with_defaults
+from rebel.control.envs import VEC_ENVS, EnvSource, make_env
 from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
@@ -105,6 +105,12 @@ class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ign
     env: str = option("HalfCheetah-v5", "gymnasium environment id")
     variant: str = option("critic", "critic | trajectory | mc: what a pair compares (two actions at one state, or rollouts from one start)")
     total_steps: int = option(1_000_000, "environment-step budget; every step counts, reset and branch rollouts included")
+    vec_env: str = option("sync", "sync | async: step the envs in this process, or in n_envs worker processes (gymnasium AsyncVectorEnv)")
+    n_envs: int = option(
+        1,
+        "critic: env copies collecting in parallel (as SB3's n_envs; with async one worker each); "
+        "trajectory, mc: worker processes sharing the sampler's copies with async (same results as sync)",
+    )
     hidden_sizes: list[int] | None = option(None, "policy MLP sizes (default: 64 64; critic: 256 256)")  # noqa: RUF009 (option returns a dataclasses.field)
     activation: str | None = option(None, "tanh | relu | elu | silu (default: tanh; critic: relu)")
     squash: bool = option(True, "tanh-squash Gaussian actions into the bounds (else clip them for the env only)")
@@ -157,6 +163,8 @@ class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ign
         if self.budget is None:
             self.budget = float(self.total_steps)
         check_group_size("group_size", self.group_size)
+        check_choice("vec_env", self.vec_env, VEC_ENVS)
+        check_int("n_envs", self.n_envs)
         # per_context needs context keys, which no control sampler sets
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "within_group"))
         if self.value_bootstrap and self.variant == "critic":
@@ -227,6 +235,8 @@ class Rebel:
         env_id = env if isinstance(env, str) else _env_id(env)
         self.config = resolve_config(env_id, variant, seed, output_dir, **options)
         probe = make_env(self.env_source)
+        # what the env itself gives when make_env flattened it (Dict, Tuple, MultiDiscrete, MultiBinary)
+        self.env_observation_space = probe.env.observation_space if isinstance(probe, gym.wrappers.FlattenObservation) else None
         torch.manual_seed(seed)
         self.policy = self._make_policy(probe.observation_space, probe.action_space)
         probe.close()
@@ -266,12 +276,13 @@ class Rebel:
         c, env = self.config, self.env_source
         contexts = int(c.num_groups or 1)
         shared = {"gamma": c.gamma, "seed": c.seed}
+        workers = c.n_envs if c.vec_env == "async" else 0  # trajectory, mc: processes sharing the copies
         if c.variant == "trajectory":
             from rebel.control.trajectory import TrajectorySampler
 
             return TrajectorySampler(
                 env, self.policy, num_groups=contexts, group_size=c.group_size, segment_length=c.segment_length,
-                value_function=self._make_value_function(), **shared,
+                value_function=self._make_value_function(), workers=workers, **shared,
             )  # fmt: skip
         if c.variant == "mc":
             from rebel.control.mc import MonteCarloSampler
@@ -279,7 +290,7 @@ class Rebel:
             return MonteCarloSampler(
                 env, self.policy, num_states=contexts, actions_per_state=c.group_size, rollouts_per_action=c.rollouts_per_action,
                 horizon=c.horizon, value_function=self._make_value_function(), spread_walkers=c.spread_walkers,
-                state_stride=c.state_stride, **shared,
+                state_stride=c.state_stride, workers=workers, **shared,
             )  # fmt: skip
         from rebel.control.critic import CriticSampler
 
@@ -287,7 +298,8 @@ class Rebel:
             env, self.policy, steps_per_iteration=c.steps_per_iteration, learning_starts=c.learning_starts, buffer_size=c.buffer_size,
             critic_batch_size=c.critic_batch_size, updates_per_step=c.updates_per_step, critic_lr=c.critic_lr,
             critic_hidden_sizes=tuple(c.critic_hidden_sizes), tau=c.tau, alpha=c.alpha, tune_alpha=c.tune_alpha,
-            target_entropy=c.target_entropy, max_alpha=1.0 / c.eta, num_states=contexts, actions_per_state=c.group_size, **shared,
+            target_entropy=c.target_entropy, max_alpha=1.0 / c.eta, num_states=contexts, actions_per_state=c.group_size,
+            num_envs=c.n_envs, vec_env=c.vec_env, **shared,
         )  # fmt: skip
 
     def _make_trainer(self) -> Trainer:
@@ -363,11 +375,25 @@ class Rebel:
         return self.trainer.stop_reason if self.trainer else None
 
     def predict(self, observation: Any, deterministic: bool = True) -> tuple[np.ndarray, None]:
-        """Action(s) for one observation or a batch, SB3-style ``(action, state)``."""
+        """Action(s) for one observation or a batch, SB3-style ``(action, state)``. For an env
+        whose observations are flattened (Dict, Tuple, MultiDiscrete, MultiBinary): one
+        observation of the env's own space, a sequence of them, or flattened ones (arrays)."""
+        if self.env_observation_space is not None:
+            observation = self._flattened(observation)
         obs = np.asarray(observation)
         single = obs.shape == self.policy.observation_space.shape
         action = self.policy.predict(obs[None] if single else obs, deterministic=deterministic)
         return (action[0] if single else action), None
+
+    def _flattened(self, observation: Any) -> np.ndarray:
+        """``observation`` of the env's own space (one, or a sequence) flattened as the policy sees it."""
+        space = self.env_observation_space
+        assert space is not None
+        if space.contains(observation):
+            return gym.spaces.flatten(space, observation)
+        if isinstance(observation, np.ndarray) and observation.shape[-1:] == self.policy.observation_space.shape:
+            return observation  # flattened already
+        return np.stack([gym.spaces.flatten(space, one) for one in observation])
 
     def evaluate(self, episodes: int = 10, seed: int = 10_000) -> dict[str, float]:
         """Deterministic evaluation: mean / std return and mean length (the evaluation
@@ -378,6 +404,15 @@ class Rebel:
 
     def record_video(self, path: str, episodes: int = 1, seed: int = 10_000) -> Path | None:
         return record_video(self.policy, self.env_source, path, episodes=episodes, seed=seed)
+
+    def close(self) -> None:
+        """Close the environments this agent made (the worker processes of ``vec_env="async"``
+        included; they are also closed when the agent is garbage-collected)."""
+        if self.trainer is not None:
+            getattr(self.trainer.sampler, "close", lambda: None)()
+        for env in self._eval_envs:
+            env.close()
+        self._eval_envs = []
 
     def save(self, path: str | Path, results: dict[str, Any] | None = None) -> Path:
         """Write the policy (weights and observation statistics) and configs: into the

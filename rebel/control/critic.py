@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from rebel.batch import RolloutBatch
-from rebel.config import check_counts, check_group_size, check_int, check_positive
+from rebel.config import check_choice, check_counts, check_group_size, check_int, check_positive
 from rebel.control.distributions import ActionDistribution
-from rebel.control.envs import EnvSource, make_env
+from rebel.control.envs import VEC_ENVS, EnvSource, make_env, remote_env
 from rebel.control.estimators import ReplayBuffer, Transitions, TwinQCritic
 from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import PendingObservations, check_discount
@@ -34,7 +34,8 @@ from rebel.sampler import Sampler
 class CriticSampler(Sampler):
     """Each iteration: act, fit the critic (its own TD learner), then compare actions at replay states.
 
-    1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv`` that resets an
+    1. **Act.** Step ``num_envs`` copies of the env (a ``SyncVectorEnv``, or with
+       ``vec_env="async"`` an ``AsyncVectorEnv`` with one worker process per copy, that resets an
        ended episode in the same step) for ``steps_per_iteration`` environment steps in
        all (rounded up to a multiple of ``num_envs``) with pi_t, or with uniformly random
        actions while fewer than ``learning_starts`` steps were taken (as SAC). Every
@@ -78,7 +79,9 @@ class CriticSampler(Sampler):
     at the start of the next :meth:`collect`
     (:class:`~rebel.control.rollouts.PendingObservations`), and are frozen after.
     ``Box`` actions reach the critic rescaled to ``[-1, 1]`` (``tanh`` of the raw sample
-    for a squashed policy); ``Discrete`` actions as indices into a Q head over actions.
+    for a squashed policy); ``Discrete`` actions as indices into a Q head over actions;
+    ``MultiDiscrete`` / ``MultiBinary`` actions as the one-hots of their dimensions side by side
+    (``log pi`` the sum of the dimensions' log-probabilities, no rescaling).
 
     Stats: ``episode_return`` and ``episode_length`` (means over the episodes finished this
     iteration), ``critic_loss``, ``td_target_mean`` and ``critic_updates`` (when the critic
@@ -116,7 +119,9 @@ class CriticSampler(Sampler):
         actions_per_state: int = 2,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
+        vec_env: str = "sync",
     ) -> None:
+        check_choice("vec_env", vec_env, VEC_ENVS)
         check_counts(num_envs=num_envs, steps_per_iteration=steps_per_iteration, num_states=num_states)
         check_counts(buffer_size=buffer_size, critic_batch_size=critic_batch_size)
         check_int("learning_starts", learning_starts, minimum=0)
@@ -143,8 +148,13 @@ class CriticSampler(Sampler):
         self.tune_alpha, self.max_alpha = tune_alpha, max_alpha
         self.num_states, self.actions_per_state = num_states, actions_per_state
 
-        factory = functools.partial(make_env, env, **(env_kwargs or {}))
-        self.envs = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        same_step = gym.vector.AutoresetMode.SAME_STEP
+        if vec_env == "async":
+            remote = functools.partial(remote_env, env, env_kwargs or {})
+            self.envs: gym.vector.VectorEnv = gym.vector.AsyncVectorEnv([remote] * num_envs, autoreset_mode=same_step)
+        else:
+            factory = functools.partial(make_env, env, **(env_kwargs or {}))
+            self.envs = gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=same_step)
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         if obs_space != policy.observation_space or action_space != policy.action_space:
             raise ValueError(
@@ -152,8 +162,9 @@ class CriticSampler(Sampler):
                 f"but the env has {obs_space} -> {action_space}"
             )
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.category_sizes = policy.category_sizes  # MultiDiscrete / MultiBinary: the critic takes one-hots
         self.pending = PendingObservations(obs_space)  # warm-up observations not yet in the statistics
-        if not self.discrete:
+        if not policy.categorical:
             low, high = action_space.low, action_space.high
             self.bounded = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
             self.action_low = torch.as_tensor(low, dtype=torch.float32)
@@ -164,7 +175,7 @@ class CriticSampler(Sampler):
         self.buffer = ReplayBuffer(
             buffer_size,
             obs_shape=obs_space.shape,
-            action_shape=() if self.discrete else action_space.shape,
+            action_shape=() if self.discrete else (policy.act_dim,),
             obs_dtype=np.int64 if discrete_obs else np.float32,
             action_dtype=np.int64 if self.discrete else np.float32,
         )
@@ -178,8 +189,11 @@ class CriticSampler(Sampler):
                 lr=critic_lr,
                 tau=tau,
             )
-        if target_entropy is None:  # SAC's -dim(A); half the uniform entropy for Discrete
-            target_entropy = 0.5 * math.log(action_space.n) if self.discrete else -float(np.prod(action_space.shape))
+        if target_entropy is None:  # SAC's -dim(A); half the uniform entropy for Discrete (summed over dimensions)
+            if policy.categorical:
+                target_entropy = 0.5 * sum(math.log(n) for n in self.category_sizes or (action_space.n,))
+            else:
+                target_entropy = -float(np.prod(action_space.shape))
         self.target_entropy = float(target_entropy)
         self.log_alpha = torch.tensor(math.log(self.alpha) if self.alpha > 0 else 0.0, requires_grad=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=critic_lr)
@@ -249,6 +263,8 @@ class CriticSampler(Sampler):
         that snapshots do not capture); an unbounded Box draws a standard normal."""
         if self.discrete:
             return torch.as_tensor(self.rng.integers(self.envs.single_action_space.n, size=self.num_envs))
+        if self.category_sizes is not None:
+            return torch.as_tensor(self.rng.integers(self.category_sizes, size=(self.num_envs, len(self.category_sizes))))
         shape = (self.num_envs, *self.action_low.shape)
         if self.bounded:
             return torch.as_tensor(self.rng.uniform(self.action_low.numpy(), self.action_high.numpy(), size=shape), dtype=torch.float32)
@@ -260,7 +276,11 @@ class CriticSampler(Sampler):
         return dist.log_prob(env_actions, raw) + self.log_action_scale
 
     def _critic_actions(self, env_actions: Tensor) -> Tensor:
-        """Actions as the critic takes them: indices, or a bounded Box rescaled to [-1, 1]."""
+        """Actions as the critic takes them: indices (Discrete), one-hots of every dimension
+        side by side (MultiDiscrete, MultiBinary), or a bounded Box rescaled to [-1, 1]."""
+        if self.category_sizes is not None:
+            columns = env_actions.long().unbind(-1)
+            return torch.cat([torch.nn.functional.one_hot(a, n) for a, n in zip(columns, self.category_sizes)], dim=-1).float()
         if self.discrete or not self.bounded:
             return env_actions
         low, high = self.action_low.to(env_actions.device), self.action_high.to(env_actions.device)
@@ -358,7 +378,7 @@ class CriticSampler(Sampler):
         return {
             "rng": copy.deepcopy(self.rng.bit_generator.state),
             "generator": self.generator.get_state(),
-            "envs": snapshot(self.envs),
+            "envs": self._env_states(),
             "obs": self.obs.copy(),
             "episode_return": self.episode_return.copy(),
             "episode_length": self.episode_length.copy(),
@@ -375,7 +395,7 @@ class CriticSampler(Sampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.generator.set_state(state["generator"])
-        restore(self.envs, state["envs"])
+        self._restore_envs(state["envs"])
         self.obs = np.array(state["obs"])
         self.episode_return = np.array(state["episode_return"])
         self.episode_length = np.array(state["episode_length"])
@@ -391,6 +411,27 @@ class CriticSampler(Sampler):
         self.critic.load_checkpoint_state(state["critic"])
         self.buffer.load_state_dict(state["buffer"])
         self.pending.load_state_dict(state)
+
+    def _env_states(self) -> dict[str, Any]:
+        """The envs' exact states: :func:`snapshot` of the ``SyncVectorEnv``, or each worker's
+        snapshot of its env (an ``AsyncVectorEnv``)."""
+        if isinstance(self.envs, gym.vector.AsyncVectorEnv):
+            return {"kind": "async_vector", "envs": list(self.envs.call("take_snapshot"))}
+        return snapshot(self.envs)
+
+    def _restore_envs(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_env_states` saved, in either kind of vector env (a run may resume
+        with the other ``vec_env``; the sub-envs' states are the same)."""
+        if len(state["envs"]) != self.num_envs:
+            raise ValueError(f"the checkpoint holds {len(state['envs'])} envs but this sampler has num_envs={self.num_envs}")
+        if isinstance(self.envs, gym.vector.AsyncVectorEnv):
+            self.envs.set_attr("incoming", list(state["envs"]))
+            self.envs.call("put_snapshot")
+        elif state["kind"] == "async_vector":
+            for env, env_state in zip(self.envs.envs, state["envs"]):
+                restore(env, env_state)
+        else:
+            restore(self.envs, state)
 
     def close(self) -> None:
         self.envs.close()

@@ -27,6 +27,7 @@ __all__ = [
     "ActionDistribution",
     "Categorical",
     "ClippedGaussian",
+    "MultiCategorical",
     "SquashedGaussian",
 ]
 
@@ -288,3 +289,49 @@ class Categorical:
     def entropy(self) -> Tensor:
         logits = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)  # 0 * -inf -> 0
         return -(self.probs * logits).sum(-1)
+
+
+class MultiCategorical:
+    """Independent categoricals, one per action dimension (``MultiDiscrete`` actions; a
+    ``MultiBinary`` action is the case of two values per dimension, a Bernoulli each).
+
+    ``logits`` ``(..., sum(sizes))`` hold dimension ``i``'s ``sizes[i]`` logits one after the
+    other; an action is ``(..., len(sizes))`` indices and its log-probability is the sum over
+    dimensions of each categorical's log-probability (the dimensions are independent).
+    """
+
+    def __init__(self, logits: Tensor, sizes: tuple[int, ...]) -> None:
+        if logits.shape[-1] != sum(sizes):
+            raise ValueError(f"logits have {logits.shape[-1]} entries in the last dimension; expected sum{tuple(sizes)} = {sum(sizes)}")
+        self.sizes = tuple(int(n) for n in sizes)
+        self.parts = [Categorical(chunk) for chunk in logits.split(self.sizes, dim=-1)]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of one sample (batch shape + number of dimensions)."""
+        return torch.Size((*self.parts[0].shape, len(self.sizes)))
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Sample every dimension's index (int64); returns ``(action, action)``."""
+        action = torch.stack([part.sample(generator)[0] for part in self.parts], dim=-1)
+        return action, action
+
+    def gumbel_max(self, noise: Tensor) -> Tensor:
+        """The sample that uniform ``noise`` ``(..., sum(sizes))`` picks (Gumbel-max in each dimension)."""
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-12)))
+        chunks = gumbel.split(self.sizes, dim=-1)
+        return torch.stack([(part.logits + g).argmax(-1) for part, g in zip(self.parts, chunks)], dim=-1)
+
+    def log_prob(self, action: Tensor, raw: Tensor | None = None) -> Tensor:
+        """``sum_i log p_i(action[..., i])`` (``raw`` is ignored)."""
+        if action.shape[-1] != len(self.sizes):
+            raise ValueError(f"action has {action.shape[-1]} entries in the last dimension; expected {len(self.sizes)}")
+        return sum(part.log_prob(action[..., i]) for i, part in enumerate(self.parts))  # type: ignore[return-value]
+
+    def mode(self) -> Tensor:
+        """The most likely index of every dimension."""
+        return torch.stack([part.mode() for part in self.parts], dim=-1)
+
+    def entropy(self) -> Tensor:
+        """Sum of the dimensions' entropies (they are independent)."""
+        return sum(part.entropy() for part in self.parts)  # type: ignore[return-value]

@@ -103,6 +103,10 @@ class MonteCarloSampler(Sampler):
     ``episode_length / ((state_stride + 1) / 2)``), so this curve lags the policy;
     ``q_mean`` follows the current policy.
 
+    **Worker processes** (``workers > 0``): the walkers and the branches are each divided among
+    that many processes (:class:`~rebel.control.envs.EnvPool`); snapshots travel from the
+    walkers' workers to the branches' and are restored there, with the same results.
+
     **Observation statistics.** The policy's normalisation statistics take in the
     observations the walkers met in an iteration at the start of the next :meth:`collect`
     (:class:`~rebel.control.rollouts.PendingObservations`), and stay fixed until then.
@@ -124,6 +128,7 @@ class MonteCarloSampler(Sampler):
         state_stride: int = 10,
         common_random_numbers: bool = True,
         spread_walkers: bool = False,
+        workers: int = 0,
     ) -> None:
         check_counts(num_states=num_states, rollouts_per_action=rollouts_per_action, horizon=horizon, state_stride=state_stride)
         check_group_size("actions_per_state", actions_per_state)
@@ -137,13 +142,13 @@ class MonteCarloSampler(Sampler):
         self.horizon, self.gamma, self.bootstrap, self.value_function = horizon, gamma, bootstrap, value_function
         self.state_stride, self.common_random_numbers, self.spread_walkers = state_stride, common_random_numbers, spread_walkers
         self.policy = policy
-        self.walkers = EnvPool(env, num_states, **(env_kwargs or {}))
-        spec = self.walkers.envs[0].spec
+        self.walkers = EnvPool(env, num_states, workers=workers, **(env_kwargs or {}))
+        spec = self.walkers.spec
         self.episode_limit = spec.max_episode_steps if spec is not None else None
         if spread_walkers and not self.episode_limit:
-            name = spec.id if spec is not None else type(self.walkers.envs[0].unwrapped).__name__
-            raise ValueError(f"spread_walkers needs an env with a time limit (spec.max_episode_steps); {name} has none")
-        self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, **(env_kwargs or {}))
+            self.walkers.close()
+            raise ValueError(f"spread_walkers needs an env with a time limit (spec.max_episode_steps); {self.walkers.name} has none")
+        self.branches = EnvPool(env, num_states * actions_per_state * rollouts_per_action, workers=workers, **(env_kwargs or {}))
         self.pending = PendingObservations(self.walkers.observation_space)  # walker observations not yet in the statistics
         self.seed(seed)
 
@@ -168,7 +173,7 @@ class MonteCarloSampler(Sampler):
         walker_steps, branch_steps = self.walkers.steps, self.branches.steps
         walker_obs, finished = self._advance_walkers(policy)
 
-        states = [self.walkers.snapshot(i) for i in range(self.num_states)]
+        states = self.walkers.snapshots(range(self.num_states))
         inputs = policy.preprocess(self.walkers.obs).repeat_interleave(n, dim=0)  # [S * n, obs_dim]
         _, raw = policy.act(inputs, generator=self.generator)
         raw_actions = raw.reshape(self.num_states, n, *raw.shape[1:])
@@ -236,9 +241,8 @@ class MonteCarloSampler(Sampler):
             )
         if np.shape(env_seeds) != (s, n, m):
             raise ValueError(f"env_seeds has shape {np.shape(env_seeds)}; expected ({s}, {n}, {m}): one seed per branch")
-        seeds = np.reshape(env_seeds, -1)
-        for k in range(b):  # branch k = (state * n + action) * m + rollout
-            self.branches.restore(k, states[k // (n * m)], int(seeds[k]))
+        seeds = np.reshape(env_seeds, -1)  # branch k = (state * n + action) * m + rollout
+        self.branches.restore_many(range(b), [states[k // (n * m)] for k in range(b)], [int(seed) for seed in seeds])
         first = raw_actions.repeat_interleave(m, dim=1).reshape(b, *raw_actions.shape[2:])
         flat_noise = None if noise is None else noise.reshape(b, horizon, *noise.shape[4:])
         out = rollout(self.branches, policy, range(b), horizon, self.gamma, self.generator, first, flat_noise)
@@ -294,7 +298,7 @@ class MonteCarloSampler(Sampler):
         numbers) unless ``common_random_numbers=False``."""
         n = self.actions_per_state
         shape = (self.num_states, 1 if self.common_random_numbers else n, self.rollouts_per_action, self.horizon, *policy.noise_shape())
-        draw = torch.rand if policy.discrete else torch.randn  # uniform for Gumbel-max, normal for Gaussians
+        draw = torch.rand if policy.categorical else torch.randn  # uniform for Gumbel-max, normal for Gaussians
         return draw(shape, generator=self.generator).expand(self.num_states, n, *shape[2:])
 
     def _env_seeds(self, s: int, n: int) -> np.ndarray:
@@ -309,7 +313,7 @@ class MonteCarloSampler(Sampler):
         return {
             "rng": self.rng.bit_generator.state,
             "generator": self.generator.get_state(),
-            "walkers": [None if self.fresh[i] else self.walkers.snapshot(i) for i in range(self.num_states)],
+            "walkers": self._walker_states(),
             "walker_return": self.walker_return.copy(),
             "walker_age": self.walker_age.copy(),
             "cut": self.cut.copy(),
@@ -317,15 +321,27 @@ class MonteCarloSampler(Sampler):
             **value_function_state(self.value_function),
         }
 
+    def _walker_states(self) -> list[Snapshot | None]:
+        """Each walker's snapshot, None for one not started yet."""
+        started = np.flatnonzero(~self.fresh).tolist()
+        states: list[Snapshot | None] = [None] * self.num_states
+        for i, walker in zip(started, self.walkers.snapshots(started)):
+            states[i] = walker
+        return states
+
+    def close(self) -> None:
+        """Close the env copies (and their worker processes)."""
+        self.walkers.close()
+        self.branches.close()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["walkers"]) != self.num_states:
             raise ValueError(f"the checkpoint holds {len(state['walkers'])} walkers but this sampler has num_states={self.num_states}")
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
-        for i, walker in enumerate(state["walkers"]):
-            self.fresh[i] = walker is None
-            if walker is not None:
-                self.walkers.restore(i, walker)
+        self.fresh = np.array([walker is None for walker in state["walkers"]])
+        started = np.flatnonzero(~self.fresh).tolist()
+        self.walkers.restore_many(started, [state["walkers"][i] for i in started])
         self.walker_return = np.array(state["walker_return"])
         self.walker_age = np.array(state.get("walker_age", np.zeros(self.num_states, dtype=np.int64)))
         self.cut = np.array(state.get("cut", np.full(self.num_states, -1, dtype=np.int64)))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rebel.batch import RolloutBatch
-from rebel.control.distributions import ActionDistribution, Categorical, ClippedGaussian, SquashedGaussian
+from rebel.control.distributions import ActionDistribution, Categorical, ClippedGaussian, MultiCategorical, SquashedGaussian
 from rebel.policy import Policy
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
@@ -29,14 +29,34 @@ def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
 
 
 def check_spaces(observation_space: gym.Space, action_space: gym.Space, env_name: str = "the env") -> None:
-    """Raise a clear error for spaces the control policies do not support."""
+    """Raise a one-line error naming the space for spaces the control policies do not support
+    (the policy itself sees ``Box`` or ``Discrete`` observations: :func:`~rebel.control.envs.make_env`
+    flattens the others)."""
     if not isinstance(observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
         raise ValueError(f"{env_name} has observation space {observation_space}; rebel.control supports Box and Discrete observations")
     if isinstance(action_space, gym.spaces.Box):
         if len(action_space.shape) != 1:
             raise ValueError(f"{env_name} has action space {action_space}; Box actions must be 1-D")
+    elif isinstance(action_space, gym.spaces.MultiDiscrete):
+        if len(action_space.shape) != 1 or np.any(action_space.start != 0):
+            raise ValueError(f"{env_name} has action space {action_space}; MultiDiscrete actions must be 1-D and start at 0")
+    elif isinstance(action_space, gym.spaces.MultiBinary):
+        if len(action_space.shape) != 1:
+            raise ValueError(f"{env_name} has action space {action_space}; MultiBinary actions must be 1-D")
     elif not isinstance(action_space, gym.spaces.Discrete):
-        raise ValueError(f"{env_name} has action space {action_space}; rebel.control supports Box (continuous) and Discrete actions")
+        raise ValueError(
+            f"{env_name} has action space {action_space}; rebel.control supports Box (continuous), Discrete, MultiDiscrete and MultiBinary actions"
+        )
+
+
+def category_sizes(action_space: gym.Space) -> tuple[int, ...] | None:
+    """The number of values of each dimension of a ``MultiDiscrete`` (``nvec``) or ``MultiBinary``
+    (2 each) action; None for other spaces."""
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return tuple(int(n) for n in action_space.nvec)
+    if isinstance(action_space, gym.spaces.MultiBinary):
+        return (2,) * int(action_space.shape[0])
+    return None
 
 
 class MLPPolicy(Policy):
@@ -46,7 +66,9 @@ class MLPPolicy(Policy):
       log-det correction (``squash=True``, needs finite bounds) or clipped for the env
       only (``squash=False``, log-prob of the unclipped sample as in SB3's PPO); the
       standard deviation is a learned vector (``state_dependent_std=False``) or a head.
-    * ``Discrete`` actions: a categorical.
+    * ``Discrete`` actions: a categorical; ``MultiDiscrete`` / ``MultiBinary`` actions: one
+      independent categorical per dimension (two values each for MultiBinary), the
+      log-probability summed over dimensions.
 
     Observations are normalised with running statistics held as buffers (saved with the
     policy, frozen while training). Batches carry the normalised observations the policy
@@ -70,17 +92,29 @@ class MLPPolicy(Policy):
             raise ValueError(f"activation={activation!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         self.observation_space, self.action_space = observation_space, action_space
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        self.category_sizes = category_sizes(action_space)  # MultiDiscrete / MultiBinary: values per dimension
+        self.categorical = self.discrete or self.category_sizes is not None  # raw actions are indices
         self.obs_dim = (
             int(observation_space.n) if isinstance(observation_space, gym.spaces.Discrete) else int(np.prod(observation_space.shape))
         )
-        self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
-        bounded = not self.discrete and bool(np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)))
+        if self.category_sizes is not None:
+            self.act_dim = sum(self.category_sizes)  # logits, one per value of every dimension
+        else:
+            self.act_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        #: shape and dtype of one step's raw action (what batches keep for the log-probs)
+        self.raw_shape: tuple[int, ...] = ()
+        if self.category_sizes is not None:
+            self.raw_shape = (len(self.category_sizes),)
+        elif not self.discrete:
+            self.raw_shape = (self.act_dim,)
+        self.raw_dtype = torch.long if self.categorical else torch.float32
+        bounded = not self.categorical and bool(np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)))
         self.squash = squash and bounded
-        self.state_dependent_std = state_dependent_std and not self.discrete
+        self.state_dependent_std = state_dependent_std and not self.categorical
         self.normalize_observations = normalize_observations and isinstance(observation_space, gym.spaces.Box)
         out = self.act_dim * (2 if self.state_dependent_std else 1)
         self.net = mlp([self.obs_dim, *hidden_sizes, out], activation)
-        if not self.discrete and not self.state_dependent_std:
+        if not self.categorical and not self.state_dependent_std:
             self.log_std = nn.Parameter(torch.full((self.act_dim,), float(log_std_init)))
         self.log_std_init = float(log_std_init)
         with torch.no_grad():  # small last layer: start near the uniform / zero-mean policy
@@ -88,7 +122,7 @@ class MLPPolicy(Policy):
             self.net[-1].bias.zero_()
             if self.state_dependent_std:
                 self.net[-1].bias[self.act_dim :] = log_std_init
-        if not self.discrete:
+        if not self.categorical:
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
         self.register_buffer("obs_mean", torch.zeros(self.obs_dim, dtype=torch.float64))
@@ -129,6 +163,8 @@ class MLPPolicy(Policy):
         out = self.net(inputs)
         if self.discrete:
             return Categorical(out)
+        if self.category_sizes is not None:
+            return MultiCategorical(out, self.category_sizes)
         if self.state_dependent_std:
             mean, log_std = out.split(self.act_dim, dim=-1)
         else:
@@ -145,14 +181,18 @@ class MLPPolicy(Policy):
         """``(action for the env, raw action to store)`` at preprocessed inputs.
 
         ``noise`` fixes the sample's randomness (common random numbers): standard normal
-        ``[..., act_dim]`` for Gaussians, uniform ``[..., n]`` for a categorical (Gumbel-max).
+        ``[..., act_dim]`` for Gaussians, uniform ``[..., act_dim]`` for categoricals (Gumbel-max
+        over each dimension's values).
         """
         dist = self.distribution(inputs)
         if deterministic:  # the raw action of a Gaussian's mode is its mean (pre-tanh or unclipped)
             action = dist.mode()
-            return action, (action if isinstance(dist, Categorical) else dist.mean)
+            return action, (action if self.categorical else dist.mean)
         if noise is None:
             return dist.sample(generator)
+        if isinstance(dist, MultiCategorical):
+            action = dist.gumbel_max(noise)
+            return action, action
         if isinstance(dist, Categorical):
             gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-12)))
             action = (dist.logits + gumbel).argmax(-1)
@@ -164,7 +204,7 @@ class MLPPolicy(Policy):
 
     def env_action(self, raw: Tensor) -> Tensor:
         """The action the env receives for a stored raw action."""
-        if self.discrete:
+        if self.categorical:
             return raw
         if self.squash:
             return self.action_low + (self.action_high - self.action_low) * (torch.tanh(raw) + 1) / 2

@@ -21,7 +21,7 @@ class Rollout:
     """``N`` rollouts of at most ``H`` steps (``mask`` marks the steps taken)."""
 
     inputs: Tensor  # [N, H, obs_dim] preprocessed observations the policy acted on
-    raw_actions: Tensor  # [N, H, act_dim] (or [N, H] for Discrete) raw samples, for exact log-probs
+    raw_actions: Tensor  # [N, H, *policy.raw_shape] raw samples, for exact log-probs
     mask: Tensor  # [N, H] bool
     rewards: np.ndarray  # [N, H] per-step rewards (0 after a rollout stopped)
     discounted_return: np.ndarray  # [N] sum_h gamma^h r_h
@@ -51,8 +51,7 @@ def rollout(
     index = list(index)
     n = len(index)
     inputs = torch.zeros(n, horizon, policy.obs_dim)
-    raw_shape = (n, horizon) if policy.discrete else (n, horizon, policy.act_dim)
-    raw_actions = torch.zeros(raw_shape, dtype=torch.long if policy.discrete else torch.float32)
+    raw_actions = torch.zeros((n, horizon, *policy.raw_shape), dtype=policy.raw_dtype)
     mask = torch.zeros(n, horizon, dtype=torch.bool)
     step_rewards = np.zeros((n, horizon))
     discounted = np.zeros(n)

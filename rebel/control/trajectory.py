@@ -50,6 +50,9 @@ class TrajectorySampler(Sampler):
 
     The policy's observation statistics take in every rollout step of an iteration at the
     start of the next :meth:`collect` (:class:`~rebel.control.rollouts.PendingObservations`).
+
+    ``workers > 0`` steps the copies in that many worker processes (:class:`~rebel.control.envs.EnvPool`),
+    with the same results.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class TrajectorySampler(Sampler):
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
         value_function: ValueFunction | None = None,
+        workers: int = 0,
     ) -> None:
         check_group_size("group_size", group_size)
         check_counts(num_groups=num_groups, segment_length=segment_length)
@@ -70,7 +74,7 @@ class TrajectorySampler(Sampler):
         check_value_function(value_function)
         self.value_function = value_function
         self.num_groups, self.group_size, self.segment_length, self.gamma = num_groups, group_size, segment_length, gamma
-        self.pool = EnvPool(env, num_groups * group_size, **(env_kwargs or {}))
+        self.pool = EnvPool(env, num_groups * group_size, workers=workers, **(env_kwargs or {}))
         self.policy = policy
         self.pending = PendingObservations(self.pool.observation_space)  # rollout observations not yet in the statistics
         self.seed(seed)
@@ -85,14 +89,12 @@ class TrajectorySampler(Sampler):
         assert isinstance(policy, MLPPolicy)
         self.pending.apply(policy)
         n, pool = self.group_size, self.pool
-        for g in range(self.num_groups):
-            leader = g * n
-            if self.starts[g] is None:  # a new episode for this group
-                pool.reset([leader], [int(self.seeds.integers(2**31))])
-                self.starts[g] = pool.snapshot(leader)
-                self.leader_return[g] = 0.0
-            for member in range(leader, leader + n):
-                pool.restore(member, self.starts[g])
+        new = [g for g in range(self.num_groups) if self.starts[g] is None]  # groups starting a new episode
+        pool.reset([g * n for g in new], [int(self.seeds.integers(2**31)) for _ in new])
+        for g, start in zip(new, pool.snapshots([g * n for g in new])):
+            self.starts[g] = start
+            self.leader_return[g] = 0.0
+        pool.restore_many(range(len(pool)), [self.starts[member // n] for member in range(len(pool))])
         steps_before = pool.steps
         out = rollout(pool, policy, range(len(pool)), self.segment_length, self.gamma, self.generator)
         reward = torch.as_tensor(out.discounted_return, dtype=torch.float32)
@@ -103,6 +105,7 @@ class TrajectorySampler(Sampler):
             reward = torch.as_tensor(bootstrapped_return(out, end_value, self.gamma), dtype=torch.float32)
             value_stats = fit_value(self.value_function, out, end_value, self.gamma, self.generator)
         finished = []
+        going = []  # groups whose leader's episode goes on
         for g in range(self.num_groups):
             leader = g * n
             self.leader_return[g] += out.reward_sum[leader]
@@ -110,7 +113,9 @@ class TrajectorySampler(Sampler):
                 finished.append(self.leader_return[g])
                 self.starts[g] = None
             else:
-                self.starts[g] = pool.snapshot(leader)
+                going.append(g)
+        for g, start in zip(going, pool.snapshots([g * n for g in going])):
+            self.starts[g] = start
         self.pending.add(out.raw_observations)
         stats = {"segment_return": float(out.reward_sum.mean()), "segment_length": float(out.mask.sum(1).float().mean()), **value_stats}
         if finished:
@@ -134,6 +139,10 @@ class TrajectorySampler(Sampler):
             **self.pending.state_dict(),
             **value_function_state(self.value_function),
         }
+
+    def close(self) -> None:
+        """Close the env copies (and their worker processes)."""
+        self.pool.close()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seeds.bit_generator.state = state["seeds"]

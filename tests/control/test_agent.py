@@ -147,8 +147,8 @@ def test_env_objects_and_bad_inputs(tmp_path):
         Rebel("CartPole-v1", variant="ppo")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['hidden'\]"):
         Rebel("CartPole-v1", hidden=[3])
-    with pytest.raises(ValueError, match="supports Box \\(continuous\\) and Discrete actions"):
-        Rebel(_MultiDiscreteEnv)
+    with pytest.raises(ValueError, match="supports Box \\(continuous\\), Discrete, MultiDiscrete and MultiBinary actions"):
+        Rebel(_DictActionEnv)
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         agent.learn(0)
     with pytest.raises(ValueError, match=r"alpha \* eta must be <= 1 .* got alpha=0.5 and eta=4.0"):
@@ -186,9 +186,9 @@ def test_a_video_without_pygame_is_refused_before_the_run_starts(tmp_path, monke
     assert sorted(tmp_path.iterdir()) == []
 
 
-class _MultiDiscreteEnv(gym.Env):
+class _DictActionEnv(gym.Env):
     observation_space = gym.spaces.Box(-1, 1, (2,))
-    action_space = gym.spaces.MultiDiscrete([2, 2])
+    action_space = gym.spaces.Dict({"a": gym.spaces.Discrete(2)})
 
 
 def test_command_line_train_eval_and_resume(tmp_path, capsys):

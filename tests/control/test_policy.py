@@ -117,7 +117,11 @@ def test_deterministic_discrete_action_is_the_most_likely_one():
 @pytest.mark.parametrize(
     ("obs_space", "act_space", "message"),
     [
-        (BOX_OBS, gym.spaces.MultiDiscrete([2, 3]), "supports Box \\(continuous\\) and Discrete actions"),
+        (
+            BOX_OBS,
+            gym.spaces.Tuple((gym.spaces.Discrete(2),)),
+            "supports Box \\(continuous\\), Discrete, MultiDiscrete and MultiBinary actions",
+        ),
         (BOX_OBS, gym.spaces.Box(-1, 1, (2, 2)), "Box actions must be 1-D"),
         (gym.spaces.Dict({"a": BOX_OBS}), BOX_ACT, "supports Box and Discrete observations"),
     ],
