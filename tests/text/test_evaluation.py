@@ -164,8 +164,6 @@ def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys, e
     assert results["best"]["eval/reward_mean"] == best["score"]  # the saved best model evaluates to its recorded score
     assert results["last"]["eval/reward_mean"] == scores[-1]  # the final model, to the last evaluation's
     assert {k: v for k, v in after.items() if k in before} == before
-    assert sorted(str(k) for k in set(after) - set(before)) == sorted(
-        str(Path(r["output"]).relative_to(run)) for r in results.values()
-    )
+    assert sorted(str(k) for k in set(after) - set(before)) == sorted(str(Path(r["output"]).relative_to(run)) for r in results.values())
     assert main(["eval", str(run), "--model", "best", "--output", str(run / "config.yaml")]) == 2
     assert "is one of the run's own files" in capsys.readouterr().err
