@@ -38,6 +38,7 @@ from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
 from rebel.runs import DamagedCheckpointError, RunDir, checkpoint_of, claim_run, load_checkpoint_file, save_file
 from rebel.sampler import Sampler
+from rebel.tracking import TRACKERS, resolve_report_to
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -75,7 +76,7 @@ class TrainerConfig:
     checkpoint_every: int = option(10, "iterations between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
     stats_forward: bool = option(True, "one extra no-grad forward after each update for kl and explained_variance")
-    tensorboard: bool = option(True, "write TensorBoard events")
+    report_to: list[str] = option(["tensorboard"], f"experiment trackers: any of {', '.join(TRACKERS)}, or none (as TRL's report_to)")  # noqa: RUF009 - option() builds a field
     plot: bool = option(True, "draw curves.png at the end")
     progress: bool = option(True, "show a progress bar")
 
@@ -106,6 +107,7 @@ class TrainerConfig:
             check_positive("max_grad_norm", self.max_grad_norm)
         if self.budget is not None:
             check_positive("budget", self.budget)
+        self.report_to = resolve_report_to(self.report_to)
         for name, choices in (
             ("loss", tuple(LOSSES)),
             ("pairs", PAIRINGS),
@@ -243,9 +245,9 @@ class Trainer:
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
-        self.run.write_config({**self.run_config, "trainer": self.config.trainer_settings()})
-        if self.config.tensorboard:
-            self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
+        config = {**self.run_config, "trainer": self.config.trainer_settings()}
+        self.run.write_config(config)
+        self.run.open_trackers(self.config.report_to, config, resume_step=self.iteration or None)
         rows: list[dict[str, Any]] = []
         self._stop_requested, self._stop_signal, self.stop_reason = False, None, None
         progress = self._progress_bar()

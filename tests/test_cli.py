@@ -42,7 +42,7 @@ def test_help_lists_the_commands(capsys):
 
 
 def tabular(tmp_path, name, *extra):
-    return main(["train", "tabular", "--output-dir", str(tmp_path / name), "--no-progress", "--no-tensorboard", *extra])
+    return main(["train", "tabular", "--output-dir", str(tmp_path / name), "--no-progress", "--report-to", "none", *extra])
 
 
 def test_train_tabular_learns_and_resume_continues_exactly(tmp_path, capsys):

@@ -27,6 +27,7 @@ from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
 from rebel.runs import newest_intact, read_config
 from rebel.sampler import Sampler
+from rebel.tracking import legacy_settings
 from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
@@ -298,7 +299,9 @@ class Rebel:
         if trainer.finishing or (c.eval_every and trainer.iteration % c.eval_every == 0):
             metrics.update(self.evaluate(c.eval_episodes, seed=10_000 + c.seed))
             if trainer.finishing and c.video and trainer.accelerator.is_main_process:
-                record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=10_000 + c.seed)
+                video = record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=10_000 + c.seed)
+                if video is not None:
+                    trainer.run.log_video("eval_video", video, trainer.iteration)
 
     # ------------------------------------------------------------------ public
     @property
@@ -411,7 +414,7 @@ def _saved_options(control: dict[str, Any], trainer: dict[str, Any]) -> tuple[st
     """``(env id, variant, seed, options)`` of a saved config's two sections (older runs kept
     the seed in both), as ``Rebel`` takes them."""
     # saved before these options existed: V learned raw returns, alpha stayed fixed
-    saved = {"value_normalize_targets": False, "tune_alpha": False, **trainer, **control}
+    saved = {"value_normalize_targets": False, "tune_alpha": False, **legacy_settings(trainer), **control}
     for key in ("iterations", "budget"):
         saved.pop(key, None)
     return saved.pop("env"), saved.pop("variant"), saved.pop("seed"), saved

@@ -48,7 +48,7 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
     lora_rank: int = option(4, "LoRA rank")
     lora_alpha: int | None = option(None, "LoRA alpha; none: the rank")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass")
-    log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, TensorBoard); 0: none")
+    log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, the trackers); 0: none")
 
     def __post_init__(self) -> None:
         check_group_size("num_generations", self.num_generations)
@@ -130,8 +130,9 @@ class DiffusionTrainer(PretrainedTrainer):
 
 class ImageGridLogger:
     """Trainer callback: a grid of the iteration's first images (one row per prompt group,
-    each tile captioned with its reward) in ``images/iter_NNNN.png`` and TensorBoard, and the
-    prompts and rewards in ``images.jsonl``. Only the main process's samples are drawn."""
+    each tile captioned with its reward) in ``images/iter_NNNN.png`` and the trackers (with
+    the prompts and rewards as its caption), and the prompts and rewards in ``images.jsonl``.
+    Only the main process's samples are drawn."""
 
     def __init__(self, sampler: DiffusionSampler, count: int, tile: int = 96) -> None:
         self.sampler, self.count, self.tile = sampler, count, tile
@@ -148,7 +149,7 @@ class ImageGridLogger:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"iter_{iteration:04d}.png"
         grid.save(folder / name)
-        trainer.run.log_image("samples", _array(grid), iteration)
+        trainer.run.log_image("samples", _array(grid), iteration, caption=grid_caption(prompts, rewards, self.sampler.num_generations))
         trainer.run.append_jsonl(
             "images.jsonl",
             [
@@ -156,6 +157,12 @@ class ImageGridLogger:
                 for k, (p, r) in enumerate(zip(prompts, rewards))
             ],
         )
+
+
+def grid_caption(prompts: Sequence[str], rewards: Sequence[float], columns: int) -> str:
+    """One line per row of an :func:`image_grid`: its prompt and its images' rewards."""
+    rows = range(0, len(prompts), columns)
+    return "\n".join(f"{prompts[k]}: " + ", ".join(f"{r:.3g}" for r in rewards[k : k + columns]) for k in rows)
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str], columns: int, tile: int = 96) -> Any:

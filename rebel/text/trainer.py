@@ -74,7 +74,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
-    log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
+    log_completions: int = option(8, "completions written to completions.jsonl and the trackers (report_to) per iteration (0: none)")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
     vllm_kwargs: dict[str, Any] = option({}, "vllm.LLM arguments of speed, memory, placement (enforce_eager, ...)")  # noqa: RUF009 - option() builds a field
@@ -210,7 +210,7 @@ class TextTrainer(PretrainedTrainer):
 
 class CompletionLogger:
     """Trainer callback: a few completions of each iteration in ``completions.jsonl``
-    (and TensorBoard text). The trainer reports ``tokens_per_second`` from the counts."""
+    (and a table to the trackers). The trainer reports ``tokens_per_second`` from the counts."""
 
     def __init__(self, sampler: TextSampler, count: int) -> None:
         self.sampler, self.count = sampler, count
@@ -229,11 +229,5 @@ class CompletionLogger:
             return
         iteration = int(metrics["iteration"])
         trainer.run.append_jsonl("completions.jsonl", [{"iteration": iteration, **sample} for sample in samples])
-        table = "| prompt | completion | reward |\n| --- | --- | --- |\n" + "\n".join(
-            f"| {_cell(s['prompt'])} | {_cell(s['completion'])} | {s['reward']:.4g} |" for s in samples
-        )
-        trainer.run.log_text("completions", table, iteration)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")[:500]
+        rows = [[s["prompt"], s["completion"], float(s["reward"])] for s in samples]
+        trainer.run.log_table("completions", ["prompt", "completion", "reward"], rows, iteration)

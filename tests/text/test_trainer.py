@@ -11,7 +11,7 @@ from rebel.runs import latest_checkpoint, read_metrics
 from rebel.text import RewardFunctionError, TextConfig, TextTrainer
 from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 DATA = sorting_dataset(200, seed=0)
 
 
@@ -35,7 +35,7 @@ def test_log_ratio_is_exactly_zero_at_the_start_of_every_iteration(tiny_lm, tmp_
 
 
 def test_rebel_improves_the_embedded_sorting_task(sorting_lm, tmp_path):
-    cfg = config(tmp_path, iterations=40, prompts_per_iteration=32, num_generations=4, missing_eos_penalty=1.0, tensorboard=True)
+    cfg = config(tmp_path, iterations=40, prompts_per_iteration=32, num_generations=4, missing_eos_penalty=1.0, report_to=["tensorboard"])
     rows = TextTrainer(sorting_lm, sorted_digits_reward, sorting_dataset(2000, seed=0), cfg).train()
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5
