@@ -3,11 +3,9 @@
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,83 +128,6 @@ def test_tensorboard_table_is_the_markdown_it_was(tmp_path):
 # ---------------------------------------------------------------------- W&B
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """W&B offline, every folder of its own inside tmp_path, and no connection but local ones."""
-    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME"):
-        monkeypatch.delenv(key, raising=False)
-    folder = tmp_path / "wandb-home"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(folder))
-    for key, sub in (
-        ("WANDB_CONFIG_DIR", "config"),
-        ("WANDB_CACHE_DIR", "cache"),
-        ("WANDB_DATA_DIR", "data"),
-        ("WANDB_ARTIFACT_DIR", "art"),
-    ):
-        monkeypatch.setenv(key, str(folder / sub))
-    folder.mkdir()
-    connect = socket.socket.connect
-
-    def local_only(self, address):
-        if self.family != socket.AF_UNIX and address[0] not in ("127.0.0.1", "localhost", "::1"):
-            raise AssertionError(f"W&B tried to reach {address} in offline mode")
-        return connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", local_only)
-    return folder
-
-
-def wandb_records(path):
-    """The records of a ``run-ID.wandb`` file (W&B's log: a 7-byte header, then 32 KiB blocks
-    of chunks, each ``crc32c (4) | length (2, little-endian) | kind (1: whole, 2-4: first, middle, last)``)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending, records = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # the block's zero-filled tail
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def offline_runs(wandb_dir):
-    """The offline run folders under ``WANDB_DIR`` (after W&B's service has written them out)."""
-    import wandb
-
-    wandb.teardown()  # the service writes the run files asynchronously; its shutdown flushes them
-    return sorted((wandb_dir / "wandb").glob("offline-run-*"))
-
-
-def wandb_run(folder):
-    """``(run id, name, project, config, history rows)`` of one offline run folder."""
-    [path] = folder.glob("run-*.wandb")
-    run, config, history = None, {}, []
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-            config.update({item.key: json.loads(item.value_json) for item in run.config.update})
-        elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-        elif kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    config.pop("_wandb", None)
-    return run.run_id, run.display_name, run.project, config, history
-
-
-@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install 'rebel-rl[wandb]')")
 def test_wandb_offline_run_holds_the_scalars_and_config_and_a_resume_continues_it(tmp_path, wandb_offline):
     tabular_trainer(tmp_path, iterations=2, report_to=["wandb"]).train()
     ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
@@ -214,19 +135,16 @@ def test_wandb_offline_run_holds_the_scalars_and_config_and_a_resume_continues_i
     resumed.train(resume=True)
     assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == ids
     rows = read_metrics(tmp_path / "run")
-    folders = sorted(offline_runs(wandb_offline), key=lambda f: wandb_run(f)[4][0]["iteration"])
-    assert len(folders) == 2
-    first, second = (wandb_run(f) for f in folders)
-    assert first[0] == second[0] == ids["wandb"]["id"]  # one run: `wandb sync` appends the second part to it
-    assert first[1] == second[1] == "run" and first[2] == ids["wandb"]["project"] == "rebel"
-    assert first[3] == read_config(tmp_path / "run") | {"trainer": first[3]["trainer"]}
-    assert first[3]["trainer"] == {**read_config(tmp_path / "run")["trainer"], "iterations": 2}
-    assert second[3]["trainer"]["iterations"] == 3
-    logged = [{k: v for k, v in h.items() if not k.startswith("_")} for h in first[4] + second[4]]
+    first, second = sorted(wandb_offline.runs(), key=lambda run: run["history"][0]["iteration"])
+    assert first["id"] == second["id"] == ids["wandb"]["id"]  # one run: `wandb sync` appends the second part to it
+    assert first["name"] == second["name"] == "run" and first["project"] == ids["wandb"]["project"] == "rebel"
+    assert first["config"] == read_config(tmp_path / "run") | {"trainer": first["config"]["trainer"]}
+    assert first["config"]["trainer"] == {**read_config(tmp_path / "run")["trainer"], "iterations": 2}
+    assert second["config"]["trainer"]["iterations"] == 3
+    logged = [{k: v for k, v in h.items() if not k.startswith("_")} for h in first["history"] + second["history"]]
     assert logged == [numbers(r) for r in rows]
 
 
-@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install 'rebel-rl[wandb]')")
 def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):
     from PIL import Image
 
@@ -238,8 +156,8 @@ def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):
     frames[0].save(tmp_path / "eval.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     run.log_video("eval_video", tmp_path / "eval.gif", 1)
     run.close()
-    [folder] = offline_runs(wandb_offline)
-    *_, history = wandb_run(folder)
+    [logged] = wandb_offline.runs()
+    folder, history = logged["folder"], logged["history"]
     media = {k: v for h in history for k, v in h.items() if "/" in k}  # W&B's media: nested keys, flattened here
     assert media["completions/_type"] == "table-file" and media["completions/ncols"] == 3 and media["completions/nrows"] == 1
     assert json.loads((folder / "files" / media["completions/path"]).read_text())["data"] == [["2 1", "1 2", 1.0]]

@@ -139,3 +139,17 @@ def test_bf16_autocast_keeps_the_start_exact(tiny_pipe, tmp_path):
     rows = DiffusionTrainer(tiny_pipe, bright, PROMPTS, config(tmp_path, mixed_precision="bf16", epochs=2, minibatch_size=2)).train()
     assert [r["start_log_ratio_max"] for r in rows] == [0.0, 0.0]
     assert all(r["log_ratio_max_abs"] > 0 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_image_grid_reaches_the_trackers_with_its_prompts_and_rewards(tiny_pipe, tmp_path, wandb_offline):
+    from rebel.diffusion.trainer import grid_caption
+
+    cfg = config(tmp_path, iterations=1, report_to=["wandb"])
+    DiffusionTrainer(tiny_pipe, brightness, PROMPTS, cfg).train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "images.jsonl").read_text().splitlines()]
+    [run] = wandb_offline.runs()
+    [row] = [h for h in run["history"] if "samples/_type" in h]
+    caption = grid_caption([r["prompt"] for r in logged], [r["reward"] for r in logged], columns=2)
+    assert row["samples/captions"] == [caption] and row["iteration"] == 1
+    assert caption.splitlines()[0] == f"{logged[0]['prompt']}: {logged[0]['reward']:.3g}, {logged[1]['reward']:.3g}"
+    assert (run["folder"] / "files" / row["samples/filenames"][0]).stat().st_size > 0
