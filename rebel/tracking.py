@@ -186,7 +186,8 @@ class TrackioTracker(Tracker):
         self.run.log({tag: self.trackio.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
-        self.run.log({tag: [self.trackio.Image(i, caption=c) for i, c in zip(images, captions)]}, step=step)
+        keys = [tag] if len(images) == 1 else [f"{tag}/{k}" for k in range(len(images))]  # one image per key: Trackio takes no lists
+        self.run.log({key: self.trackio.Image(i, caption=c) for key, i, c in zip(keys, images, captions)}, step=step)
 
     def log_video(self, tag: str, path: Path, step: int) -> None:
         self.run.log({tag: self.trackio.Video(str(path))}, step=step)

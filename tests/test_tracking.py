@@ -170,7 +170,9 @@ def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):
 
 TRACKIO_RUN = """
 import json, sys
+import numpy as np
 import torch
+from rebel.runs import RunDir
 from rebel.trainer import Trainer, TrainerConfig
 from rebel_envs.tabular import TabularConfig, make_tabular
 from trackio.sqlite_storage import SQLiteStorage
@@ -185,16 +187,28 @@ trainer(2).train()
 trainer(3).train(resume=True)
 ids = json.load(open(sys.argv[1] + "/trackers.json"))["trackio"]
 logs = SQLiteStorage.get_logs(ids["project"], ids["name"])
-print(json.dumps({"ids": ids, "runs": SQLiteStorage.get_runs(ids["project"]), "logs": logs}, default=str))
+
+media = RunDir(sys.argv[1] + "-media")
+media.open_trackers(["trackio"], {})
+media.log_table("completions", ["prompt", "completion", "reward"], [["2 1", "1 2", 1.0]], 1)
+media.log_image("samples", np.zeros((8, 8, 3), np.uint8), 1, caption="a red square: 0.5")
+media.log_video("eval_video", sys.argv[2], 1)
+media.close()
+media_logs = SQLiteStorage.get_logs(ids["project"], "run-media")
+print(json.dumps({"ids": ids, "runs": SQLiteStorage.get_runs(ids["project"]), "logs": logs, "media": media_logs}, default=str))
 """
 
 
 @pytest.mark.skipif(not HAS_TRACKIO, reason="trackio is not installed (pip install 'rebel-rl[trackio]')")
 def test_trackio_local_database_holds_the_scalars_and_a_resume_continues_the_run(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((8, 8, 3), k * 40, np.uint8)) for k in range(3)]
+    frames[0].save(tmp_path / "eval.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
     env.pop("TRACKIO_SPACE_ID", None), env.pop("TRACKIO_SERVER_URL", None), env.pop("TRACKIO_PROJECT", None)
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(TRACKIO_RUN), str(tmp_path / "run")],
+        [sys.executable, "-c", textwrap.dedent(TRACKIO_RUN), str(tmp_path / "run"), str(tmp_path / "eval.gif")],
         check=False,
         capture_output=True,
         text=True,
@@ -203,9 +217,14 @@ def test_trackio_local_database_holds_the_scalars_and_a_resume_continues_the_run
     )
     assert done.returncode == 0, done.stderr[-3000:]
     [found] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert found["ids"]["project"] == "rebel" and found["ids"]["name"] == "run" and found["runs"] == ["run"]
+    assert found["ids"]["project"] == "rebel" and found["ids"]["name"] == "run" and found["runs"] == ["run", "run-media"]
     rows = read_metrics(tmp_path / "run")
     logged = [{k: v for k, v in log.items() if k in numbers(rows[0])} for log in found["logs"]]
     assert [log["step"] for log in found["logs"]] == [1, 2, 3]
     assert logged == [{k: v for k, v in numbers(r).items() if k != "iteration"} for r in rows]
     assert (tmp_path / "trackio" / "rebel.db").is_file()
+    media = {k: v for log in found["media"] for k, v in log.items() if k not in ("step", "timestamp")}
+    assert media["completions"] == {"_type": "trackio.table", "_value": [{"prompt": "2 1", "completion": "1 2", "reward": 1.0}]}
+    assert media["samples"]["_type"] == "trackio.image" and media["samples"]["caption"] == "a red square: 0.5"
+    assert media["eval_video"]["_type"] == "trackio.video" and media["eval_video"]["file_path"].endswith(".gif")
+    assert {log["step"] for log in found["media"]} == {1}
