@@ -105,11 +105,11 @@ class RunDir:
         if self.is_main and not self.trackers:
             self.trackers = open_trackers(names, self.path, config, resume_step)
 
-    def close(self) -> None:
-        """Finish the trackers' runs."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the trackers' runs (``failed``: the run stopped on an error)."""
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
-            tracker.close()
+            tracker.close(failed)
 
     def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Append rows (each with an ``iteration`` key) to ``name`` in the run folder, as

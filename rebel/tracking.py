@@ -92,8 +92,8 @@ class Tracker:
         """What a resume needs to continue this tracker's run (written to ``trackers.json``)."""
         return {}
 
-    def close(self) -> None:
-        """Finish the run (all data written)."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the run (all data written); ``failed``: the run stopped on an error."""
 
 
 class TensorBoardTracker(Tracker):
@@ -121,7 +121,7 @@ class TensorBoardTracker(Tracker):
         for k, image in enumerate(images):
             self.writer.add_image(tag if len(images) == 1 else f"{tag}/{k}", image, step, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -160,8 +160,8 @@ class WandbTracker(Tracker):
     def state(self) -> dict[str, Any]:
         return {"id": self.run.id, "project": self.run.project}
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class TrackioTracker(Tracker):
@@ -195,7 +195,7 @@ class TrackioTracker(Tracker):
     def state(self) -> dict[str, Any]:
         return {"project": self.run.project, "name": self.run.name, "id": getattr(self.run, "id", None)}
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.run.finish()
 
 
@@ -216,7 +216,7 @@ def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any], r
                 trackers.append(TrackioTracker(run_dir, config, saved.get(name, {})))
     except BaseException:
         for tracker in trackers:
-            tracker.close()
+            tracker.close(failed=True)
         raise
     states = {**saved, **{t.name: t.state() for t in trackers if t.state()}}
     if states != saved:

@@ -252,6 +252,7 @@ class Trainer:
         self._stop_requested, self._stop_signal, self.stop_reason = False, None, None
         progress = self._progress_bar()
         restore_signals = self._install_signal_handlers()
+        failed = True
         try:
             while not self._done() and not self._should_stop():
                 row = self._iteration()
@@ -260,10 +261,11 @@ class Trainer:
                 progress.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "episode_return", "eval_return", "loss") if k in row})
                 if self.finishing or self.iteration % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
+            failed = False
         finally:
             restore_signals()
             progress.close()
-            self.run.close()
+            self.run.close(failed=failed)
         if self._stop_signal is not None:
             self.stop_reason = signal.Signals(self._stop_signal).name
             if self.accelerator.is_main_process:

@@ -75,8 +75,8 @@ class OfflineWandb:
         self.dir = folder
 
     def runs(self) -> list[dict]:
-        """Each offline run's ``folder``, ``id``, ``name``, ``project``, ``config`` and ``history``
-        rows (W&B's nested keys of media joined with ``/``), oldest folder first."""
+        """Each offline run's ``folder``, ``id``, ``name``, ``project``, ``config``, ``history``
+        rows (W&B's nested keys of media joined with ``/``) and ``exit_code``, oldest folder first."""
         import wandb
 
         wandb.teardown()  # the service writes the run files asynchronously; its shutdown flushes them
@@ -95,6 +95,8 @@ class OfflineWandb:
                 found["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "config":
                 found["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+            elif kind == "exit":
+                found["exit_code"] = record.exit.exit_code
             elif kind == "history":
                 items = record.history.item
                 found["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})

@@ -143,6 +143,24 @@ def test_wandb_offline_run_holds_the_scalars_and_config_and_a_resume_continues_i
     assert second["config"]["trainer"]["iterations"] == 3
     logged = [{k: v for k, v in h.items() if not k.startswith("_")} for h in first["history"] + second["history"]]
     assert logged == [numbers(r) for r in rows]
+    assert first["exit_code"] == second["exit_code"] == 0
+
+
+def test_a_run_that_fails_is_marked_failed_in_wandb_and_only_the_main_process_reports(tmp_path, wandb_offline):
+    def fail(trainer, metrics):
+        if trainer.iteration == 2:
+            raise RuntimeError("a callback failed")
+
+    trainer = tabular_trainer(tmp_path, iterations=3, report_to=["wandb"])
+    trainer.callbacks.append(fail)
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        trainer.train()
+    [run] = wandb_offline.runs()
+    assert run["exit_code"] == 1 and [h["iteration"] for h in run["history"]] == [1]
+    other = RunDir(tmp_path / "rank1", is_main=False)  # a process other than the main one: no tracker run, nothing written
+    other.open_trackers(["wandb", "tensorboard"], {})
+    other.log_metrics({"iteration": 1, "loss": 1.0})
+    assert other.trackers == [] and not (tmp_path / "rank1").exists() and len(wandb_offline.runs()) == 1
 
 
 def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):

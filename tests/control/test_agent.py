@@ -177,7 +177,8 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
         "--eval-episodes",
         "2",
         "--no-progress",
-        "--report-to", "none",
+        "--report-to",
+        "none",
     ]
     assert main(args) == 0
     assert "CartPole-v1 (trajectory)" in capsys.readouterr().out
