@@ -45,7 +45,8 @@ def resolve_report_to(value: str | Sequence[str] | None) -> list[str]:
         return []
     names = list(dict.fromkeys(names))
     for name in names:
-        if importlib.util.find_spec(name) is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:  # not installed (a bare ./wandb folder is no package)
             raise ValueError(_missing(name))
     return names
 
@@ -66,9 +67,12 @@ def _missing(name: str) -> str:
 
 def _import(name: str) -> Any:
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError:
-        raise ValueError(_missing(name)) from None
+        module = None
+    if getattr(module, "__file__", None) is None:
+        raise ValueError(_missing(name))
+    return module
 
 
 class Tracker:

@@ -71,6 +71,21 @@ def test_a_missing_tracker_package_names_the_extra_before_anything_is_made(tmp_p
         run.open_trackers([name], {})
 
 
+def test_a_folder_named_like_a_tracker_is_not_its_package(tmp_path, monkeypatch):
+    (tmp_path / "wandb").mkdir()  # W&B writes ./wandb where no WANDB_DIR is set: a namespace package to Python
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [""])  # only the working directory, as where wandb is not installed
+    for key in [k for k in sys.modules if k.split(".")[0] == "wandb"]:
+        monkeypatch.delitem(sys.modules, key)  # put back after the test
+    try:
+        with pytest.raises(ValueError, match=r'needs the wandb package, which is not installed: pip install "rebel-rl\[wandb\]"'):
+            resolve_report_to(["wandb"])
+        with pytest.raises(ValueError, match=r'needs the wandb package, which is not installed: pip install "rebel-rl\[wandb\]"'):
+            RunDir(tmp_path / "run").open_trackers(["wandb"], {})
+    finally:
+        sys.modules.pop("wandb", None)  # the folder, imported as a namespace package
+
+
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install 'rebel-rl[wandb]')")
 def test_an_installed_tracker_passes_the_check():
     assert resolve_report_to(["wandb", "tensorboard", "wandb"]) == ["wandb", "tensorboard"]
