@@ -1,6 +1,7 @@
 """The ``rebel`` command.
 
     rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
+    rebel eval RUN_DIR [--model best|last|PATH] [--episodes N] [--output FILE] [--video]
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
     rebel vllm-serve [--host H] [--port P]                  a vLLM engine for --vllm-mode server (rebel.text.vllm_server)
     rebel --version
@@ -42,12 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "adapter", choices=list(ADAPTERS), metavar="{" + ",".join(ADAPTERS) + "}", help="; ".join(f"{k}: {v}" for k, v in ADAPTERS.items())
     )
     evaluate = commands.add_parser(
-        "eval", help="evaluate a run's newest checkpoint", description="Deterministic evaluation of a run (control runs)."
+        "eval",
+        help="evaluate a run's best or last model",
+        description="Evaluation of a run's model: control runs play deterministic episodes, text runs complete their evaluation "
+        "set (--eval-dataset, or the embedded task's held-out prompts), diffusion runs draw their fixed-seed evaluation grid "
+        "(a PNG beside the JSON file). Reads the run only (a run still training can be "
+        "evaluated) and writes its result to a new file, RUN_DIR/eval/<model>-<time>.json unless --output names one.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
-    evaluate.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default: 10)")
-    evaluate.add_argument("--seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
-    evaluate.add_argument("--video", action="store_true", help="also render an episode into RUN_DIR/videos/eval.gif")
+    evaluate.add_argument(
+        "--model",
+        default="last",
+        help="last (control: the newest checkpoint; text: RUN_DIR/model; diffusion: RUN_DIR/lora), best (RUN_DIR/best) or a saved "
+        "model's path (default: last)",
+    )
+    evaluate.add_argument("--episodes", type=int, default=10, help="control: evaluation episodes (default: 10)")
+    evaluate.add_argument("--seed", type=int, default=10_000, help="control: reset seed of the first episode (default: 10000)")
+    evaluate.add_argument("--output", default=None, help="JSON file to write (default: a new RUN_DIR/eval/<model>-<time>.json)")
+    evaluate.add_argument("--video", action="store_true", help="control: also render an episode into a GIF beside the JSON file")
     plot = commands.add_parser("plot", help="overlay learning curves of runs", description="Overlay one metric of several runs.")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--metric", default=None, help="metric to plot (default: eval_return if logged, else reward_mean)")
@@ -121,9 +134,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         adapter = read_config(args.run_dir).get("adapter")
         module = importlib.import_module(f"rebel.{adapter}.cli") if adapter in ADAPTERS and adapter != "tabular" else None
         if module is None or not hasattr(module, "evaluate_run"):
-            raise ValueError(f"{args.run_dir} is a {adapter!r} run; rebel eval evaluates control runs")
+            raise ValueError(f"{args.run_dir} is a {adapter!r} run; rebel eval evaluates control, text and diffusion runs")
         module.evaluate_run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel eval: error: {error}", file=sys.stderr)
         return 2
     return 0

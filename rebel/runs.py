@@ -9,6 +9,8 @@ Layout of a run folder::
     trackers.json          the ids of the tracker runs a resume continues (W&B, Trackio)
     wandb/                 W&B's files, unless WANDB_DIR names another folder
     checkpoints/iter_N/    written atomically; ``checkpoints/latest`` names the newest
+    best/                  the model of the best evaluation so far, and its record (control)
+    eval/                  evaluation grids during training (diffusion), ``rebel eval`` results
     curves.png             learning curves, drawn at the end of a run
 
 One run owns a folder: :func:`claim_run` takes its lock for the life of the run and
@@ -38,6 +40,9 @@ from rebel.tracking import Tracker, legacy_settings, open_trackers, scalars
 CHECKPOINT_PREFIX = "iter_"
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # a folder with any of these holds a run
+BEST_FOLDER = "best"  # the model of the best evaluation so far
+BEST_RECORD = "best.json"  # in it: the iteration and evaluation that made it the best
+EVAL_FOLDER = "eval"  # evaluation outputs: grids during training, rebel eval's results
 CURVE_KEYS = ("reward_mean", "episode_return", "expected_return", "eval_return", "loss", "kl", "explained_variance")
 
 
@@ -443,6 +448,71 @@ def plot_runs(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+def publish_folder(staging: Path, final: Path) -> Path:
+    """Replace the folder ``final`` with ``staging`` (both in one folder): a crash in between
+    leaves the old one as ``.old-<name>`` (see :func:`published_folder`)."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        _remove(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    _remove(old)
+    return final
+
+
+def published_folder(final: Path) -> Path | None:
+    """The folder :func:`publish_folder` wrote to ``final`` (or the old one it was replacing
+    when a crash stopped it), or None."""
+    for path in (final, final.with_name(f".old-{final.name}")):
+        if path.is_dir():
+            return path
+    return None
+
+
+def read_best(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of a run's best model (``RUN/best/best.json``: its iteration and
+    evaluation), or None when the run has none."""
+    folder = published_folder(Path(run_dir) / BEST_FOLDER)
+    if folder is None or not (folder / BEST_RECORD).is_file():
+        return None
+    return json.loads((folder / BEST_RECORD).read_text())
+
+
+def publish_best(run_dir: str | os.PathLike, write: Any, record: dict[str, Any]) -> Path:
+    """Replace ``RUN/best`` with a new folder: ``write(folder)`` writes the model into it,
+    ``record`` goes to its ``best.json``; staged beside it, then renamed into place."""
+    staging = Path(run_dir) / f".tmp-{BEST_FOLDER}"
+    _remove(staging)
+    staging.mkdir(parents=True)
+    write(staging)
+    (staging / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return publish_folder(staging, Path(run_dir) / BEST_FOLDER)
+
+
+def check_eval_output(run_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """An evaluation's ``--output`` may not name a file the run keeps (config, metrics, checkpoints, best model)."""
+    kept = [(Path(run_dir) / name).resolve() for name in (*RUN_FILES, BEST_FOLDER)]
+    target = Path(out).resolve()
+    if any(target == p or p in target.parents for p in kept):
+        raise ValueError(f"--output {out} is one of the run's own files; name a new file (default: {run_dir}/eval/<model>-<time>.json)")
+
+
+def new_eval_path(run_dir: str | os.PathLike, label: str, suffix: str = ".json") -> Path:
+    """A new file ``RUN/eval/<label>-<date>-<time><suffix>`` (``-2``, ``-3``... when taken),
+    made empty here so that two evaluations never share one."""
+    folder = Path(run_dir) / EVAL_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        path = folder / f"{label}-{stamp}{'' if k == 1 else f'-{k}'}{suffix}"
+        try:
+            path.open("x").close()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{folder} holds 999 evaluations of {label} from {stamp}")
 
 
 def save_file(obj: Any, path: Path) -> None:

@@ -52,7 +52,7 @@ class TrainerConfig:
     from it (``with_defaults(TrainerConfig, ...)`` where the adapter's defaults differ) and
     declares only its own fields; the trainer reads the fields declared here."""
 
-    output_dir: str = option("runs/rebel", "run folder: config, metrics, TensorBoard, checkpoints, plots")
+    output_dir: str = option("runs/rebel", "run folder: config, metrics, tracker files, checkpoints, plots")
     iterations: int | None = option(100, "number of REBEL iterations (collect, then regress); none: until the budget")
     budget: float | None = option(None, "also stop once the running total budget_counter reaches this (e.g. env steps)")
     budget_counter: str = option("env_steps", "the counter budget limits (a key of the sampler's batch.counts, or samples)")
@@ -169,7 +169,7 @@ class Trainer:
         self.run = RunDir(config.output_dir, is_main=self.accelerator.is_main_process)
         self.run_config = dict(run_config or {})
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        self._stop_requested = False
+        self._stop_requested = self._goal_reached = False
         self._stop_signal: int | None = None
         self.stop_reason: str | None = None  # how the last train() call ended (see train)
         self._rng_at_iteration_start: dict[str, Any] | None = None
@@ -208,9 +208,11 @@ class Trainer:
         or a stop requested): the place for a final evaluation."""
         return self._done() or self._stop_requested
 
-    def request_stop(self) -> None:
-        """Finish the current iteration, write a checkpoint and return from :meth:`train`."""
+    def request_stop(self, done: bool = False) -> None:
+        """Finish the current iteration, write a checkpoint and return from :meth:`train`;
+        ``done=True``: the run reached its goal (a reward threshold) and ends as ``"done"``."""
         self._stop_requested = True
+        self._goal_reached = self._goal_reached or done
 
     def train(self, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> list[dict[str, Any]]:
         """Run until ``config.iterations`` iterations are done or the ``budget`` is reached; return this call's metric rows.
@@ -221,7 +223,7 @@ class Trainer:
         ``overwrite=True`` (which empties it); a folder in use by another process is refused.
         SIGINT (Ctrl-C) or SIGTERM finishes the iteration, writes a checkpoint and returns; a
         second one aborts at once. :attr:`stop_reason` then says how the call ended: ``"done"``
-        (iterations or budget reached), ``"stopped"`` (:meth:`request_stop`), ``"SIGINT"`` or
+        (iterations or budget reached, or ``request_stop(done=True)``), ``"stopped"`` (:meth:`request_stop`), ``"SIGINT"`` or
         ``"SIGTERM"``; :attr:`exit_code` is what a command should exit with.
         """
         lock = claim_run(
@@ -249,7 +251,7 @@ class Trainer:
         self.run.write_config(config)
         self.run.open_trackers(self.config.report_to, config, resume_step=self.iteration or None)
         rows: list[dict[str, Any]] = []
-        self._stop_requested, self._stop_signal, self.stop_reason = False, None, None
+        self._stop_requested, self._goal_reached, self._stop_signal, self.stop_reason = False, False, None, None
         progress = self._progress_bar()
         restore_signals = self._install_signal_handlers()
         failed = True
@@ -275,7 +277,7 @@ class Trainer:
                     flush=True,
                 )
         else:
-            self.stop_reason = "done" if self._done() else "stopped"
+            self.stop_reason = "done" if self._done() or self._goal_reached else "stopped"
         if self.config.plot:
             self.run.plot_curves()
         return rows

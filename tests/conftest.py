@@ -68,6 +68,27 @@ def two_processes() -> Callable[..., tuple[dict, dict]]:
     return run_two_processes
 
 
+@pytest.fixture
+def eval_best_and_last(capsys) -> Callable[[Path], tuple[dict, dict, dict]]:
+    """``fn(run)``: ``rebel eval`` on the run's best and last models; returns their printed
+    results by model, and the run's files (bytes by path, the lock left out) before and after."""
+    import json
+
+    from rebel.cli import main
+
+    def files(run: Path) -> dict:
+        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    def evaluate(run: Path) -> tuple[dict, dict, dict]:
+        before, results = files(run), {}
+        for model in ("best", "last"):
+            assert main(["eval", str(run), "--model", model]) == 0
+            results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return results, before, files(run)
+
+    return evaluate
+
+
 class OfflineWandb:
     """W&B in offline mode with its folders under ``dir``; :meth:`runs` reads back what it wrote."""
 

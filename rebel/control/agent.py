@@ -25,13 +25,14 @@ from rebel.control.envs import EnvSource, make_env
 from rebel.control.estimators import ValueFunction
 from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
-from rebel.runs import newest_intact, read_config
+from rebel.runs import newest_intact, publish_best, read_best, read_config
 from rebel.sampler import Sampler
 from rebel.tracking import legacy_settings
 from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
+AGENT_FILE = "agent.pt"  # the agent in a saved folder (RUN/best/agent.pt)
 
 # Settings each variant starts from, the control task's and the trainer's alike (measured:
 # docs/control.md, docs/control_tuning.md); explicit options win.
@@ -139,6 +140,8 @@ class ControlConfig(with_defaults(TrainerConfig, iterations=None)):  # type: ign
     eval_every: int = option(10, "iterations between deterministic evaluations (0: only the final one)")
     eval_episodes: int = option(10, "episodes per evaluation")
     video: bool = option(False, "render the final evaluation into videos/eval.gif")
+    save_best: bool = option(True, "keep the policy of the best evaluation so far (with its observation statistics) in RUN/best/")
+    stop_on_reward: float | None = option(None, "end the run (done, with a checkpoint) once an evaluation's mean return reaches this")
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
@@ -295,13 +298,32 @@ class Rebel:
         )
 
     def _evaluation_callback(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """Every ``eval_every`` iterations and at the end: evaluate, keep the best policy,
+        stop once ``stop_on_reward`` is reached."""
         c = self.config
-        if trainer.finishing or (c.eval_every and trainer.iteration % c.eval_every == 0):
-            metrics.update(self.evaluate(c.eval_episodes, seed=10_000 + c.seed))
-            if trainer.finishing and c.video and trainer.accelerator.is_main_process:
-                video = record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=10_000 + c.seed)
-                if video is not None:
-                    trainer.run.log_video("eval_video", video, trainer.iteration)
+        if not (trainer.finishing or (c.eval_every and trainer.iteration % c.eval_every == 0)):
+            return
+        seed = 10_000 + c.seed
+        metrics.update(self.evaluate(c.eval_episodes, seed=seed))
+        main = trainer.accelerator.is_main_process
+        if c.save_best and main:
+            self._keep_if_best(trainer.run.path, metrics, seed)
+        if c.stop_on_reward is not None and metrics["eval_return"] >= c.stop_on_reward:
+            trainer.request_stop(done=True)
+        if trainer.finishing and c.video and main:
+            video = record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=seed)
+            if video is not None:
+                trainer.run.log_video("eval_video", video, trainer.iteration)
+
+    def _keep_if_best(self, run_dir: Path, metrics: dict[str, Any], seed: int) -> None:
+        """Save the agent to ``RUN/best/`` when its evaluation beats the one recorded there
+        (the record on disk is the state: a resumed run keeps the best of the runs before)."""
+        best = read_best(run_dir)
+        if best is not None and metrics["eval_return"] <= best["eval_return"]:
+            return
+        record = {key: metrics[key] for key in ("iteration", "env_steps", "eval_return", "eval_return_std", "eval_length")}
+        record.update(eval_episodes=self.config.eval_episodes, eval_seed=seed)
+        publish_best(run_dir, lambda folder: self.save(folder / AGENT_FILE), record)
 
     # ------------------------------------------------------------------ public
     @property
@@ -370,9 +392,10 @@ class Rebel:
 
     @classmethod
     def load(cls, path: str | Path, env: EnvSource | gym.Env | None = None, **options: Any) -> Rebel:
-        """An agent from :meth:`save` (``env`` defaults to the saved id); ``learn`` then
-        starts a new run from these weights."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=False)
+        """An agent from :meth:`save`, or from a folder holding one (a run's ``best/``);
+        ``env`` defaults to the saved id; ``learn`` then starts a new run from these weights."""
+        path = Path(path) / AGENT_FILE if Path(path).is_dir() else Path(path)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(state, dict) or state.get("format") != AGENT_FORMAT:
             raise ValueError(f"{path} is not a rebel control agent (saved with Rebel.save)")
         agent = cls._from_configs(state["control"], state["trainer"], env, options)

@@ -75,13 +75,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_run(args: argparse.Namespace) -> None:
-    """``rebel eval RUN_DIR --episodes N [--video]``: deterministic evaluation of the run's newest checkpoint."""
+    """``rebel eval RUN_DIR [--model best|last|PATH] [--episodes N] [--output FILE] [--video]``:
+    deterministic evaluation of the run's newest checkpoint (``last``), of its ``best/`` model
+    or of a saved agent. Reads the run without taking its lock and writes only a new result
+    file (and its GIF), never the run's metrics, checkpoints or videos."""
     from rebel.control.agent import Rebel
+    from rebel.runs import BEST_FOLDER, check_eval_output, checkpoint_dirs, new_eval_path, newest_intact, read_best, read_config
 
-    agent = Rebel.from_run(args.run_dir)
-    result = {"run": str(args.run_dir), "episodes": args.episodes, **agent.evaluate(args.episodes, seed=args.seed)}
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    run_dir = Path(args.run_dir)
+    read_config(run_dir)  # a run folder, or one line saying it is not
+    result: dict[str, Any] = {"run": str(run_dir), "model": args.model}
+    if args.model == "last":
+        if not checkpoint_dirs(run_dir):
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
+        agent, label = Rebel.from_run(run_dir, report_to="none"), "last"
+        result["checkpoint"] = newest_intact(run_dir)[0].name
+    elif args.model == "best":
+        best = read_best(run_dir)
+        if best is None:
+            raise FileNotFoundError(f"{run_dir} has no best model ({run_dir / BEST_FOLDER}; runs with save_best write it at evaluations)")
+        agent, label = Rebel.load(run_dir / BEST_FOLDER, report_to="none"), "best"
+        result["best"] = best
+    else:
+        path = Path(args.model)
+        if not path.exists():
+            raise FileNotFoundError(f"--model {args.model}: no such file or folder; expected best, last or a saved agent's path")
+        agent, label = Rebel.load(path, report_to="none"), path.stem
+    result.update(episodes=args.episodes, seed=args.seed, **agent.evaluate(args.episodes, seed=args.seed))
+    out = Path(args.output) if args.output else new_eval_path(run_dir, label)
+    check_eval_output(run_dir, out)
     if args.video:
-        video = agent.record_video(str(Path(args.run_dir) / "videos" / "eval.gif"), episodes=1, seed=args.seed)
+        video = agent.record_video(str(out.with_suffix(".gif")), episodes=1, seed=args.seed)
         result["video"] = str(video) if video else None
-    (Path(args.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["output"] = str(out)
     print(json.dumps(result))

@@ -32,6 +32,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-3,
     "epochs": 2,
     "minibatch_size": 16,  # 4 prompts x 4 images: 4 LoRA steps per iteration
+    "eval_every": 5,  # a fixed-seed grid of every shape prompt in eval/ (and its brightness in the metrics)
 }
 
 
@@ -85,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
         pipeline = source.model if not embedded else _embedded_pipeline(task, config, bool(args.resume))
         trainer = DiffusionTrainer(
-            pipeline, reward, prompts, config, run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)}
+            pipeline,
+            reward,
+            prompts,
+            config,
+            run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
+            eval_prompts=shape_prompts() if embedded and source.prompts is None else None,
         )
         evaluate = (lambda: _evaluate(trainer, shape_prompts(), reward)) if embedded else None
         before = evaluate() if evaluate else None
@@ -144,3 +150,80 @@ def reward_from_source(source: DiffusionSource) -> Any:
     from rebel.hf.cli import load_function
 
     return load_function(spec)
+
+
+# ------------------------------------------------------------------ rebel eval
+
+
+def evaluate_run(args: argparse.Namespace) -> None:
+    """``rebel eval RUN_DIR [--model last|best|PATH] [--output FILE]``: the run's fixed-seed
+    evaluation grid (its prompts, reward and ``eval_seed``) of its final weights (``last``:
+    RUN/lora or RUN/model), its best (RUN/best, with ``save_best``) or a saved folder. Reads the
+    run without its lock; writes a new JSON file and its grid (a PNG beside it) only."""
+    import json
+
+    from rebel.config import from_dict, pick
+    from rebel.diffusion.policy import DiffusionPolicy
+    from rebel.diffusion.rewards import brightness
+    from rebel.diffusion.sampler import DiffusionSampler, prompt_source
+    from rebel.diffusion.trainer import SAMPLER_SETTINGS, DiffusionConfig, EvaluationGrid, default_eval_prompts
+    from rebel.runs import BEST_FOLDER, check_eval_output, new_eval_path, read_best, read_config
+    from rebel_envs.diffusion_tasks import shape_prompts
+
+    run, saved = Path(args.run_dir), read_config(args.run_dir)
+    source = from_dict(DiffusionSource, saved.get("source", {}))
+    config = from_dict(
+        DiffusionConfig,
+        {**saved.get("trainer", {}), **saved.get("diffusion", {}), "output_dir": str(run), "progress": False, "report_to": "none"},
+    )
+    folder = {"last": run / ("lora" if config.use_lora else "model"), "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
+    if not folder.is_dir():
+        what = {"last": "final weights (written when a run ends)", "best": "best weights (runs with --save-best)"}
+        raise FileNotFoundError(
+            f"{run} has no {what.get(args.model, 'weights folder')} at {folder}; expected --model last, best or a saved folder"
+        )
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        check_eval_output(run, out)
+    embedded = source.model is None
+    reward = reward_from_source(source) if source.reward is not None else brightness
+    sampler = DiffusionSampler(
+        prompt_source(source.prompts if source.prompts is not None else (shape_prompts() if embedded else "animals")),
+        reward,
+        **pick(config, SAMPLER_SETTINGS),
+    )
+    prompts = shape_prompts() if embedded and source.prompts is None else default_eval_prompts(sampler, config)
+    policy = DiffusionPolicy(
+        _saved_pipeline(str(run / "base_pipeline") if embedded else str(source.model), folder),
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        ddim_eta=config.ddim_eta,
+        log_prob_reduction=config.log_prob_reduction,
+        lora_rank=None,  # the saved weights are in the UNet already
+        resolution=config.resolution,
+        sample_precision=config.mixed_precision,
+    )
+    grid, metrics = EvaluationGrid(sampler, prompts, config).grid(policy)
+    result: dict[str, Any] = {"run": str(run), "model": args.model, "folder": str(folder), "prompts": prompts, **metrics}
+    if args.model == "best":
+        result["best"] = read_best(run)
+    out = out or new_eval_path(run, args.model if args.model in ("last", "best") else folder.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out.with_suffix(".png"))
+    result["grid"] = str(out.with_suffix(".png"))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({**result, "output": str(out)}))
+
+
+def _saved_pipeline(base: str, folder: Path) -> Any:
+    """The base pipeline with the saved weights: a LoRA (``load_lora_weights``) or a UNet (``folder/unet``)."""
+    from diffusers import UNet2DConditionModel
+
+    from rebel.diffusion.policy import load_pipeline
+
+    pipe = load_pipeline(base)
+    if (folder / "unet").is_dir():
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    else:
+        pipe.load_lora_weights(str(folder))
+    return pipe

@@ -137,13 +137,8 @@ class DiffusionSampler(Sampler):
         mask = self.trained_steps(parts[0]["stochastic"], len(texts))
 
         images = out.pop("images")
-        reward = torch.zeros(len(texts), dtype=torch.float64)
-        stats: dict[str, float] = {}
-        for fn, weight in zip(self.reward_fns, self.reward_weights):
-            values = call_reward(fn, images, texts, **self.reward_kwargs)
-            reward += weight * values
-            if len(self.reward_fns) > 1:
-                stats[f"rewards/{reward_name(fn)}"] = values.mean().item()
+        reward, scores = self.score(images, texts)
+        stats = {f"rewards/{name}": v.mean().item() for name, v in scores.items()} if len(scores) > 1 else {}
         self.last_samples = {"images": images, "prompts": texts, "rewards": reward.tolist()}
         return RolloutBatch(
             group=torch.tensor(rep),
@@ -154,6 +149,15 @@ class DiffusionSampler(Sampler):
             counts={"images": float(len(texts)), "prompts": float(len(prompts))},
             stats=stats,
         )
+
+    def score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sum of the reward functions (``[B]`` float64) and each function's own."""
+        reward = torch.zeros(len(prompts), dtype=torch.float64)
+        scores = {}
+        for fn, weight in zip(self.reward_fns, self.reward_weights):
+            scores[reward_name(fn)] = values = call_reward(fn, images, prompts, **self.reward_kwargs)
+            reward += weight * values
+        return reward, scores
 
     def trained_steps(self, stochastic: Tensor, batch_size: int) -> Tensor:
         """``[B, T]`` mask of the trained steps: ``timestep_fraction`` of the stochastic steps

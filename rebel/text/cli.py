@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from rebel.config import first_line, option
 from rebel.hf.inputs import check_source, is_hub_id, root_cause
 
 DATASET_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EMBEDDED_EVAL_PROMPTS = 128  # held-out prompts of the embedded task evaluated every eval_every iterations
 DATASET_EXPECTED = f"a {', '.join(DATASET_FILES)} file, a save_to_disk folder or a hub id (org/name)"
 
 # Settings of the embedded task (a new run without --model); TextConfig's defaults otherwise.
@@ -44,6 +46,11 @@ class TextSource:
     )
     dataset_split: str = option("train", "split of --dataset")
     reward: str | None = option(None, "comma-separated rewards: module:function, path/file.py:function, or reward-model folders / hub ids")
+    eval_dataset: str | None = option(
+        None,
+        "prompts evaluated every --eval-every iterations, as --dataset (its split: --dataset-split); none: the embedded task's held-out set",
+    )
+    eval_reward: str | None = option(None, "comma-separated rewards of the evaluation, as --reward; none: the training rewards")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
     for what, value in (("model", source.model), ("tokenizer", source.tokenizer)):  # checked before any folder or model is made
         check_source(value, what, MODEL_EXPECTED)
-    rewards, dataset = _rewards(source), _dataset(source, task)
+    rewards, dataset = _rewards(source.reward, source.dataset), _dataset(source, task)
+    eval_dataset = _eval_dataset(source, task)
+    eval_rewards = _rewards(source.eval_reward, source.eval_dataset, "--eval-reward") if source.eval_reward else None
 
     embedded = source.model is None
     with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
@@ -81,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             processing_class=tokenizer,
             model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
             run_config={"source": dataclasses.asdict(source), "task": dataclasses.asdict(task)},
+            eval_dataset=eval_dataset,
+            eval_reward_funcs=eval_rewards,
         )
         rows = trainer.train(**start_options(args))
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
@@ -120,63 +131,82 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
     return model, tokenizer, lambda: evaluate_sorting(model, tokenizer, held_out, seed=task.task_seed, temperature=config.temperature)
 
 
-def _rewards(source: TextSource) -> list[Any]:
-    """The reward functions ``--reward`` names (the embedded task's without it); a
-    ``module:function`` is imported, a reward model only checked (the sampler loads it)."""
+def _rewards(reward: str | None, dataset: str | None, option: str = "--reward") -> list[Any]:
+    """The reward functions ``reward`` (``--reward``) names (the embedded task's without it);
+    a ``module:function`` is imported, a reward model only checked (the sampler loads it)."""
     from rebel.hf.cli import load_function
     from rebel.text.rewards import check_reward_funcs
 
-    if source.reward is None:
-        if source.dataset is not None:
-            raise ValueError(f"--dataset {source.dataset} needs --reward (the embedded reward only scores the embedded task)")
+    if reward is None:
+        if dataset is not None:
+            raise ValueError(f"--dataset {dataset} needs --reward (the embedded reward only scores the embedded task)")
         from rebel_envs.text_tasks import sorted_digits_reward
 
         return [sorted_digits_reward]
-    specs = [spec.strip() for spec in source.reward.split(",")]
-    return check_reward_funcs([load_function(spec) if ":" in spec else spec for spec in specs])
+    specs = [spec.strip() for spec in reward.split(",")]
+    return check_reward_funcs([load_function(spec, option) if ":" in spec else spec for spec in specs])
+
+
+def _eval_dataset(source: TextSource, task: Any) -> Any:
+    """The prompts ``--eval-dataset`` names; without it the embedded task's held-out set
+    (none with --dataset)."""
+    if source.eval_dataset is not None:
+        return _load_prompts(source.eval_dataset, source.dataset_split, "--eval-dataset")
+    if source.eval_reward is not None and source.dataset is not None:
+        raise ValueError(f"--eval-reward {source.eval_reward} needs --eval-dataset (the prompts it scores)")
+    if source.dataset is not None:
+        return None
+    from rebel_envs.text_tasks import sorting_dataset
+
+    return sorting_dataset(EMBEDDED_EVAL_PROMPTS, task.min_digits, task.max_digits, seed=task.task_seed + 10_007)
 
 
 def _dataset(source: TextSource, task: Any) -> Any:
-    """The prompts ``--dataset`` names (the embedded task's without it), checked as
-    TextTrainer checks them; what fails is one line naming ``--dataset``."""
-    from rebel.text.data import PromptDataset
-
+    """The prompts ``--dataset`` names (the embedded task's without it)."""
     if source.dataset is None:
         from rebel_envs.text_tasks import sorting_dataset
 
         return sorting_dataset(task.num_prompts, task.min_digits, task.max_digits, seed=task.task_seed)
-    name, path = f"--dataset {source.dataset}", Path(source.dataset)
+    return _load_prompts(source.dataset, source.dataset_split, "--dataset")
+
+
+def _load_prompts(spec: str, split: str, option: str) -> Any:
+    """The prompts ``spec`` names (a file, a save_to_disk folder, a hub id), checked as
+    TextTrainer checks them; what fails is one line naming ``option``."""
+    from rebel.text.data import PromptDataset
+
+    name, path = f"{option} {spec}", Path(spec)
     kind = DATASET_FILES.get(path.suffix)
     if path.is_file():
         if kind is None:
             raise ValueError(f"{name}: unsupported file type {path.suffix!r}; expected {', '.join(DATASET_FILES)}")
         if not _has_content(path, name):
             raise ValueError(f"{name} is empty; expected prompts in a 'prompt' column")
-    elif not path.exists() and (kind is not None or not is_hub_id(source.dataset)):  # a data file's name is no hub id
+    elif not path.exists() and (kind is not None or not is_hub_id(spec)):  # a data file's name is no hub id
         raise FileNotFoundError(f"{name} does not exist; expected {DATASET_EXPECTED}")
     try:
-        loaded = _load_dataset(source, kind if path.is_file() else None)
+        loaded = _load_dataset(spec, split, kind if path.is_file() else None)
     except Exception as error:  # whatever datasets raises, the reason is told in one line
         raise ValueError(f"{name}: cannot read it ({first_line(root_cause(error))})") from error
     try:
-        return PromptDataset(loaded)
+        return PromptDataset(loaded, "eval_dataset" if option == "--eval-dataset" else "train_dataset")
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name}: {error}") from error
 
 
-def _load_dataset(source: TextSource, kind: str | None) -> Any:
-    """``datasets``' reading of ``--dataset``: a file of type ``kind``, a save_to_disk folder or a hub id."""
+def _load_dataset(spec: str, split: str, kind: str | None) -> Any:
+    """``datasets``' reading of ``spec``: a file of type ``kind``, a save_to_disk folder or a hub id."""
     import datasets
 
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines would repeat the reason given
     try:
         if kind is not None:
-            return datasets.load_dataset(kind, data_files=source.dataset, split="train")
-        if Path(source.dataset).is_dir():
-            loaded = datasets.load_from_disk(source.dataset)
-            return loaded[source.dataset_split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(source.dataset, split=source.dataset_split)
+            return datasets.load_dataset(kind, data_files=spec, split="train")
+        if Path(spec).is_dir():
+            loaded = datasets.load_from_disk(spec)
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(spec, split=split)
     finally:
         datasets.logging.set_verbosity(level)
 
@@ -191,3 +221,62 @@ def _has_content(path: Path, name: str) -> bool:
     except OSError as error:
         raise ValueError(f"{name} cannot be read ({error.strerror})") from error
     return False
+
+
+# ------------------------------------------------------------------ rebel eval
+
+
+def evaluate_run(args: argparse.Namespace) -> None:
+    """``rebel eval RUN_DIR [--model last|best|PATH] [--output FILE]``: the run's evaluation
+    (its eval dataset and rewards, ``eval_generation``) of its final model (``last``: RUN/model),
+    its best (RUN/best, with ``save_best``) or a saved model folder. Reads the run without its
+    lock and writes only a new result file."""
+    from rebel.config import from_dict
+    from rebel.runs import BEST_FOLDER, check_eval_output, new_eval_path, read_best, read_config
+    from rebel.text.evaluation import TextEvaluator
+    from rebel.text.policy import CausalLMPolicy
+    from rebel.text.sampler import TextSampler
+    from rebel.text.trainer import SAMPLER_SETTINGS, TextConfig
+    from rebel_envs.text_tasks import SortingTaskConfig
+
+    run, saved = Path(args.run_dir), read_config(args.run_dir)
+    source, task = from_dict(TextSource, saved.get("source", {})), from_dict(SortingTaskConfig, saved.get("task", {}))
+    config = from_dict(
+        TextConfig, {**saved.get("trainer", {}), **saved.get("text", {}), "output_dir": str(run), "progress": False, "report_to": "none"}
+    )
+    folder = {"last": run / "model", "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
+    if not folder.is_dir():
+        what = {"last": "final model (written when a run ends)", "best": "best model (runs with --save-best and an evaluation set)"}
+        raise FileNotFoundError(
+            f"{run} has no {what.get(args.model, 'model folder')} at {folder}; expected --model last, best or a saved model folder"
+        )
+    dataset = _eval_dataset(source, task)
+    if dataset is None:
+        raise ValueError(f"{run} was trained without an evaluation set (--eval-dataset): nothing to evaluate on")
+    rewards = _rewards(source.eval_reward, None, "--eval-reward") if source.eval_reward else _rewards(source.reward, source.dataset)
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        check_eval_output(run, out)
+    policy = CausalLMPolicy(_saved_model(folder, source, run), folder, temperature=config.temperature).eval()
+    settings = {k: v for k, v in vars(config).items() if k in SAMPLER_SETTINGS and k not in ("generation_backend", "vllm_kwargs")}
+    sampler = TextSampler(dataset, rewards, **{**settings, "reward_weights": None if source.eval_reward else config.reward_weights})
+    metrics, _ = TextEvaluator(sampler, dataset, sampler.reward_funcs, sampler.reward_weights, config).measure(policy)
+    result: dict[str, Any] = {"run": str(run), "model": args.model, "folder": str(folder), "prompts": len(dataset), **metrics}
+    if args.model == "best":
+        result["best"] = read_best(run)
+    out = out or new_eval_path(run, args.model if args.model in ("last", "best") else folder.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({**result, "output": str(out)}))
+
+
+def _saved_model(folder: Path, source: TextSource, run: Path) -> Any:
+    """The model a saved folder holds: itself, or a LoRA adapter on the run's base model."""
+    if not (folder / "adapter_config.json").is_file():
+        return str(folder)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = source.model or str(run / "base_model")
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), str(folder))

@@ -14,19 +14,19 @@ from typing import Any
 class PromptDataset:
     """Uniform, indexable view of the prompts a :class:`~rebel.text.TextSampler` draws."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, name: str = "train_dataset") -> None:
         if isinstance(data, PromptDataset):
             data = data.data
         if isinstance(data, str) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-            raise TypeError(f"train_dataset must be a list of prompts, a list of records or a datasets.Dataset, got {type(data).__name__}")
+            raise TypeError(f"{name} must be a list of prompts, a list of records or a datasets.Dataset, got {type(data).__name__}")
         if len(data) == 0:
-            raise ValueError("train_dataset is empty")
+            raise ValueError(f"{name} is empty")
         columns = getattr(data, "column_names", None)
         if columns is not None and "prompt" not in columns:
             raise ValueError(f"the dataset needs a 'prompt' column; it has {columns}")
         first = data[0]
         if not isinstance(first, (str, dict)) and not is_conversation(first):
-            raise TypeError(f"train_dataset entries must be prompt strings or records with a 'prompt', got {type(first).__name__}")
+            raise TypeError(f"{name} entries must be prompt strings or records with a 'prompt', got {type(first).__name__}")
         if isinstance(first, dict) and "prompt" not in first:
             raise ValueError(f"the records need a 'prompt' field; the first has {sorted(first)}")
         self.data = data

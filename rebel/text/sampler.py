@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -133,69 +134,108 @@ class TextSampler(Sampler):
     def collect(self, policy: Policy) -> RolloutBatch:
         if not isinstance(policy, CausalLMPolicy):
             raise TypeError(f"TextSampler samples from a CausalLMPolicy, got {type(policy).__name__}")
-        tokenizer, device = policy.tokenizer, next(policy.parameters()).device
         records = [self.dataset[i] for i in self.next_indices()]
+        c = self._complete(policy, records, self.num_generations, self.generator)
+        reward, scores = self._rewards(self.reward_funcs, self.reward_weights, c)
+        stats = {f"rewards/{name}": v.mean().item() for name, v in scores.items()}
+        stats["score_mean"] = reward.mean().item()
+        if self.missing_eos_penalty is not None:
+            reward -= self.missing_eos_penalty * (~c.has_eos).double().cpu()
+        if self.kl_coef > 0:
+            ref_kl = self._reference_kl(policy, c.input_ids, c.attention_mask, c.mask)
+            reward -= self.kl_coef * ref_kl
+            stats["ref_kl"] = ref_kl.mean().item()
+        lengths = c.mask.sum(1).float()
+        stats.update(
+            completion_length=lengths.mean().item(),
+            completion_length_max=lengths.max().item(),
+            eos_fraction=c.has_eos.float().mean().item(),
+        )
+        self.last_samples = c.samples(reward, scores)
+        return RolloutBatch(
+            group=torch.tensor(c.rep),
+            reward=reward.float(),
+            mask=c.mask.cpu(),
+            data={"input_ids": c.input_ids.cpu(), "attention_mask": c.attention_mask.cpu()},
+            context=[c.texts[k] for k in c.rep],
+            counts={"tokens": float(c.mask.sum()), "prompts": float(len(records))},
+            stats=stats,
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        policy: CausalLMPolicy,
+        records: Sequence[dict[str, Any]],
+        reward_funcs: Sequence[RewardFunc],
+        reward_weights: Sequence[float],
+        *,
+        greedy: bool,
+        seed: int,
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        """One completion of each record, greedy (the most likely token at each step) or
+        sampled like training (from a generator seeded with ``seed``, not the sampler's), in
+        batches of ``batch_size`` prompts; each scored with ``reward_funcs`` (weighted sum,
+        no penalty). Returns one row per record: prompt, completion, reward, each function's
+        value, length (tokens, EOS included) and whether it ended with EOS."""
+        generator = torch.Generator().manual_seed(seed)
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(records), batch_size):
+            c = self._complete(policy, records[start : start + batch_size], 1, generator, top_k=1 if greedy else None)
+            reward, scores = self._rewards(reward_funcs, reward_weights, c)
+            lengths, eos = c.mask.sum(1).tolist(), c.has_eos.tolist()
+            rows += [{**row, "length": n, "eos": e} for row, n, e in zip(c.samples(reward, scores), lengths, eos)]
+        return rows
+
+    def _complete(
+        self, policy: CausalLMPolicy, records: Sequence[dict[str, Any]], g: int, generator: torch.Generator, top_k: int | None = None
+    ) -> Completions:
+        """``g`` completions of each record's prompt, tokenised, masked and decoded."""
+        tokenizer, device = policy.tokenizer, next(policy.parameters()).device
         prompts = [r["prompt"] for r in records]
         texts = [render_prompt(p, tokenizer) for p in prompts]
-        g = self.num_generations
         conversational = is_conversation(prompts[0])
         enc = self._tokenize(tokenizer, texts, add_special_tokens=not conversational)
         prompt_ids = enc["input_ids"].repeat_interleave(g, 0).to(device)
         prompt_mask = enc["attention_mask"].repeat_interleave(g, 0).to(device)
-        completion = self._generate(policy, prompt_ids, prompt_mask)
+        completion = self._generate(policy, prompt_ids, prompt_mask, generator, top_k)
         mask = completion_mask(completion, policy.eos_token_ids)
         length = int(mask.sum(1).max().clamp_min(1))
         completion, mask = completion[:, :length], mask[:, :length]
         completion = torch.where(mask, completion, torch.full_like(completion, tokenizer.pad_token_id))
         has_eos = torch.isin(completion, torch.tensor(policy.eos_token_ids, device=device)).any(1)
-        input_ids = torch.cat([prompt_ids, completion], 1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
 
         content = (mask.sum(1) - has_eos.long()).tolist()  # tokens before the EOS
         texts_out = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion.tolist(), content)]
         completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts_out] if conversational else texts_out
         rep = [k for k in range(len(records)) for _ in range(g)]
-        columns = {key: [records[k].get(key) for k in rep] for key in records[0] if key != "prompt"}
+        return Completions(
+            prompts=[prompts[k] for k in rep],
+            texts=texts,
+            rep=rep,
+            input_ids=torch.cat([prompt_ids, completion], 1),
+            attention_mask=torch.cat([prompt_mask, mask.long()], 1),
+            mask=mask,
+            has_eos=has_eos,
+            texts_out=texts_out,
+            completions=completions,
+            columns={key: [records[k].get(key) for k in rep] for key in records[0] if key != "prompt"},
+        )
+
+    @staticmethod
+    def _rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], c: Completions) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sum of the functions' rewards (float64, CPU) and each function's own."""
+        device = c.input_ids.device
         scores = {}
-        reward = torch.zeros(len(rep), dtype=torch.float64)
-        for fn, weight in zip(self.reward_funcs, self.reward_weights):
+        reward = torch.zeros(len(c.rep), dtype=torch.float64)
+        for fn, weight in zip(funcs, weights):
             if hasattr(fn, "to"):
                 fn.to(device)
-            values = call_reward(fn, [prompts[k] for k in rep], completions, columns)
+            values = call_reward(fn, c.prompts, c.completions, c.columns)
             scores[reward_name(fn)] = values
             reward += weight * values
-        stats = {f"rewards/{name}": v.mean().item() for name, v in scores.items()}
-        stats["score_mean"] = reward.mean().item()
-        if self.missing_eos_penalty is not None:
-            reward -= self.missing_eos_penalty * (~has_eos).double().cpu()
-        if self.kl_coef > 0:
-            ref_kl = self._reference_kl(policy, input_ids, attention_mask, mask)
-            reward -= self.kl_coef * ref_kl
-            stats["ref_kl"] = ref_kl.mean().item()
-        lengths = mask.sum(1).float()
-        stats.update(
-            completion_length=lengths.mean().item(),
-            completion_length_max=lengths.max().item(),
-            eos_fraction=has_eos.float().mean().item(),
-        )
-        self.last_samples = [
-            {
-                "prompt": texts[k],
-                "completion": texts_out[n],
-                "reward": reward[n].item(),
-                **{name: v[n].item() for name, v in scores.items()},
-            }
-            for n, k in enumerate(rep)
-        ]
-        return RolloutBatch(
-            group=torch.tensor(rep),
-            reward=reward.float(),
-            mask=mask.cpu(),
-            data={"input_ids": input_ids.cpu(), "attention_mask": attention_mask.cpu()},
-            context=[texts[k] for k in rep],
-            counts={"tokens": float(mask.sum()), "prompts": float(len(records))},
-            stats=stats,
-        )
+        return reward, scores
 
     def next_indices(self) -> list[int]:
         """This process's prompts of the next iteration: a slice of the global prompt order
@@ -229,18 +269,21 @@ class TextSampler(Sampler):
             enc = {k: v[:, -self.max_prompt_length :] for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def _generate(self, policy: CausalLMPolicy, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+    def _generate(
+        self, policy: CausalLMPolicy, prompt_ids: Tensor, prompt_mask: Tensor, generator: torch.Generator, top_k: int | None = None
+    ) -> Tensor:
         """``[N, max_new_tokens]`` sampled tokens (pad after an early stop) from the backend,
-        drawn with the sampler's own generator so that a resumed run draws the same completions."""
+        drawn with ``generator`` (the sampler's own in training, so that a resumed run draws
+        the same completions); ``top_k=1`` is greedy decoding."""
         settings = SamplingSettings(
             temperature=policy.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=self.top_k if top_k is None else top_k,
             max_new_tokens=self.max_new_tokens,
             eos_token_ids=tuple(policy.eos_token_ids),
             pad_token_id=policy.tokenizer.pad_token_id,
         )
-        return self.backend.generate(policy, prompt_ids, prompt_mask, settings, self.generator)
+        return self.backend.generate(policy, prompt_ids, prompt_mask, settings, generator)
 
     def _reference_kl(self, policy: CausalLMPolicy, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """``log pi(y|x) - log pi_ref(y|x)`` of each completion (float64, on the CPU)."""
@@ -254,6 +297,35 @@ class TextSampler(Sampler):
             with policy.adapter_disabled():
                 ref = policy.token_log_probs(input_ids, attention_mask, t)
         return torch.where(mask, logp - ref, 0.0).sum(1).double().cpu()  # a select: nan/inf at masked positions stay out
+
+
+@dataclass
+class Completions:
+    """Completions of a batch of prompts: ``rep[n]`` is the prompt of completion ``n``;
+    ``prompts`` and ``columns`` hold one entry per completion, ``texts`` one per prompt."""
+
+    prompts: list[Any]
+    texts: list[str]
+    rep: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    mask: Tensor
+    has_eos: Tensor
+    texts_out: list[str]
+    completions: list[Any]
+    columns: dict[str, list[Any]]
+
+    def samples(self, reward: Tensor, scores: dict[str, Tensor]) -> list[dict[str, Any]]:
+        """One row per completion: prompt, completion, reward and each function's value."""
+        return [
+            {
+                "prompt": self.texts[k],
+                "completion": self.texts_out[n],
+                "reward": reward[n].item(),
+                **{name: v[n].item() for name, v in scores.items()},
+            }
+            for n, k in enumerate(self.rep)
+        ]
 
 
 def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:

@@ -19,11 +19,13 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
+from rebel.text.evaluation import EVAL_GENERATION, TextEvaluator
 from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
-from rebel.text.rewards import check_reward_funcs
+from rebel.text.rewards import as_reward_funcs, check_reward_funcs
 from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
@@ -75,6 +77,13 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and the trackers (report_to) per iteration (0: none)")
+    eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
+    eval_generation: str = option(
+        "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
+    )
+    save_best: bool = option(
+        False, "with an eval_dataset: keep the model of the best eval/reward_mean in RUN/best/ (with LoRA the adapter)"
+    )
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
     vllm_kwargs: dict[str, Any] = option({}, "vllm.LLM arguments of speed, memory, placement (enforce_eager, ...)")  # noqa: RUF009 - option() builds a field
@@ -84,6 +93,8 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_choice("dtype", self.dtype, DTYPES)
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
+        check_int("eval_every", self.eval_every, minimum=0)
+        check_choice("eval_generation", self.eval_generation, EVAL_GENERATION)
         check_generation_kwargs(self.generation_kwargs)
         check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
@@ -116,6 +127,10 @@ class TextTrainer(PretrainedTrainer):
         model_kwargs: more ``from_pretrained`` arguments (``gguf_file``, ...).
         reference_model: frozen reference for ``kl_coef`` without LoRA (default: a copy
             of the starting model).
+        eval_dataset: prompts evaluated every ``eval_every`` iterations (same forms as
+            ``train_dataset``), metrics under ``eval/`` (see :class:`~rebel.text.evaluation.TextEvaluator`).
+        eval_reward_funcs: the evaluation's rewards, summed (default: the training ones, with
+            ``reward_weights``).
     """
 
     adapter = "text"
@@ -135,10 +150,18 @@ class TextTrainer(PretrainedTrainer):
         model_kwargs: dict[str, Any] | None = None,
         reference_model: Any = None,
         run_config: dict[str, Any] | None = None,
+        eval_dataset: Any = None,
+        eval_reward_funcs: Any = None,
     ) -> None:
         config = config or TextConfig()
         train_dataset = PromptDataset(train_dataset)  # the inputs' cheap checks come before the model loads
         reward_funcs = check_reward_funcs(reward_funcs)
+        if eval_dataset is not None:
+            eval_dataset = PromptDataset(eval_dataset, "eval_dataset")
+        if eval_reward_funcs is not None:
+            if eval_dataset is None:
+                raise ValueError("eval_reward_funcs needs an eval_dataset to score")
+            eval_reward_funcs = check_reward_funcs(eval_reward_funcs)
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})
@@ -170,8 +193,14 @@ class TextTrainer(PretrainedTrainer):
                 data_seed=config.seed,
                 **pick(config, SAMPLER_SETTINGS),
             )
-        logger = CompletionLogger(sampler, config.log_completions)
-        super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
+        logger: list[Any] = [CompletionLogger(sampler, config.log_completions)]
+        if eval_dataset is not None:
+            funcs, weights = sampler.reward_funcs, sampler.reward_weights
+            if eval_reward_funcs is not None:
+                funcs = as_reward_funcs(eval_reward_funcs)
+                weights = [1.0] * len(funcs)
+            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, self._keep_best if config.save_best else None))
+        super().__init__(policy, sampler, config, callbacks=[*logger, *callbacks], run_config=run_config)
         if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
@@ -206,6 +235,20 @@ class TextTrainer(PretrainedTrainer):
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
+
+    def _keep_best(self, iteration: int, metric: str, score: float) -> None:
+        """Save the model into ``RUN/best/`` when ``score`` beats the one recorded there (every
+        process calls; a resumed run keeps the best of the runs before)."""
+        run = self.trainer.run.path
+        best = read_best(run)
+        if best is not None and score <= best["score"]:
+            return
+        state = self.trainer.policy_state()  # every process takes part when the policy is sharded
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            record = {"iteration": iteration, "metric": metric, "score": score}
+            publish_best(run, lambda folder: self.trainer.policy.save_pretrained(folder, state_dict=state), record)
+        self.accelerator.wait_for_everyone()
 
 
 class CompletionLogger:

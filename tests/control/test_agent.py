@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -188,8 +189,8 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
     assert read_metrics(run)[-1]["env_steps"] >= 3000
     assert main(["eval", str(run), "--episodes", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["episodes"] == 2 and result["eval_return"] > 0
-    assert json.loads((run / "eval.json").read_text())["eval_return"] == result["eval_return"]
+    assert result["episodes"] == 2 and result["eval_return"] > 0 and result["model"] == "last"
+    assert json.loads(Path(result["output"]).read_text())["eval_return"] == result["eval_return"]
     assert main(["train", "control", "--env", "NoSuchEnv-v0", "--output-dir", str(tmp_path / "x")]) == 2
     assert "cannot make environment 'NoSuchEnv-v0'" in capsys.readouterr().err
 

@@ -206,7 +206,7 @@ def test_reference_kl_ignores_non_finite_values_at_masked_positions(tiny_lm, mon
                           reference_model=MaskedTargetsNonFinite(reference, fill, token))  # fmt: skip
     digit, eos, pad = policy.tokenizer.convert_tokens_to_ids, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
     completions = torch.tensor([[digit("1"), eos, pad, pad], [digit("1"), digit("2"), digit("3"), digit("4")]])
-    monkeypatch.setattr(sampler, "_generate", lambda policy, ids, mask: completions)
+    monkeypatch.setattr(sampler, "_generate", lambda policy, ids, mask, *rest: completions)
     batch = sampler.collect(policy)
     assert batch.mask.tolist() == [[True, True, False, False], [True] * 4]
     ids, attention = batch.data["input_ids"], batch.data["attention_mask"]
