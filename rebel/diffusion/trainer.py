@@ -213,6 +213,7 @@ class EvaluationGrid:
         self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig, keep_best: Callable[[int, float], None] | None = None
     ) -> None:
         self.sampler, self.prompts, self.config, self.keep_best = sampler, prompts, config, keep_best
+        self.caption = ""  # the last grid's prompts and rewards, one line per row
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
@@ -224,7 +225,7 @@ class EvaluationGrid:
         folder = trainer.run.path / EVAL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"iter_{iteration:04d}.png")
-        trainer.run.log_image("eval", _array(grid), iteration)
+        trainer.run.log_image("eval", _array(grid), iteration, caption=self.caption)
         if self.keep_best is not None:
             self.keep_best(iteration, values["eval/reward_mean"])
 
@@ -234,7 +235,9 @@ class EvaluationGrid:
         values = {"eval/reward_mean": reward.mean().item(), "eval/reward_std": reward.std(unbiased=False).item()}
         if len(scores) > 1:
             values.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
-        return image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=self.config.eval_images_per_prompt), values
+        columns = self.config.eval_images_per_prompt
+        self.caption = grid_caption([p for p in self.prompts for _ in range(columns)], reward.tolist(), columns)
+        return image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=columns), values
 
     @torch.no_grad()
     def evaluate(self, policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

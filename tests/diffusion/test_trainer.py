@@ -153,3 +153,8 @@ def test_the_image_grid_reaches_the_trackers_with_its_prompts_and_rewards(tiny_p
     assert row["samples/captions"] == [caption] and row["iteration"] == 1
     assert caption.splitlines()[0] == f"{logged[0]['prompt']}: {logged[0]['reward']:.3g}, {logged[1]['reward']:.3g}"
     assert (run["folder"] / "files" / row["samples/filenames"][0]).stat().st_size > 0
+    [evaluation] = [h for h in run["history"] if "eval/_type" in h]  # the last iteration's fixed-seed evaluation grid
+    lines = evaluation["eval/captions"][0].splitlines()
+    assert len(lines) == cfg.eval_prompts and all(line.count(", ") == cfg.eval_images_per_prompt - 1 for line in lines)
+    shown = [float(r) for line in lines for r in line.split(": ")[-1].split(", ")]
+    assert sum(shown) / len(shown) == pytest.approx(read_metrics(tmp_path / "run")[-1]["eval/reward_mean"], rel=1e-2)
