@@ -92,7 +92,9 @@ def main() -> None:
         print(
             f"iteration {row['iteration']:3d}  reward {row['reward_mean']:+.3f}  length {row['completion_length']:.1f}  {row['iteration_time']:.1f}s"
         )
-    print(f"LoRA adapter in {Path(args.output_dir) / 'model'}, merged model in {Path(args.output_dir) / 'model_merged'}")
+    print(
+        f"LoRA adapter and model card in {Path(args.output_dir) / 'model'} (AutoModelForCausalLM.from_pretrained loads it; save_merged=True also writes the merged model)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
     rebel eval RUN_DIR [--model best|last|PATH] [--episodes N] [--output FILE] [--video]
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
+    rebel push RUN_OR_MODEL_FOLDER --repo-id ID [--private] [--token T]   upload a saved model to the Hugging Face Hub
     rebel vllm-serve [--host H] [--port P]                  a vLLM engine for --vllm-mode server (rebel.text.vllm_server)
     rebel --version
 
@@ -67,6 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("--x", default=None, help="x axis (default: env_steps if logged, else iteration)")
     plot.add_argument("--output", default="curves.png", help="PNG file to write (default: curves.png)")
 
+    push = commands.add_parser(
+        "push",
+        help="upload a saved model to the Hugging Face Hub",
+        description="Upload a saved model folder (weights and model card) to a Hub repo, created if needed. "
+        "A run folder pushes its final model (model/ or lora/); name RUN/model_merged or another saved folder to push that one.",
+    )
+    push.add_argument("folder", metavar="RUN_OR_MODEL_FOLDER")
+    push.add_argument("--repo-id", required=True, help="the Hub repo: name or org/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN or the `hf auth login` token)")
+    push.add_argument("--commit-message", default=None, help="the upload's commit message")
+
     commands.add_parser("vllm-serve", help="serve a vLLM engine to text trainers (--vllm-mode server)", add_help=False)
 
     if argv[:1] == ["vllm-serve"]:
@@ -78,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval":
         return _evaluate(args)
+    if args.command == "push":
+        return _push(args)
     if args.command == "plot":
         from rebel.runs import plot_runs
 
@@ -139,6 +154,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel eval: error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    """``rebel push``: the checks that need no network (repo id, token, folder), then the upload."""
+    from rebel.config import first_line
+    from rebel.hub import check_push, model_folder_of, push_folder
+
+    try:
+        token = check_push(args.repo_id, args.token)
+        folder = model_folder_of(args.folder)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rebel push: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        url = push_folder(folder, args.repo_id, private=True if args.private else None, token=token, commit_message=args.commit_message)
+    except Exception as error:  # noqa: BLE001 - the Hub's answer (network, permission, ...): one line
+        print(f"rebel push: error: uploading {folder} to {args.repo_id} failed ({first_line(error)})", file=sys.stderr)
+        return 1
+    print(f"pushed {folder} to {args.repo_id}: {url}")
     return 0
 
 

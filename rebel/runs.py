@@ -5,6 +5,7 @@ Layout of a run folder::
     .lock                  held (flock) by the process that runs it; names that process
     config.yaml            the resolved configuration
     metrics.jsonl          one JSON object per iteration
+    commands.txt           the command line of each start (the first, each resume)
     tensorboard/           TensorBoard event files (report_to: tensorboard)
     trackers.json          the ids of the tracker runs a resume continues (W&B, Trackio)
     wandb/                 W&B's files, unless WANDB_DIR names another folder
@@ -90,6 +91,11 @@ class RunDir:
         for tracker in self.trackers:
             tracker.log_table(tag, columns, rows, step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (e.g. dialog transcripts) to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_text(tag, text, step)
+
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         """Images (``[H, W, 3]`` uint8 arrays), each with its caption, to the trackers."""
         for tracker in self.trackers:
@@ -122,6 +128,20 @@ class RunDir:
         if self.is_main and rows:
             with open(self.path / name, "a") as f:
                 f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
+
+    def record_command(self) -> None:
+        """Append this process's command line to ``commands.txt``: one line per start of the
+        run (the first, each resume), shown by model cards. Not a ``*.jsonl`` log: a resumed run's
+        logs equal an uninterrupted one's, its commands do not."""
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.path / "commands.txt", "a") as f:
+                f.write(command_line() + "\n")
+
+    def read_commands(self) -> list[str]:
+        """The lines of ``commands.txt`` (none if it does not exist)."""
+        path = self.path / "commands.txt"
+        return [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
 
     def truncate_logs(self, iteration: int) -> None:
         """Drop rows past ``iteration`` from every ``*.jsonl`` of the run folder (rows written
@@ -412,6 +432,23 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
     handle.flush()
     return handle
+
+
+def command_line() -> str:
+    """This process's command line as a shell would take it (``rebel train ...``,
+    ``python script.py ...``, ``python -m package ...``)."""
+    import shlex
+
+    if not sys.argv or not sys.argv[0]:
+        return "python"
+    first = Path(sys.argv[0])
+    if first.name == "__main__.py":
+        program = f"python -m {first.parent.name}"
+    elif first.suffix == ".py" or first.name == "-c":
+        program = f"python {sys.argv[0] if first.name != '-c' else '-c ...'}"
+    else:
+        program = first.name
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def plot_runs(

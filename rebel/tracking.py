@@ -86,6 +86,9 @@ class Tracker:
     def log_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         """A table (rows of cells under ``columns``), e.g. an iteration's completions."""
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text, e.g. an iteration's dialog transcripts."""
+
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         """Images (``[H, W, 3]`` uint8 arrays), each with its caption."""
 
@@ -121,6 +124,9 @@ class TensorBoardTracker(Tracker):
         lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in rows]
         self.writer.add_text(tag, "\n".join(lines), step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         for k, image in enumerate(images):
             self.writer.add_image(tag if len(images) == 1 else f"{tag}/{k}", image, step, dataformats="HWC")
@@ -155,6 +161,9 @@ class WandbTracker(Tracker):
     def log_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self.run.log({tag: self.wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "iteration": step})
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.log_table(tag, ["text"], [[text]], step)  # W&B shows text in a table
+
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         self.run.log({tag: [self.wandb.Image(i, caption=c) for i, c in zip(images, captions)], "iteration": step})
 
@@ -188,6 +197,12 @@ class TrackioTracker(Tracker):
 
     def log_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         self.run.log({tag: self.trackio.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if hasattr(self.trackio, "Markdown"):
+            self.run.log({tag: self.trackio.Markdown(text)}, step=step)
+        else:  # releases before trackio.Markdown
+            self.log_table(tag, ["text"], [[text]], step)
 
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         keys = [tag] if len(images) == 1 else [f"{tag}/{k}" for k in range(len(images))]  # one image per key: Trackio takes no lists

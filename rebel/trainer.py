@@ -249,6 +249,7 @@ class Trainer:
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
         config = {**self.run_config, "trainer": self.config.trainer_settings()}
         self.run.write_config(config)
+        self.run.record_command()
         self.run.open_trackers(self.config.report_to, config, resume_step=self.iteration or None)
         rows: list[dict[str, Any]] = []
         self._stop_requested, self._goal_reached, self._stop_signal, self.stop_reason = False, False, None, None

@@ -3,7 +3,8 @@
 agent = Rebel("HalfCheetah-v5", variant="trajectory", seed=0)
 agent.learn(1_000_000)
 action, _ = agent.predict(obs, deterministic=True)
-agent.save("cheetah.pt"); agent = Rebel.load("cheetah.pt")
+agent.save("cheetah"); agent = Rebel.load("cheetah")   # a folder: agent.pt and its model card
+agent.push_to_hub("me/cheetah-rebel")
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
 AGENT_FORMAT = "rebel-control-agent-1"
-AGENT_FILE = "agent.pt"  # the agent in a saved folder (RUN/best/agent.pt)
+AGENT_FILE = "agent.pt"  # the weights and settings inside a saved agent's folder (RUN/model/, RUN/best/)
+FILE_SUFFIXES = (".pt", ".pth")  # Rebel.save to such a path writes one file, as before folders
+# ControlConfig fields a model card lists beside the REBEL settings
+CARD_SETTINGS = ("env", "variant", "hidden_sizes", "num_groups", "group_size", "gamma", "normalize_observations")
 
 # Settings each variant starts from, the control task's and the trainer's alike (measured:
 # docs/control.md, docs/control_tuning.md); explicit options win.
@@ -323,7 +327,7 @@ class Rebel:
             return
         record = {key: metrics[key] for key in ("iteration", "env_steps", "eval_return", "eval_return_std", "eval_length")}
         record.update(eval_episodes=self.config.eval_episodes, eval_seed=seed)
-        publish_best(run_dir, lambda folder: self.save(folder / AGENT_FILE), record)
+        publish_best(run_dir, lambda folder: self.save(folder, results=record), record)  # agent.pt and its card
 
     # ------------------------------------------------------------------ public
     @property
@@ -350,6 +354,8 @@ class Rebel:
             changes["progress"] = progress
         self.trainer.config = dataclasses.replace(self.trainer.config, **changes)
         self.trainer.train(resume=resume, overwrite=overwrite)
+        if self.trainer.exit_code == 0 and self.trainer.accelerator.is_main_process:
+            self.save(self.trainer.run.path / "model")
         return self
 
     @property
@@ -374,10 +380,15 @@ class Rebel:
     def record_video(self, path: str, episodes: int = 1, seed: int = 10_000) -> Path | None:
         return record_video(self.policy, self.env_source, path, episodes=episodes, seed=seed)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the policy (weights and observation statistics) and configs to one file."""
+    def save(self, path: str | Path, results: dict[str, Any] | None = None) -> Path:
+        """Write the policy (weights and observation statistics) and configs: into the
+        folder ``path`` as ``agent.pt`` with a model card (``README.md``: settings, the run's
+        last metrics or ``results``, its commands), or into one file when ``path`` ends in
+        ``.pt`` / ``.pth``. Returns ``path``."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        folder = out.suffix not in FILE_SUFFIXES
+        file = out / AGENT_FILE if folder else out
+        file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "format": AGENT_FORMAT,
@@ -386,18 +397,60 @@ class Rebel:
                 "policy": self.policy.state_dict(),
                 "env_steps": self.env_steps,
             },
-            out,
+            file,
         )
+        if folder:
+            from rebel.hub import write_model_card
+
+            run_dir = self.trainer.run.path if self.trainer is not None else None
+            write_model_card(out, self.card_info(), run_dir=run_dir, results=results)
         return out
+
+    def card_info(self) -> Any:
+        """What the model card of a saved agent says (a :class:`rebel.hub.CardInfo`)."""
+        from rebel.hub import CardInfo, card_settings
+
+        env = self.config.env
+        return CardInfo(
+            title=f"REBEL ({self.config.variant}) agent for {env}",
+            library_name="rebel-rl",
+            task="reinforcement-learning",
+            dataset=env,
+            settings=card_settings(self.config, CARD_SETTINGS),
+            reward=f"the environment's own ({env})",
+            usage=(
+                "import gymnasium as gym\nfrom rebel.control import Rebel\n\n"
+                'agent = Rebel.load(".")  # this folder (huggingface_hub.snapshot_download(repo_id) fetches it from the Hub)\n'
+                "env = gym.make(agent.config.env)\nobs, _ = env.reset(seed=0)\naction, _ = agent.predict(obs, deterministic=True)"
+            ),
+            tags=(env, "deep-reinforcement-learning"),
+            start="a randomly initialised policy",
+        )
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str | None = None) -> str:
+        """Save the agent with its model card into a temporary folder and upload it to the Hub
+        repo ``repo_id`` (created if needed); returns the commit's URL. A malformed
+        ``repo_id`` or a missing token is refused before anything is written."""
+        import tempfile
+
+        from rebel.hub import check_push, push_folder
+
+        token = check_push(repo_id, token)
+        with tempfile.TemporaryDirectory(prefix="rebel-push-") as folder:
+            self.save(folder)
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def load(cls, path: str | Path, env: EnvSource | gym.Env | None = None, **options: Any) -> Rebel:
-        """An agent from :meth:`save`, or from a folder holding one (a run's ``best/``);
-        ``env`` defaults to the saved id; ``learn`` then starts a new run from these weights."""
-        path = Path(path) / AGENT_FILE if Path(path).is_dir() else Path(path)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """An agent from :meth:`save`: a folder (a run's ``model/`` or ``best/``) or a ``.pt``
+        file; ``env`` defaults to the saved id; ``learn`` then starts a new run from these weights."""
+        path = Path(path)
+        file = path / AGENT_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved rebel control agent: {file} does not exist")
+        state = torch.load(file, map_location="cpu", weights_only=False)
         if not isinstance(state, dict) or state.get("format") != AGENT_FORMAT:
-            raise ValueError(f"{path} is not a rebel control agent (saved with Rebel.save)")
+            raise ValueError(f"{file} is not a rebel control agent (saved with Rebel.save)")
         agent = cls._from_configs(state["control"], state["trainer"], env, options)
         agent.policy.load_state_dict(state["policy"])
         return agent

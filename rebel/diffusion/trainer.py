@@ -22,9 +22,21 @@ from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.runs import EVAL_FOLDER, publish_best, read_best
 from rebel.trainer import TrainerConfig
 
+# DiffusionConfig fields a model card lists beside the REBEL settings
+CARD_SETTINGS = (
+    "num_generations",
+    "prompts_per_iteration",
+    "num_inference_steps",
+    "guidance_scale",
+    "ddim_eta",
+    "use_lora",
+    "lora_rank",
+    "resolution",
+)
 # DiffusionConfig fields that DiffusionSampler takes under the same names
 SAMPLER_SETTINGS = ("num_generations", "prompts_per_iteration", "timestep_fraction", "sample_batch_size")
 
@@ -108,6 +120,9 @@ class DiffusionTrainer(PretrainedTrainer):
         eval_prompts: Sequence[str] | None = None,
     ) -> None:
         config = config or DiffusionConfig()
+        # what the model card names: the base pipeline (a folder or hub id) and the prompts
+        self.base_model = str(pipeline) if isinstance(pipeline, (str, Path)) else getattr(pipeline, "name_or_path", None) or None
+        self.prompts_name = prompts if isinstance(prompts, str) else "prompts"
         # the sampler first: its checks of the prompts and rewards are cheap, the pipeline is not
         sampler = DiffusionSampler(prompts, reward_fn, reward_weights=reward_weights, **pick(config, SAMPLER_SETTINGS))
         if eval_prompts is None:
@@ -147,6 +162,30 @@ class DiffusionTrainer(PretrainedTrainer):
         the UNet (``path/unet``)."""
         self.trainer.policy.save_pretrained(path)  # type: ignore[attr-defined]
 
+    def card_info(self) -> CardInfo:
+        """The card of the saved LoRA (diffusers' ``load_lora_weights``) or UNet."""
+        lora = bool(self.config.use_lora)  # type: ignore[attr-defined]
+        base = self.base_model or "pipeline"
+        pipe = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+        load = (
+            'pipe.load_lora_weights(".")  # this folder, or its repo id on the Hub'
+            if lora
+            else ('pipe.unet = UNet2DConditionModel.from_pretrained(".", subfolder="unet")  # this folder, or its repo id on the Hub')
+        )
+        return CardInfo(
+            title=f"{Path(base).name} trained with REBEL" + (" (LoRA)" if lora else ""),
+            library_name="diffusers",
+            task="text-to-image",
+            dataset=self.prompts_name,
+            settings=card_settings(self.config, CARD_SETTINGS),
+            reward=describe_rewards(self.sampler.reward_fns, self.sampler.reward_weights),  # type: ignore[attr-defined]
+            usage="from diffusers import StableDiffusionPipeline, UNet2DConditionModel\n\n" + pipe + load,
+            base_model=hub_base_model(self.base_model),
+            start=f"`{base}`" if self.base_model else "a pipeline built in-process",
+            tags=("text-to-image", "diffusers", "stable-diffusion", *(("lora",) if lora else ())),
+            extra={"pipeline_tag": "text-to-image"},
+        )
+
     def _keep_best(self, iteration: int, score: float) -> None:
         """Save the LoRA (or UNet) into ``RUN/best/`` when ``score`` beats the one recorded
         there (main process; a resumed run keeps the best of the runs before)."""
@@ -154,7 +193,12 @@ class DiffusionTrainer(PretrainedTrainer):
         best = read_best(run)
         if best is None or score > best["score"]:
             record = {"iteration": iteration, "metric": "eval/reward_mean", "score": score}
-            publish_best(run, self.trainer.policy.save_pretrained, record)  # type: ignore[attr-defined]
+
+            def write(folder: Path) -> None:
+                self.trainer.policy.save_pretrained(folder)  # type: ignore[attr-defined]
+                self.write_card(folder, results={"iteration": iteration, "eval/reward_mean": score})
+
+            publish_best(run, write, record)
 
 
 class ImageGridLogger:

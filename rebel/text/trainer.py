@@ -10,7 +10,7 @@ builds a :class:`CausalLMPolicy` and a :class:`TextSampler` and runs :class:`reb
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,12 @@ import torch
 
 from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
+from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
+from rebel.text.dialog import BRANCH_TURNS, FORMS, DialogSampler
+from rebel.text.env import TextEnv
 from rebel.text.evaluation import EVAL_GENERATION, TextEvaluator
 from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
@@ -30,10 +33,15 @@ from rebel.text.sampler import TextSampler
 from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# TextConfig fields a model card lists beside the REBEL settings
+CARD_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "temperature", "kl_coef", "use_lora", "lora_r", "lora_alpha")
 # TextConfig fields that TextSampler takes under the same names
-SAMPLER_SETTINGS = ("reward_weights", "num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs",
-                    "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle", "generation_backend", "vllm_mode",
-                    "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization", "vllm_kwargs")  # fmt: skip
+GENERATION_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs", "generation_batch_size",
+                       "shuffle", "generation_backend", "vllm_mode", "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization",
+                       "vllm_kwargs")  # fmt: skip
+SAMPLER_SETTINGS = (*GENERATION_SETTINGS, "reward_weights", "max_prompt_length", "missing_eos_penalty", "kl_coef")
+# ... and those DialogSampler takes (``dialog_form`` is its ``form``)
+DIALOG_SETTINGS = (*GENERATION_SETTINGS, "max_turns", "max_dialog_tokens", "branch_turns", "rollouts_per_branch")
 
 
 @dataclass
@@ -75,8 +83,18 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         LOGPROB_CHUNK_SIZE, "completion tokens whose float32 logits exist at once when scoring (0: all at once)"
     )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
-    save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
+    save_merged: bool = option(False, "with LoRA, also save the adapter merged into the base model (model_merged/, the base's size)")
     log_completions: int = option(8, "completions written to completions.jsonl and the trackers (report_to) per iteration (0: none)")
+    dialog_form: str = option(
+        "whole", "with an env: whole (n dialogs per opening, reward = return) | per_turn (Monte-Carlo resets: Q of n branched turns)"
+    )
+    max_turns: int = option(8, "with an env: agent turns after which a dialog is truncated")
+    max_dialog_tokens: int | None = option(
+        None, "with an env: tokens of a whole dialog (opening included) after which it is truncated; none: the model's positions"
+    )
+    branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
+    rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
+    log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and the trackers per iteration (0: none)")
     eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
     eval_generation: str = option(
         "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
@@ -96,6 +114,13 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_int("eval_every", self.eval_every, minimum=0)
         check_choice("eval_generation", self.eval_generation, EVAL_GENERATION)
         check_generation_kwargs(self.generation_kwargs)
+        check_choice("dialog_form", self.dialog_form, FORMS)
+        check_choice("branch_turns", self.branch_turns, BRANCH_TURNS)
+        for name in ("max_turns", "rollouts_per_branch"):
+            check_int(name, getattr(self, name))
+        if self.max_dialog_tokens is not None:
+            check_int("max_dialog_tokens", self.max_dialog_tokens)
+        check_int("log_dialogs", self.log_dialogs, minimum=0)
         check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
 
@@ -127,6 +152,10 @@ class TextTrainer(PretrainedTrainer):
         model_kwargs: more ``from_pretrained`` arguments (``gguf_file``, ...).
         reference_model: frozen reference for ``kl_coef`` without LoRA (default: a copy
             of the starting model).
+        env: a callable returning a :class:`~rebel.text.env.TextEnv`: the trajectories are
+            dialogs with it (``config.dialog_form``, :class:`~rebel.text.dialog.DialogSampler`);
+            the env gives the rewards (no ``reward_funcs``) and ``train_dataset``, optional,
+            holds the rows its ``reset`` opens episodes from.
         eval_dataset: prompts evaluated every ``eval_every`` iterations (same forms as
             ``train_dataset``), metrics under ``eval/`` (see :class:`~rebel.text.evaluation.TextEvaluator`).
         eval_reward_funcs: the evaluation's rewards, summed (default: the training ones, with
@@ -139,10 +168,11 @@ class TextTrainer(PretrainedTrainer):
     def __init__(
         self,
         model: Any,
-        reward_funcs: Any,
-        train_dataset: Any,
+        reward_funcs: Any = None,
+        train_dataset: Any = None,
         config: TextConfig | None = None,
         *,
+        env: Callable[[], TextEnv] | None = None,
         peft_config: Any = None,
         processing_class: Any = None,
         reward_processing_classes: Sequence[Any] | None = None,
@@ -154,14 +184,26 @@ class TextTrainer(PretrainedTrainer):
         eval_reward_funcs: Any = None,
     ) -> None:
         config = config or TextConfig()
-        train_dataset = PromptDataset(train_dataset)  # the inputs' cheap checks come before the model loads
-        reward_funcs = check_reward_funcs(reward_funcs)
-        if eval_dataset is not None:
-            eval_dataset = PromptDataset(eval_dataset, "eval_dataset")
-        if eval_reward_funcs is not None:
-            if eval_dataset is None:
-                raise ValueError("eval_reward_funcs needs an eval_dataset to score")
-            eval_reward_funcs = check_reward_funcs(eval_reward_funcs)
+        # what the model card names: the base model (a folder or hub id) and the prompts' source
+        self.base_model = (
+            str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
+        self.dataset_name = ((run_config or {}).get("source") or {}).get("dataset") or "prompts"
+        if env is not None:  # the inputs' cheap checks come before the model loads
+            check_dialog_inputs(env, reward_funcs, config)
+            if eval_dataset is not None or eval_reward_funcs is not None:
+                raise ValueError("eval_dataset with env: evaluation on dialogs is not supported yet (the transcripts show the dialogs)")
+        else:
+            if train_dataset is None or reward_funcs is None:
+                raise ValueError("TextTrainer needs reward_funcs and train_dataset (or env, a callable returning a TextEnv)")
+            train_dataset = PromptDataset(train_dataset)
+            reward_funcs = check_reward_funcs(reward_funcs)
+            if eval_dataset is not None:
+                eval_dataset = PromptDataset(eval_dataset, "eval_dataset")
+            if eval_reward_funcs is not None:
+                if eval_dataset is None:
+                    raise ValueError("eval_reward_funcs needs an eval_dataset to score")
+                eval_reward_funcs = check_reward_funcs(eval_reward_funcs)
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})
@@ -185,23 +227,30 @@ class TextTrainer(PretrainedTrainer):
             )
             if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
                 reference_model = copy.deepcopy(policy.model)
-            sampler = TextSampler(
-                train_dataset,
-                reward_funcs,
-                reward_processing_classes=reward_processing_classes,
-                reference_model=reference_model,
-                data_seed=config.seed,
-                **pick(config, SAMPLER_SETTINGS),
-            )
-        logger: list[Any] = [CompletionLogger(sampler, config.log_completions)]
+            if env is not None:
+                sampler: TextSampler | DialogSampler = DialogSampler(
+                    env, train_dataset, form=config.dialog_form, data_seed=config.seed, **pick(config, DIALOG_SETTINGS)
+                )
+                sampler.limits(policy)  # the caps fit the model (checked before a run starts)
+                logger: list[Any] = [DialogLogger(sampler, config.log_dialogs)]
+            else:
+                sampler = TextSampler(
+                    train_dataset,
+                    reward_funcs,
+                    reward_processing_classes=reward_processing_classes,
+                    reference_model=reference_model,
+                    data_seed=config.seed,
+                    **pick(config, SAMPLER_SETTINGS),
+                )
+                logger = [CompletionLogger(sampler, config.log_completions)]
         if eval_dataset is not None:
-            funcs, weights = sampler.reward_funcs, sampler.reward_weights
+            funcs, weights = sampler.reward_funcs, sampler.reward_weights  # type: ignore[union-attr]
             if eval_reward_funcs is not None:
                 funcs = as_reward_funcs(eval_reward_funcs)
                 weights = [1.0] * len(funcs)
             logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, self._keep_best if config.save_best else None))
         super().__init__(policy, sampler, config, callbacks=[*logger, *callbacks], run_config=run_config)
-        if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
+        if getattr(sampler, "reference_model", None) is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
     @property
@@ -225,13 +274,45 @@ class TextTrainer(PretrainedTrainer):
         return "model"
 
     def _save(self, path: Path, state: dict[str, Any] | None = None) -> None:
-        """The model and tokenizer with ``save_pretrained``; with LoRA the adapter, and the
-        merged model in ``<path>_merged`` when ``save_merged``. ``state``: the policy's full
-        state dict, gathered from the processes that shard it."""
+        """The model and tokenizer with ``save_pretrained``; with LoRA only the adapter (which
+        ``AutoModelForCausalLM.from_pretrained(path)`` loads onto its base when peft is
+        installed), and the merged model in ``<path>_merged`` (with its card) when
+        ``save_merged``. ``state``: the policy's full state dict, gathered from the processes
+        that shard it."""
         policy: CausalLMPolicy = self.trainer.policy  # type: ignore[assignment]
         policy.save_pretrained(path, state_dict=state)
         if policy.is_peft and self.config.save_merged:
-            policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            merged = policy.save_pretrained(path.with_name(path.name + "_merged"), merged=True, state_dict=state)
+            self.write_card(merged, merged=True)
+
+    def card_info(self, merged: bool = False) -> CardInfo:
+        """The card of the saved model: the LoRA adapter (peft) unless ``merged`` or a full fine-tune."""
+        adapter = self.trainer.policy.is_peft and not merged  # type: ignore[attr-defined]
+        base = self.base_model or "model"
+        load = "# with peft installed, transformers loads the base model and this adapter on it\n" if adapter else ""
+        return CardInfo(
+            title=f"{Path(base).name} trained with REBEL" + (" (LoRA)" if adapter else ""),
+            library_name="peft" if adapter else "transformers",
+            task="text-generation",
+            dataset=self.dataset_name,
+            settings=card_settings(self.config, CARD_SETTINGS),
+            reward=self._reward_description(),
+            usage=(
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                'folder = "."  # this folder, or its repo id on the Hub\n' + load + "model = AutoModelForCausalLM.from_pretrained(folder)\n"
+                "tokenizer = AutoTokenizer.from_pretrained(folder)"
+            ),
+            base_model=hub_base_model(self.base_model),
+            start=f"`{base}`" if self.base_model else "a model built in-process",
+            tags=("text-generation", "lora") if adapter else ("text-generation",),
+            extra={"pipeline_tag": "text-generation"},
+        )
+
+    def _reward_description(self) -> str:
+        if isinstance(self.sampler, DialogSampler):
+            env = self.sampler.env
+            return f"the return of dialogs with `{getattr(env, '__name__', type(env).__name__)}`"
+        return describe_rewards(self.sampler.reward_funcs, self.sampler.reward_weights)  # type: ignore[attr-defined]
 
     def _save_sharded(self, path: Path, state: dict[str, Any]) -> None:
         self._save(path, state)
@@ -247,7 +328,12 @@ class TextTrainer(PretrainedTrainer):
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             record = {"iteration": iteration, "metric": metric, "score": score}
-            publish_best(run, lambda folder: self.trainer.policy.save_pretrained(folder, state_dict=state), record)
+
+            def write(folder: Path) -> None:
+                self.trainer.policy.save_pretrained(folder, state_dict=state)  # type: ignore[attr-defined]
+                self.write_card(folder, results={"iteration": iteration, metric: score})
+
+            publish_best(run, write, record)
         self.accelerator.wait_for_everyone()
 
 
@@ -274,3 +360,48 @@ class CompletionLogger:
         trainer.run.append_jsonl("completions.jsonl", [{"iteration": iteration, **sample} for sample in samples])
         rows = [[s["prompt"], s["completion"], float(s["reward"])] for s in samples]
         trainer.run.log_table("completions", ["prompt", "completion", "reward"], rows, iteration)
+
+
+def check_dialog_inputs(env: Any, reward_funcs: Any, config: TextConfig) -> None:
+    """What a dialog run refuses: rewards from elsewhere than the env, and the completion-only settings."""
+    if not callable(env):
+        raise TypeError(f"env must be a callable returning a TextEnv (a TextEnv subclass, a function), got {type(env).__name__}")
+    if reward_funcs is not None:
+        raise ValueError("reward_funcs with env: the environment gives the rewards; pass reward_funcs=None")
+    for name in ("kl_coef", "missing_eos_penalty", "max_prompt_length", "reward_weights"):
+        if getattr(config, name):
+            raise ValueError(f"{name}={getattr(config, name)!r} applies to single completions, not to dialogs with an env; leave it unset")
+
+
+class DialogLogger:
+    """Trainer callback: a few dialogs of each iteration in ``transcripts.jsonl`` (and
+    to the trackers as text, one readable block per dialog)."""
+
+    def __init__(self, sampler: DialogSampler, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        acc = trainer.accelerator
+        if self.count <= 0:
+            return
+        dialogs = self.sampler.last_dialogs[: self.count]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            dialogs = [d for part in gather_object([dialogs]) for d in part]
+        if not acc.is_main_process:
+            return
+        iteration = int(metrics["iteration"])
+        trainer.run.append_jsonl("transcripts.jsonl", [{"iteration": iteration, **d} for d in dialogs])
+        trainer.run.log_text("dialogs", "\n\n---\n\n".join(transcript(d) for d in dialogs), iteration)
+
+
+def transcript(dialog: dict[str, Any]) -> str:
+    """A dialog record as Markdown: one line per message, then its return and how it ended."""
+    lines = [f"**{m['role']}**: {_cell(m['content'])}  " for m in dialog["messages"]]
+    end = "terminated" if dialog["terminated"] else "truncated" if dialog["truncated"] else "running"
+    return "\n".join([*lines, f"*return {dialog['return']:.4g}, {dialog['turns']} turns, {dialog['tokens']} tokens, {end}*"])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")[:500]

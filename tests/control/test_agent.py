@@ -51,7 +51,9 @@ def test_mc_with_its_defaults_and_value_function_learns_cartpole(tmp_path):
     assert rows[-1]["value_explained_variance"] > 0.5  # V fits the branch returns
 
 
-def test_save_load_round_trip_and_predict(tmp_path):
+def test_save_load_round_trip_and_predict(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
     agent = Rebel(
         "Pendulum-v1",
         variant="trajectory",
@@ -63,18 +65,51 @@ def test_save_load_round_trip_and_predict(tmp_path):
         **FAST,
     )
     agent.learn(200)
-    path = agent.save(tmp_path / "agent.pt")
-    loaded = Rebel.load(path, output_dir=str(tmp_path / "again"))
     obs = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
-    assert np.array_equal(agent.predict(obs)[0], loaded.predict(obs)[0])
+    for path in (
+        tmp_path / "run" / "model",
+        agent.save(tmp_path / "agent.pt"),
+        agent.save(tmp_path / "folder"),
+    ):  # the run's own, a file, a folder
+        loaded = Rebel.load(path, output_dir=str(tmp_path / "again"))
+        assert np.array_equal(agent.predict(obs)[0], loaded.predict(obs)[0])
+        for a, b in zip(agent.policy.state_dict().values(), loaded.policy.state_dict().values()):
+            assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == ["README.md", "agent.pt"]
     single, state = loaded.predict(obs[0])
     assert single.shape == (1,) and state is None
-    for a, b in zip(agent.policy.state_dict().values(), loaded.policy.state_dict().values()):
-        assert torch.equal(a, b)
     assert loaded.evaluate(2) == agent.evaluate(2)
     with pytest.raises(ValueError, match="is not a rebel control agent"):
         torch.save({"x": 1}, tmp_path / "bad.pt")
         Rebel.load(tmp_path / "bad.pt")
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=f"^{run} is not a saved rebel control agent: {run / 'agent.pt'} does not exist"):
+        Rebel.load(run)
+
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md")
+    last = read_metrics(tmp_path / "run")[-1]
+    assert card.data.library_name == "rebel-rl" and card.data.tags == [
+        "rebel-rl",
+        "reinforcement-learning",
+        "Pendulum-v1",
+        "deep-reinforcement-learning",
+    ]
+    (result,) = card.data.eval_results
+    assert (result.dataset_name, result.metric_type) == ("Pendulum-v1", "mean_reward")
+    assert result.metric_value == f"{last['eval_return']:.2f} +/- {last['eval_return_std']:.2f}"
+    assert "| variant | trajectory |" in card.text and "Rebel.load" in card.text
+    best = ModelCard.load(agent.save(tmp_path / "best", results={"eval_return": 1.5, "eval_return_std": 0.25}) / "README.md")
+    assert best.data.eval_results[0].metric_value == "1.50 +/- 0.25"  # what a best model's own evaluation gave
+    record = json.loads((tmp_path / "run" / "best" / "best.json").read_text())  # the run's best/, written by the same save
+    best = ModelCard.load(tmp_path / "run" / "best" / "README.md")
+    assert best.data.eval_results[0].metric_value == f"{record['eval_return']:.2f} +/- {record['eval_return_std']:.2f}"
+
+    pushed = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.append((repo_id, kw["private"], self.token)))
+    upload = lambda self, **kw: pushed.append(sorted(p.name for p in Path(kw["folder_path"]).iterdir())) or "url"
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    assert agent.push_to_hub("me/pendulum", private=False, token="hf_x") == "url"
+    assert pushed == [("me/pendulum", False, "hf_x"), ["README.md", "agent.pt"]]
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,10 @@ def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, eval_
     best = json.loads((run / "best" / "best.json").read_text())
     first_best = max(range(3), key=lambda k: (scores[k], -k))
     assert (best["iteration"], best["score"]) == (first_best + 1, scores[first_best]) and len(set(scores)) > 1
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "best" / "README.md")  # the best weights' card, with the evaluation that made them the best
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("eval/reward_mean", round(best["score"], 6))]
 
     results, before, after = eval_best_and_last(run)
     assert results["best"]["eval/reward_mean"] == pytest.approx(best["score"], abs=1e-6)  # the saved weights draw the recorded grid

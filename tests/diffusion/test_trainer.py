@@ -158,3 +158,35 @@ def test_the_image_grid_reaches_the_trackers_with_its_prompts_and_rewards(tiny_p
     assert len(lines) == cfg.eval_prompts and all(line.count(", ") == cfg.eval_images_per_prompt - 1 for line in lines)
     shown = [float(r) for line in lines for r in line.split(": ")[-1].split(", ")]
     assert sum(shown) / len(shown) == pytest.approx(read_metrics(tmp_path / "run")[-1]["eval/reward_mean"], rel=1e-2)
+
+
+def test_the_saved_lora_loads_in_diffusers_and_carries_its_card(tiny_pipe, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from huggingface_hub import HfApi, ModelCard
+
+    trainer = DiffusionTrainer(tiny_pipe, bright, PROMPTS, config(tmp_path, iterations=1, learning_rate=0.1, log_images=0))
+    rows = trainer.train()
+    folder = tmp_path / "run" / "lora"
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([500, 300]), torch.randn(2, 24, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe)
+    with torch.no_grad():
+        base = pipe.unet(x, t, c).sample
+        pipe.load_lora_weights(str(folder))
+        loaded, trained = pipe.unet(x, t, c).sample, trainer.unet(x, t, c).sample
+    assert (base - trained).abs().max() > 0  # it trained, and the folder holds what it learned
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.tags == ["rebel-rl", "reinforcement-learning", "text-to-image", "diffusers", "stable-diffusion", "lora"]
+    assert "Reward: bright." in card.text and "| num_inference_steps | 3 |" in card.text and "pipe.load_lora_weights" in card.text
+    assert f"| reward_mean | {rows[-1]['reward_mean']:.6g} |" in card.text
+
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploaded.append((repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploaded.append(kw) or "https://huggingface.co/me/shapes/commit/1")
+    with pytest.raises(ValueError, match="^repo id 'me/sh apes' is not valid"):
+        trainer.push_to_hub("me/sh apes", token="hf_x")
+    assert uploaded == []
+    assert trainer.push_to_hub("me/shapes", token="hf_x") == "https://huggingface.co/me/shapes/commit/1"
+    assert uploaded == [("me/shapes", {"private": None, "exist_ok": True, "repo_type": "model"}),
+                        {"repo_id": "me/shapes", "folder_path": str(folder), "repo_type": "model", "commit_message": "Upload a REBEL model (rebel-rl)"}]  # fmt: skip

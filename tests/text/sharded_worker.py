@@ -77,7 +77,7 @@ runs = {
     "full": run("full", 2),
     "half": run("split", 1),
     "resumed": run("split", 2, resume=True),
-    "lora": run("lora", 1, use_lora=True, lora_r=4, lora_target_modules="c_attn,c_fc"),
+    "lora": run("lora", 1, use_lora=True, lora_r=4, lora_target_modules="c_attn,c_fc", save_merged=True),
 }
 rank = accelerator.process_index
 torch.save({"world": accelerator.num_processes, "out": str(out), **runs}, out / f"rank{rank}.pt")

@@ -1,6 +1,7 @@
 """``rebel train text``: the embedded default, resume, and user models, prompts and rewards."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -161,3 +162,21 @@ def test_the_api_refuses_the_same_inputs_with_the_same_text(tmp_path):
         TextTrainer(nowhere, score, __import__("datasets").Dataset.from_list([{"question": "12:"}]))  # before the model
     with pytest.raises(FileNotFoundError, match=f"^reward model '{nowhere}' does not exist"):
         TextTrainer(nowhere, [score, nowhere], ["12:"])
+
+
+def test_an_embedded_lora_run_saves_an_adapter_that_transformers_loads_with_its_card(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    argv = ["train", "text", "--output-dir", str(tmp_path / "run"), "--iterations", "1", "--pretrain-steps", "20", "--num-prompts", "16",
+            "--prompts-per-iteration", "2", "--use-lora", "--lora-r", "2", *QUIET]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/rebel", *argv])
+    assert main(argv) == 0
+    folder = tmp_path / "run" / "model"
+    assert (folder / "adapter_config.json").is_file() and not (tmp_path / "run" / "model_merged").exists()
+    model = AutoModelForCausalLM.from_pretrained(folder)  # its base: the run's base_model/, named in adapter_config.json
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.peft_config["default"].base_model_name_or_path == str(
+        tmp_path / "run" / "base_model"
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "peft" and f"```bash\nrebel {' '.join(argv)}\n```" in card.text

@@ -156,6 +156,10 @@ def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys, e
     first_best = max(range(len(scores)), key=lambda k: (scores[k], -k))
     assert (best["iteration"], best["score"], best["metric"]) == (first_best + 1, scores[first_best], "eval/reward_mean")
     assert len(set(scores)) > 1  # the evaluations differ: the choice above means something
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "best" / "README.md")  # the best model's card, with the evaluation that made it the best
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("eval/reward_mean", round(best["score"], 6))]
 
     results, before, after = eval_best_and_last(run)
     assert results["best"]["eval/reward_mean"] == best["score"]  # the saved best model evaluates to its recorded score

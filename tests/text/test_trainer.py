@@ -67,6 +67,7 @@ def test_the_saved_model_loads_in_plain_transformers(tiny_lm, tmp_path):
 
 
 def test_lora_trains_only_the_adapter_and_saves_it(tiny_lm, tmp_path):
+    from huggingface_hub import ModelCard
     from peft import PeftModel
 
     cfg = config(tmp_path, iterations=2, use_lora=True, lora_r=4, lora_target_modules="c_attn,c_fc", kl_coef=0.1)
@@ -76,13 +77,54 @@ def test_lora_trains_only_the_adapter_and_saves_it(tiny_lm, tmp_path):
     assert rows[1]["ref_kl"] != 0.0 and rows[1]["start_log_ratio_max"] == 0.0
     saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=False)["policy"]
     assert saved and all("lora_" in k for k in saved)  # only the adapter is checkpointed
+    folder = tmp_path / "run" / "model"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "model.safetensors").exists() and not (tmp_path / "run" / "model_merged").exists()  # adapter only by default
     ids = torch.tensor([[5, 6, 7, 12]])
     with torch.no_grad():
         expected = trainer.model(input_ids=ids).logits
-        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "run" / "model")
+        loaded = AutoModelForCausalLM.from_pretrained(folder)  # transformers puts the adapter on its base (peft installed)
+        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
         assert torch.allclose(adapter(input_ids=ids).logits, expected, atol=1e-5)
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model_merged")
-        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["rebel-rl", "reinforcement-learning", "text-generation", "lora"]
+    assert card.data.base_model is None  # a local folder is named in the text, not as a hub id
+    assert "| kl_coef | 0.1 |" in card.text and "| use_lora | True |" in card.text and "Reward: sorted_digits_reward." in card.text
+    assert f"| reward_mean | {rows[-1]['reward_mean']:.6g} |" in card.text
+
+
+def test_a_lora_run_resumes_from_its_adapter_only_save_and_merges_on_request(tiny_lm, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    lora = {"use_lora": True, "lora_r": 4, "lora_target_modules": "c_attn,c_fc"}
+    TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, iterations=2, **lora)).train()
+    resumed = TextTrainer(tiny_lm, sorted_digits_reward, DATA, config(tmp_path, iterations=3, save_merged=True, **lora))
+    assert [r["iteration"] for r in resumed.train(resume=True)] == [3]
+    ids = torch.tensor([[5, 6, 7, 12]])
+    with torch.no_grad():
+        expected = resumed.model(input_ids=ids).logits
+        for name in ("model", "model_merged"):
+            assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / name)(input_ids=ids).logits, expected, atol=1e-4)
+    merged = ModelCard.load(tmp_path / "run" / "model_merged" / "README.md")
+    assert merged.data.library_name == "transformers" and "lora" not in merged.data.tags
+    commands = ModelCard.load(tmp_path / "run" / "model" / "README.md").text.split("## Reproduce")[1]
+    assert commands.count("python -m pytest") == 2  # this process's command, twice: the first start and the resume
+
+    from huggingface_hub import HfApi
+
+    pushed = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.append((repo_id, kw["private"], self.token)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: pushed.append(kw["folder_path"]) or "url")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    with pytest.raises(ValueError, match="^no Hugging Face token"):
+        resumed.push_to_hub("me/sorter")
+    assert pushed == []
+    assert resumed.push_to_hub("me/sorter", private=True, token="hf_x") == "url"
+    assert pushed == [("me/sorter", True, "hf_x"), str(tmp_path / "run" / "model")]
 
 
 def test_a_failing_reward_function_stops_the_run_and_keeps_the_last_iteration(tiny_lm, tmp_path):
