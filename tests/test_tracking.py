@@ -132,12 +132,14 @@ def test_tensorboard_table_is_the_markdown_it_was(tmp_path):
     run = RunDir(tmp_path / "run")
     run.open_trackers(["tensorboard"], {})
     run.log_table("completions", ["prompt", "completion", "reward"], [["a|b", "c\nd", 0.123456], ["e", "f", 1.0]], 3)
+    run.log_text("dialogs", "**user**: hi", 3)
     run.close()
     events, _ = tensorboard_scalars(tmp_path / "run")
     [event] = events.Tensors("completions/text_summary")
     text = event.tensor_proto.string_val[0].decode()
     assert event.step == 3
     assert text == "| prompt | completion | reward |\n| --- | --- | --- |\n| a\\|b | c<br>d | 0.1235 |\n| e | f | 1 |"
+    assert events.Tensors("dialogs/text_summary")[0].tensor_proto.string_val[0].decode() == "**user**: hi"
 
 
 # ---------------------------------------------------------------------- W&B
@@ -185,6 +187,7 @@ def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):
     run.open_trackers(["wandb"], {"trainer": {"eta": 1.0}})
     run.log_table("completions", ["prompt", "completion", "reward"], [["2 1", "1 2", 1.0]], 1)
     run.log_image("samples", np.zeros((8, 8, 3), np.uint8), 1, caption="a red square: 0.5, 0.25")
+    run.log_text("dialogs", "**user**: 3 1 2  \n**assistant**: 1 2 3", 1)
     frames = [Image.fromarray(np.full((8, 8, 3), k * 40, np.uint8)) for k in range(3)]
     frames[0].save(tmp_path / "eval.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     run.log_video("eval_video", tmp_path / "eval.gif", 1)
@@ -194,6 +197,7 @@ def test_wandb_gets_tables_captioned_images_and_videos(tmp_path, wandb_offline):
     media = {k: v for h in history for k, v in h.items() if "/" in k}  # W&B's media: nested keys, flattened here
     assert media["completions/_type"] == "table-file" and media["completions/ncols"] == 3 and media["completions/nrows"] == 1
     assert json.loads((folder / "files" / media["completions/path"]).read_text())["data"] == [["2 1", "1 2", 1.0]]
+    assert json.loads((folder / "files" / media["dialogs/path"]).read_text())["data"] == [["**user**: 3 1 2  \n**assistant**: 1 2 3"]]
     assert media["samples/_type"] == "images/separated" and media["samples/captions"] == ["a red square: 0.5, 0.25"]
     assert media["eval_video/_type"] == "video-file" and (folder / "files" / media["eval_video/path"]).read_bytes()[:3] == b"GIF"
     assert all(h["iteration"] == 1 for h in history)
@@ -226,6 +230,7 @@ media.open_trackers(["trackio"], {})
 media.log_table("completions", ["prompt", "completion", "reward"], [["2 1", "1 2", 1.0]], 1)
 media.log_image("samples", np.zeros((8, 8, 3), np.uint8), 1, caption="a red square: 0.5")
 media.log_video("eval_video", sys.argv[2], 1)
+media.log_text("dialogs", "**user**: 3 1 2", 1)
 media.close()
 media_logs = SQLiteStorage.get_logs(ids["project"], "run-media")
 print(json.dumps({"ids": ids, "runs": SQLiteStorage.get_runs(ids["project"]), "logs": logs, "media": media_logs}, default=str))
@@ -259,5 +264,6 @@ def test_trackio_local_database_holds_the_scalars_and_a_resume_continues_the_run
     media = {k: v for log in found["media"] for k, v in log.items() if k not in ("step", "timestamp")}
     assert media["completions"] == {"_type": "trackio.table", "_value": [{"prompt": "2 1", "completion": "1 2", "reward": 1.0}]}
     assert media["samples"]["_type"] == "trackio.image" and media["samples"]["caption"] == "a red square: 0.5"
+    assert media["dialogs"] == {"_type": "trackio.markdown", "_value": "**user**: 3 1 2"}
     assert media["eval_video"]["_type"] == "trackio.video" and media["eval_video"]["file_path"].endswith(".gif")
     assert {log["step"] for log in found["media"]} == {1}
