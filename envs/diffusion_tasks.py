@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rebel.config import option
+from rebel.console import quiet_saving, stage
 
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.2, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("circle", "square")
@@ -147,9 +148,10 @@ def tiny_pipeline(image_size: int = 16, width: int = 32, seed: int = 0) -> Any:
     )
 
 
-def pretrain_shapes(pipe: Any, config: ShapesTaskConfig) -> dict[str, float]:
+def pretrain_shapes(pipe: Any, config: ShapesTaskConfig, progress: bool = False) -> dict[str, float]:
     """Warm the tiny pipeline up on the task's pictures: the VAE as an autoencoder, then the
-    UNet with the denoising loss. Returns the final losses."""
+    UNet with the denoising loss (with ``progress``, a bar and a timing line per stage).
+    Returns the final losses."""
     generator = torch.Generator().manual_seed(config.task_seed)
     prompts = shape_prompts()
     vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
@@ -162,7 +164,7 @@ def pretrain_shapes(pipe: Any, config: ShapesTaskConfig) -> dict[str, float]:
         torch.manual_seed(config.task_seed)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
         vae_loss = torch.tensor(0.0)
-        for _ in range(config.vae_steps):
+        for _ in stage(config.vae_steps, "warm-up 1/2: autoencoder", progress):
             _, pictures = batch()
             posterior = vae.encode(pictures).latent_dist
             recon = vae.decode(posterior.sample()).sample
@@ -182,7 +184,7 @@ def pretrain_shapes(pipe: Any, config: ShapesTaskConfig) -> dict[str, float]:
         table = {p: embeds[i] for i, p in enumerate([*prompts, ""])}
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
         unet_loss = torch.tensor(0.0)
-        for _ in range(config.unet_steps):
+        for _ in stage(config.unet_steps, "warm-up 2/2: denoiser", progress):
             chosen, pictures = batch()
             with torch.no_grad():
                 x0 = vae.encode(pictures).latent_dist.mode() * vae.config.scaling_factor
@@ -199,11 +201,12 @@ def pretrain_shapes(pipe: Any, config: ShapesTaskConfig) -> dict[str, float]:
     return {"vae_loss": vae_loss.item(), "unet_loss": unet_loss.item()}
 
 
-def make_shapes_pipeline(config: ShapesTaskConfig, save_to: str | Path | None = None) -> Any:
-    """The task's starting pipeline: :func:`tiny_pipeline`, warmed up by :func:`pretrain_shapes`;
-    saved with ``save_pretrained`` to ``save_to`` when given."""
+def make_shapes_pipeline(config: ShapesTaskConfig, save_to: str | Path | None = None, progress: bool = False) -> Any:
+    """The task's starting pipeline: :func:`tiny_pipeline`, warmed up by :func:`pretrain_shapes`
+    (``progress``: its bars); saved with ``save_pretrained`` to ``save_to`` when given."""
     pipe = tiny_pipeline(config.image_size, config.width, config.task_seed)
-    pretrain_shapes(pipe, config)
+    pretrain_shapes(pipe, config, progress)
     if save_to is not None:
-        pipe.save_pretrained(str(save_to))
+        with quiet_saving():
+            pipe.save_pretrained(str(save_to))
     return pipe

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from rebel.config import check_choice, option
+from rebel.console import quiet_saving, stage
 
 CHARS = "0123456789:"
 PAD, EOS = "<pad>", "<eos>"
@@ -124,6 +125,9 @@ def sorting_dataset(n: int, min_digits: int = 3, max_digits: int = 6, seed: int 
     return records
 
 
+SORTING_OPTIMUM = {"reward_mean": 1.0}  # every completion exactly sorted (penalties only subtract): drawn in curves.png
+
+
 def sorted_digits_reward(prompts: list[str], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
     """Share of positions where the completion matches the sorted digits (length
     mismatches count as wrong positions); 1.0 for an exact answer."""
@@ -131,9 +135,10 @@ def sorted_digits_reward(prompts: list[str], completions: list[str], answer: lis
 
 
 def pretrain_sorting(
-    model: Any, tokenizer: Any, config: SortingTaskConfig, batch_size: int = 64, learning_rate: float = 3e-3
+    model: Any, tokenizer: Any, config: SortingTaskConfig, batch_size: int = 64, learning_rate: float = 3e-3, progress: bool = False
 ) -> list[float]:
-    """Supervised warm-up on noisy demonstrations (see the module docstring); returns the losses."""
+    """Supervised warm-up on noisy demonstrations (see the module docstring; ``progress``: a bar
+    and a timing line); returns the losses."""
     rng = random.Random(config.task_seed + 1)
     gen = torch.Generator().manual_seed(config.task_seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
@@ -142,7 +147,7 @@ def pretrain_sorting(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a ~100k-parameter model: more threads only add overhead
     try:
-        for _ in range(config.pretrain_steps):
+        for _ in stage(config.pretrain_steps, "warm-up: supervised sorting", progress):
             losses.append(_supervised_step(model, tokenizer, optimizer, config, rng, gen, batch_size))
     finally:
         torch.set_num_threads(threads)
@@ -171,15 +176,16 @@ def _supervised_step(
     return loss.item()
 
 
-def make_sorting_model(config: SortingTaskConfig, save_to: str | Path | None = None) -> tuple[Any, Any]:
-    """The tiny GPT-2 after its supervised warm-up, and its tokenizer (both written to
-    ``save_to`` with ``save_pretrained`` when given)."""
+def make_sorting_model(config: SortingTaskConfig, save_to: str | Path | None = None, progress: bool = False) -> tuple[Any, Any]:
+    """The tiny GPT-2 after its supervised warm-up (``progress``: its bar), and its tokenizer
+    (both written to ``save_to`` with ``save_pretrained`` when given)."""
     tokenizer = char_tokenizer()
     build = tiny_llama if config.architecture == "llama" else tiny_gpt2
     model = build(tokenizer, config.n_layer, config.n_embd, n_positions=2 * config.max_digits + 16, seed=config.task_seed)
-    pretrain_sorting(model, tokenizer, config)
+    pretrain_sorting(model, tokenizer, config, progress=progress)
     if save_to is not None:
-        model.save_pretrained(str(save_to))
+        with quiet_saving():
+            model.save_pretrained(str(save_to))
         tokenizer.save_pretrained(str(save_to))
     return model, tokenizer
 

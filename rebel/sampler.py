@@ -16,7 +16,12 @@ class Sampler(ABC):
     state, a prompt, a state to branch from). A sampler that keeps state across
     iterations (environments, a data cursor, random generators) returns it from
     ``state_dict`` so that a resumed run continues exactly.
+
+    ``optimum`` (optional): the known best values of logged metrics, such as
+    ``{"eval_return": 1000.0}``; ``curves.png`` draws each as a dashed line.
     """
+
+    optimum: dict[str, float] | None = None
 
     @abstractmethod
     def collect(self, policy: Policy) -> RolloutBatch:

@@ -280,7 +280,7 @@ class Trainer:
         else:
             self.stop_reason = "done" if self._done() or self._goal_reached else "stopped"
         if self.config.plot:
-            self.run.plot_curves()
+            self.run.plot_curves(optimum=getattr(self.sampler, "optimum", None))
         return rows
 
     def _resume(self, chosen: Path | None) -> None:

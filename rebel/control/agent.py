@@ -293,9 +293,11 @@ class Rebel:
 
     def _make_trainer(self) -> Trainer:
         run_config = {"adapter": "control", "control": self.config.adapter_settings()}
+        sampler = self._make_sampler()
+        sampler.optimum = known_optimum(self.config.env)
         return Trainer(
             self.policy,
-            self._make_sampler(),
+            sampler,
             self.config,
             run_config=run_config,
             callbacks=[self._evaluation_callback, *self.callbacks],
@@ -469,6 +471,18 @@ class Rebel:
     def _from_configs(cls, control: dict[str, Any], trainer: dict[str, Any], env: Any, options: dict[str, Any]) -> Rebel:
         env_id, variant, seed, saved = _saved_options(control, trainer)
         return cls(env if env is not None else env_id, variant=variant, seed=seed, **{**saved, **options})
+
+
+# envs that pay 1 per step alive: their best return is their time limit
+ONE_PER_STEP = ("CartPole-v0", "CartPole-v1", "InvertedPendulum-v4", "InvertedPendulum-v5")
+
+
+def known_optimum(env_id: str) -> dict[str, float] | None:
+    """The best evaluation return of ``env_id`` where it is known (CartPole-v1 500,
+    InvertedPendulum-v5 1000), drawn in ``curves.png``; None otherwise."""
+    if env_id not in ONE_PER_STEP:
+        return None
+    return {"eval_return": float(gym.spec(env_id).max_episode_steps)}
 
 
 def run_config(run_dir: str | Path) -> ControlConfig:

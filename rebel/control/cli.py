@@ -41,16 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rebel.cli import resumed_folder, start_options
+    from rebel.cli import START_OPTIONS, resumed_folder, start_options
     from rebel.control.agent import Rebel
     from rebel.runs import claimed_run_folder
 
-    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in START_OPTIONS}
     run_dir = resumed_folder(args)
     if run_dir is not None:
         options.pop("output_dir", None)
         agent = Rebel.from_run(run_dir, **options)
     else:
+        if args.config:
+            options = {**file_options(args.config), **options}
         env = options.pop("env", "HalfCheetah-v5")
         agent = Rebel(
             env,
@@ -72,6 +74,18 @@ def run(args: argparse.Namespace) -> int:
             line += f", eval return {evals[0]['eval_return']:.1f} at {evals[0]['env_steps']} steps -> {evals[-1]['eval_return']:.1f}"
         print(f"{line}; run folder {agent.trainer.run.path}")
     return agent.trainer.exit_code
+
+
+def file_options(path: str) -> dict[str, Any]:
+    """The options of the ``--config`` file ``path`` (a control run's ``config.yaml`` or one
+    in its format) as ``Rebel`` takes them (``env``, ``variant`` and ``seed`` among them)."""
+    from rebel.cli import config_file
+    from rebel.control.agent import ControlConfig
+    from rebel.trainer import TrainerConfig
+
+    values = config_file(path, "control", {"control": ControlConfig, "trainer": TrainerConfig})
+    options = {**values.get("trainer", {}), **values.get("control", {})}
+    return {k: v for k, v in options.items() if k not in ("iterations", "budget")}  # set by total_steps
 
 
 def evaluate_run(args: argparse.Namespace) -> None:

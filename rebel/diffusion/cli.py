@@ -120,8 +120,10 @@ def _embedded_pipeline(task: Any, config: Any, resume: bool) -> str:
         if resume:
             raise FileNotFoundError(f"{base} is missing: the resumed run's starting pipeline is gone")
         base.parent.mkdir(parents=True, exist_ok=True)
-        print("warming up the tiny shapes pipeline (autoencoder, then denoising) ...", flush=True)
-        make_shapes_pipeline(task, save_to=base)
+        print(
+            f"warming up the tiny shapes pipeline: {task.vae_steps} autoencoder steps, then {task.unet_steps} denoising steps", flush=True
+        )
+        make_shapes_pipeline(task, save_to=base, progress=config.progress)
     return str(base)
 
 

@@ -63,6 +63,7 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
     lora_alpha: int | None = option(None, "LoRA alpha; none: the rank")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass")
     log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, the trackers); 0: none")
+    save_images: bool = option(False, "also write every image of an iteration to images/iter_NNNN/KKK.png (listed in images.jsonl)")
     eval_every: int = option(
         10, "iterations between fixed-seed evaluation grids (eval/iter_NNNN.png, eval/reward_mean), and one at the end; 0: none"
     )
@@ -143,7 +144,10 @@ class DiffusionTrainer(PretrainedTrainer):
             pipeline_kwargs=pipeline_kwargs,
         )
         keep_best = self._keep_best if config.save_best else None
-        loggers = [ImageGridLogger(sampler, config.log_images), EvaluationGrid(sampler, list(eval_prompts), config, keep_best)]
+        loggers = [
+            ImageGridLogger(sampler, config.log_images, save_all=config.save_images),
+            EvaluationGrid(sampler, list(eval_prompts), config, keep_best),
+        ]
         super().__init__(policy, sampler, config, callbacks=[*loggers, *callbacks], run_config=run_config)
 
     @property
@@ -202,34 +206,43 @@ class DiffusionTrainer(PretrainedTrainer):
 
 
 class ImageGridLogger:
-    """Trainer callback: a grid of the iteration's first images (one row per prompt group,
-    each tile captioned with its reward) in ``images/iter_NNNN.png`` and the trackers (with
-    the prompts and rewards as its caption), and the prompts and rewards in ``images.jsonl``.
-    Only the main process's samples are drawn."""
+    """Trainer callback: a grid of the iteration's first ``count`` images (one row per prompt
+    group, each tile captioned with its prompt and reward) in ``images/iter_NNNN.png`` and
+    the trackers (captioned with each row's prompt and rewards), and the prompts and rewards in ``images.jsonl``; with ``save_all``, every
+    image of the iteration in ``images/iter_NNNN/KKK.png`` too. Only the main process's
+    samples are drawn."""
 
-    def __init__(self, sampler: DiffusionSampler, count: int, tile: int = 96) -> None:
-        self.sampler, self.count, self.tile = sampler, count, tile
+    def __init__(self, sampler: DiffusionSampler, count: int, tile: int = 96, save_all: bool = False) -> None:
+        self.sampler, self.count, self.tile, self.save_all = sampler, count, tile, save_all
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         samples = self.sampler.last_samples
-        if self.count <= 0 or not samples or not trainer.accelerator.is_main_process:
+        if (self.count <= 0 and not self.save_all) or not samples or not trainer.accelerator.is_main_process:
             return
         iteration = int(metrics["iteration"])
-        n = min(self.count, len(samples["prompts"]))
-        images, prompts, rewards = samples["images"][:n], samples["prompts"][:n], samples["rewards"][:n]
-        grid = image_grid(images, [f"{r:.3g}" for r in rewards], columns=self.sampler.num_generations, tile=self.tile)
+        prompts, rewards = samples["prompts"], samples["rewards"]
+        n = min(max(self.count, 0), len(prompts))
+        rows: list[dict[str, Any]] = [
+            {"iteration": iteration, "index": k, "prompt": p, "reward": r} for k, (p, r) in enumerate(zip(prompts, rewards))
+        ]
         folder = trainer.run.path / "images"
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"iter_{iteration:04d}.png"
-        grid.save(folder / name)
-        trainer.run.log_image("samples", _array(grid), iteration, caption=grid_caption(prompts, rewards, self.sampler.num_generations))
-        trainer.run.append_jsonl(
-            "images.jsonl",
-            [
-                {"iteration": iteration, "file": f"images/{name}", "index": k, "prompt": p, "reward": r}
-                for k, (p, r) in enumerate(zip(prompts, rewards))
-            ],
-        )
+        if n:
+            name = f"images/iter_{iteration:04d}.png"
+            grid = image_grid(samples["images"][:n], grid_captions(prompts[:n], rewards[:n]), self.sampler.num_generations, self.tile)
+            grid.save(trainer.run.path / name)
+            caption = grid_caption(prompts[:n], rewards[:n], self.sampler.num_generations)
+            trainer.run.log_image("samples", _array(grid), iteration, caption=caption)
+            for row in rows[:n]:
+                row["file"] = name
+        if self.save_all:
+            from PIL import Image
+
+            (folder / f"iter_{iteration:04d}").mkdir(exist_ok=True)
+            for row, array in zip(rows, to_uint8(samples["images"])):
+                row["image"] = f"images/iter_{iteration:04d}/{row['index']:03d}.png"
+                Image.fromarray(array).save(trainer.run.path / row["image"])
+        trainer.run.append_jsonl("images.jsonl", rows if self.save_all else rows[:n])
 
 
 def grid_caption(prompts: Sequence[str], rewards: Sequence[float], columns: int) -> str:
@@ -248,7 +261,7 @@ class EvaluationGrid:
     """Trainer callback: every ``eval_every`` iterations (and in the run's last one) the same
     ``eval_images_per_prompt`` images of each evaluation prompt, from the same initial noise
     (``eval_seed``), so the pictures of one run compare across iterations: a grid in
-    ``eval/iter_NNNN.png`` (one row per prompt, each tile captioned with its reward) and
+    ``eval/iter_NNNN.png`` (one row per prompt, each tile captioned with its prompt and reward) and
     the trackers, ``eval/reward_mean`` and ``eval/reward_std`` (and ``eval/rewards/<function>``
     with several) in the iteration's metrics. Drawn by the main process; the training RNG is
     not touched. ``keep_best(iteration, eval/reward_mean)`` is called after each evaluation."""
@@ -279,9 +292,9 @@ class EvaluationGrid:
         values = {"eval/reward_mean": reward.mean().item(), "eval/reward_std": reward.std(unbiased=False).item()}
         if len(scores) > 1:
             values.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
-        columns = self.config.eval_images_per_prompt
-        self.caption = grid_caption([p for p in self.prompts for _ in range(columns)], reward.tolist(), columns)
-        return image_grid(images, [f"{r:.3g}" for r in reward.tolist()], columns=columns), values
+        texts = [p for p in self.prompts for _ in range(self.config.eval_images_per_prompt)]
+        self.caption = grid_caption(texts, reward.tolist(), self.config.eval_images_per_prompt)
+        return image_grid(images, grid_captions(texts, reward.tolist()), columns=self.config.eval_images_per_prompt), values
 
     @torch.no_grad()
     def evaluate(self, policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -295,23 +308,69 @@ class EvaluationGrid:
         return images, reward, scores
 
 
-def image_grid(images: torch.Tensor, captions: Sequence[str], columns: int, tile: int = 96) -> Any:
+def grid_captions(prompts: Sequence[str], rewards: Sequence[float]) -> list[str]:
+    """The caption of each tile of a grid: its prompt, then ``reward R`` on a line of its own."""
+    return [f"{p}\nreward {r:.3g}" for p, r in zip(prompts, rewards)]
+
+
+def image_grid(
+    images: torch.Tensor, captions: Sequence[str], columns: int, tile: int = 96, *, font_size: int = 11, max_lines: int = 4
+) -> Any:
     """A PIL image: ``images`` (``[N, 3, H, W]`` in [0, 1]) as ``columns``-wide rows of tiles
-    scaled to at least ``tile`` pixels, each with its caption underneath."""
-    from PIL import Image, ImageDraw
+    scaled to at least ``tile`` pixels, each with its caption underneath (its lines wrapped
+    to the tile's width, at most ``max_lines`` of them, in PIL's default font at ``font_size``)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     arrays = to_uint8(images)
     h, w = arrays.shape[1:3]
     scale = max(1, -(-tile // max(h, w)))
-    th, tw, caption = h * scale, w * scale, 14
+    th, tw = h * scale, w * scale
+    font = ImageFont.load_default(size=font_size)
+    wrapped = [_wrap(text, font, tw - 4, max_lines) for text in captions]
+    line_height = font_size + 3
+    caption = line_height * max((len(lines) for lines in wrapped), default=0) + 4
     rows = -(-len(arrays) // columns)
     grid = Image.new("RGB", (columns * tw, rows * (th + caption)), "white")
     draw = ImageDraw.Draw(grid)
-    for k, (array, text) in enumerate(zip(arrays, captions)):
+    for k, (array, lines) in enumerate(zip(arrays, wrapped)):
         x, y = (k % columns) * tw, (k // columns) * (th + caption)
         grid.paste(Image.fromarray(array).resize((tw, th), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + th + 1), text, fill="black")
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + th + 2 + j * line_height), line, fill="black", font=font)
     return grid
+
+
+def _wrap(text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """``text``'s lines broken between words to fit ``width`` pixels, at most ``max_lines``:
+    the last line of a multi-line caption (the reward) is kept, the lines before it are cut
+    short with an ellipsis (a word wider than ``width`` is cut too)."""
+    paragraphs = [_wrap_words(part, font, width) for part in text.split("\n")]
+    kept = paragraphs.pop() if len(paragraphs) > 1 else []
+    lines = [line for part in paragraphs for line in part]
+    room = max(1, max_lines - len(kept))
+    if len(lines) > room:
+        lines = [*lines[: room - 1], lines[room - 1] + " ..."]
+    return [_fit(line, font, width) for line in [*lines, *kept]][:max_lines]
+
+
+def _wrap_words(text: str, font: Any, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return [*lines, line]
+
+
+def _fit(line: str, font: Any, width: int) -> str:
+    """``line`` cut (with an ellipsis) to ``width`` pixels."""
+    if font.getlength(line) <= width:
+        return line
+    while line and font.getlength(line + "...") > width:
+        line = line[:-1]
+    return line + "..."
 
 
 def _array(image: Any) -> Any:

@@ -34,12 +34,15 @@ def resolve_model_run(
     args: argparse.Namespace, section: str, config_cls: type, source_cls: type, task_cls: type, embedded_defaults: dict[str, Any]
 ) -> tuple[Any, Any, Any]:
     """``(config, source, task)`` of an adapter command that trains its embedded task unless
-    ``--model`` is given: the embedded defaults apply only then; a resumed run keeps its
-    folder."""
-    from rebel.runs import read_config
+    ``--model`` is given (on the command line or in the ``--config`` file): the embedded
+    defaults apply only then; a resumed run keeps its folder."""
+    from rebel.runs import read_config, read_yaml_config
 
     run_dir = resumed_folder(args)
     model = getattr(args, "model", None) if run_dir is None else read_config(run_dir).get("source", {}).get("model")
+    if run_dir is None and model is None and getattr(args, "config", None):
+        source = read_yaml_config(args.config, option="--config").get("source")
+        model = source.get("model") if isinstance(source, dict) else None
     defaults = {section: embedded_defaults} if model is None else {}
     configs = resolve_configs(args, {section: config_cls, "source": source_cls, "task": task_cls}, defaults)
     return configs[section], configs["source"], configs["task"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rebel.console import quiet_saving
 from rebel.hub import CardInfo, check_push, push_folder, write_model_card
 from rebel.policy import Policy
 from rebel.sampler import Sampler
@@ -80,7 +81,8 @@ class PretrainedTrainer(ABC):
         state = self.trainer.policy_state()  # every process takes part when the policy is sharded
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._save(path) if state is None else self._save_sharded(path, state)
+            with quiet_saving():  # no "Writing model shards" bar
+                self._save(path) if state is None else self._save_sharded(path, state)
             self.write_card(path, results=results)
         self.accelerator.wait_for_everyone()
         return path

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from rebel.runs import claimed_run_folder
     from rebel.text.policy import MODEL_EXPECTED
     from rebel.text.trainer import TextConfig, TextTrainer
-    from rebel_envs.text_tasks import SortingTaskConfig
+    from rebel_envs.text_tasks import SORTING_OPTIMUM, SortingTaskConfig
 
     config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, _embedded_defaults(args))
     for what, value in (("model", source.model), ("tokenizer", source.tokenizer)):  # checked before any folder or model is made
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             eval_dataset=eval_dataset,
             eval_reward_funcs=eval_rewards,
         )
+        if source.reward is None:  # the embedded task's reward
+            trainer.sampler.optimum = SORTING_OPTIMUM
         rows = trainer.train(**start_options(args))
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
@@ -213,7 +215,7 @@ def _model(source: TextSource, task: Any, config: Any, resume: bool) -> tuple[An
         model, tokenizer = AutoModelForCausalLM.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base))
     else:
         base.parent.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = make_sorting_model(task, save_to=base)
+        model, tokenizer = make_sorting_model(task, save_to=base, progress=config.progress)
         model.name_or_path = model.config._name_or_path = str(base)  # as if loaded from there: a LoRA adapter names its base
     held_out = sorting_dataset(256, task.min_digits, task.max_digits, seed=task.task_seed + 10_007)
     return model, tokenizer, lambda: evaluate_sorting(model, tokenizer, held_out, seed=task.task_seed, temperature=config.temperature)

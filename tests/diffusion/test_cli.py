@@ -54,7 +54,7 @@ def test_a_run_that_fails_later_leaves_no_half_made_folder(tiny_pipe, tmp_path, 
     one_line_error(capsys, "error: reward function 'bright' returned a bool (")
     assert not (tmp_path / "runs").exists()
 
-    def warm_up_fails(task, save_to):
+    def warm_up_fails(task, save_to, progress):
         save_to.mkdir(parents=True)
         (save_to / "model_index.json").write_text("{}")
         raise ValueError("warm-up diverged")

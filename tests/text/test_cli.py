@@ -138,7 +138,7 @@ def test_a_run_that_fails_later_leaves_no_half_made_folder(tiny_lm, tmp_path, ca
     one_line_error(capsys, "error: reward function 'flags' returned a bool (True); expected one float per completion")
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]  # a folder that was there keeps what it held
 
-    def warm_up_fails(task, save_to):
+    def warm_up_fails(task, save_to, progress):
         (save_to / "config.json").parent.mkdir(parents=True)
         (save_to / "config.json").write_text("{}")
         raise ValueError("warm-up diverged")

@@ -273,6 +273,7 @@ def test_resume_is_exact_and_the_run_keeps_transcripts(chat_lm, tmp_path):
     ]
     assert logged[0]["messages"][0]["role"] == "user" and logged[0]["messages"][1]["role"] == "assistant"
     assert rows[-1]["generated_tokens"] > rows[-1]["tokens"] and {"episode_return", "turns", "q_mean"} <= set(rows[-1])
+    assert "the return of dialogs with `CounterEnv`" in (tmp_path / "straight" / "model" / "README.md").read_text()
 
 
 def test_bad_dialog_inputs_are_refused_in_one_line(chat_lm):
