@@ -80,7 +80,7 @@ def run_rebel(
             metrics.update(agent.evaluate(episodes))
             next_eval = (int(metrics["env_steps"]) // eval_every_steps + 1) * eval_every_steps
 
-    quiet = {"progress": False, "tensorboard": False, "plot": False}
+    quiet = {"progress": False, "report_to": "none", "plot": False}
     if checkpoint is not None:  # continue the interrupted run exactly
         agent = Rebel.from_run(out, callbacks=[periodic_eval], **quiet)
     else:
@@ -104,7 +104,7 @@ def run_rebel(
 
 # Rebel options the benchmark sets itself in every run: not settable by --rebel-option, not compared on --resume
 SET_BY_BENCHMARK = ("env", "variant", "seed", "output_dir", "eval_every", "eval_episodes", "total_steps", "budget", "iterations",
-                    "progress", "tensorboard", "plot")  # fmt: skip
+                    "progress", "report_to", "plot")  # fmt: skip
 
 
 def check_resumable(workdir: Path, env_id: str, variant: str, seed: int, options: dict[str, Any]) -> None:

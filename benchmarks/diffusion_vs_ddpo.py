@@ -118,7 +118,7 @@ def config_for(algo: str, seed: int, args: argparse.Namespace, output_dir: Path)
         checkpoint_every=args.iterations,
         progress=False,
         plot=False,
-        tensorboard=False,
+        report_to="none",
         **LOSS_SETTINGS[algo],
     )
 

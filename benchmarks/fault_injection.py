@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["--no-progress", "--no-tensorboard", "--no-plot"]
+QUIET = ["--no-progress", "--report-to", "none", "--no-plot"]
 WORKLOADS = {
     "tabular": ["train", "tabular", "--iterations", "24", "--checkpoint-every", "3", *QUIET],
     "text": [

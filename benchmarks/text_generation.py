@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     config = TextConfig(
         output_dir=str(Path(args.workdir) / args.worker), iterations=args.iterations, prompts_per_iteration=args.prompts,
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
-        generation_backend=args.worker, seed=0, stats_forward=False, tensorboard=False, plot=False, progress=False,
+        generation_backend=args.worker, seed=0, stats_forward=False, report_to="none", plot=False, progress=False,
         log_completions=0, checkpoint_every=args.iterations, **engine, **lora,
     )  # fmt: skip
     pushes: list[float] = []

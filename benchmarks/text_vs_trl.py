@@ -129,7 +129,7 @@ def run_rebel(
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=1.0, top_k=0, learning_rate=args.learning_rate, eta=args.eta, epochs=args.epochs, minibatch_size=None,
         max_grad_norm=1.0, lr_schedule="constant", kl_coef=0.0, missing_eos_penalty=None, seed=args.seed,
-        stats_forward=False, tensorboard=False, plot=False, progress=False, log_completions=0,
+        stats_forward=False, report_to="none", plot=False, progress=False, log_completions=0,
         checkpoint_every=args.iterations, mixed_precision=args.mixed_precision,
         **({"generation_backend": "vllm"} if args.worker == "rebel-vllm" else {}),
     )  # fmt: skip

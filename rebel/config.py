@@ -57,7 +57,7 @@ def add_arguments(
             continue
         kind, optional = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        default = (defaults or {}).get(f.name, _default(f))
         help_text = f.metadata.get("help", "")
         # a None default whose help names the real one (variant-dependent) shows only that
         if default is not None or "default" not in help_text:
@@ -90,6 +90,13 @@ def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | Non
     """Build ``cls`` from ``base`` (defaults, or a resumed run's config) and the options given on the command line."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return from_dict(cls, base or {}, **given)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default (made by its factory for a list or dict), None where it has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _base_type(hint: Any) -> tuple[Any, bool]:

@@ -1,4 +1,4 @@
-"""The run folder: resolved config, metrics, TensorBoard events, checkpoints, plots.
+"""The run folder: resolved config, metrics, tracker runs, checkpoints, plots.
 
 Layout of a run folder::
 
@@ -6,7 +6,9 @@ Layout of a run folder::
     config.yaml            the resolved configuration
     metrics.jsonl          one JSON object per iteration
     commands.txt           the command line of each start (the first, each resume)
-    tensorboard/           TensorBoard event files
+    tensorboard/           TensorBoard event files (report_to: tensorboard)
+    trackers.json          the ids of the tracker runs a resume continues (W&B, Trackio)
+    wandb/                 W&B's files, unless WANDB_DIR names another folder
     checkpoints/iter_N/    written atomically; ``checkpoints/latest`` names the newest
     best/                  the model of the best evaluation so far, and its record (control)
     eval/                  evaluation grids during training (diffusion), ``rebel eval`` results
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from rebel.config import first_line
+from rebel.tracking import Tracker, legacy_settings, open_trackers, scalars
 
 CHECKPOINT_PREFIX = "iter_"
 LOCK_FILE = ".lock"
@@ -51,7 +54,7 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
         self.checkpoints = self.path / "checkpoints"
-        self._writer: Any = None
+        self.trackers: list[Tracker] = []  # see open_trackers
 
     # ----------------------------------------------------------------- config
     @property
@@ -74,37 +77,50 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def log_metrics(self, row: dict[str, Any]) -> None:
-        """Append one iteration's row to metrics.jsonl and TensorBoard."""
+        """Append one iteration's row to metrics.jsonl and report its numbers to the trackers."""
         if not self.is_main:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
-        if self._writer is not None:
-            step = int(row["iteration"])
-            for key, value in row.items():
-                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(key, value, step)
-            self._writer.flush()
+        values, step = scalars(row), int(row["iteration"])
+        for tracker in self.trackers:
+            tracker.log_scalars(values, step)
+
+    def log_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A table (e.g. an iteration's completions) to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_table(tag, columns, rows, step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        if self._writer is not None:
-            self._writer.add_text(tag, text, step)
+        """Markdown text (e.g. dialog transcripts) to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_text(tag, text, step)
 
-    def log_image(self, tag: str, image: Any, step: int) -> None:
-        """``image``: ``[H, W, 3]`` uint8 array."""
-        if self._writer is not None:
-            self._writer.add_image(tag, image, step, dataformats="HWC")
+    def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
+        """Images (``[H, W, 3]`` uint8 arrays), each with its caption, to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_images(tag, images, captions, step)
 
-    def open_tensorboard(self, purge_step: int | None = None) -> None:
-        if self.is_main and self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def log_image(self, tag: str, image: Any, step: int, caption: str = "") -> None:
+        """One image (``[H, W, 3]`` uint8 array) to the trackers."""
+        self.log_images(tag, [image], [caption], step)
 
-            self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
+    def log_video(self, tag: str, path: str | os.PathLike, step: int) -> None:
+        """A video file (an animated GIF) to the trackers that show videos."""
+        for tracker in self.trackers:
+            tracker.log_video(tag, Path(path), step)
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def open_trackers(self, names: Sequence[str], config: dict[str, Any], resume_step: int | None = None) -> None:
+        """Start the trackers ``names`` (``report_to``) on the main process; a resumed run
+        (``resume_step``: its checkpoint's iteration) continues their runs (``trackers.json``)."""
+        if self.is_main and not self.trackers:
+            self.trackers = open_trackers(names, self.path, config, resume_step)
+
+    def close(self, failed: bool = False) -> None:
+        """Finish the trackers' runs (``failed``: the run stopped on an error)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
 
     def append_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Append rows (each with an ``iteration`` key) to ``name`` in the run folder, as
@@ -249,6 +265,8 @@ def read_yaml_config(path: str | os.PathLike, option: str = "") -> dict[str, Any
         return {}
     if not isinstance(config, dict):
         raise ValueError(f"{where}: expected a mapping of sections (trainer:, ...), got a {type(config).__name__}")  # noqa: TRY004
+    if isinstance(config.get("trainer"), dict):
+        config["trainer"] = legacy_settings(config["trainer"])
     return config
 
 

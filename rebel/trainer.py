@@ -38,6 +38,7 @@ from rebel.normalize import REWARD_NORMALIZATIONS, RewardNormalizer
 from rebel.policy import Policy
 from rebel.runs import DamagedCheckpointError, RunDir, checkpoint_of, claim_run, load_checkpoint_file, save_file
 from rebel.sampler import Sampler
+from rebel.tracking import TRACKERS, resolve_report_to
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -51,7 +52,7 @@ class TrainerConfig:
     from it (``with_defaults(TrainerConfig, ...)`` where the adapter's defaults differ) and
     declares only its own fields; the trainer reads the fields declared here."""
 
-    output_dir: str = option("runs/rebel", "run folder: config, metrics, TensorBoard, checkpoints, plots")
+    output_dir: str = option("runs/rebel", "run folder: config, metrics, tracker files, checkpoints, plots")
     iterations: int | None = option(100, "number of REBEL iterations (collect, then regress); none: until the budget")
     budget: float | None = option(None, "also stop once the running total budget_counter reaches this (e.g. env steps)")
     budget_counter: str = option("env_steps", "the counter budget limits (a key of the sampler's batch.counts, or samples)")
@@ -75,7 +76,7 @@ class TrainerConfig:
     checkpoint_every: int = option(10, "iterations between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
     stats_forward: bool = option(True, "one extra no-grad forward after each update for kl and explained_variance")
-    tensorboard: bool = option(True, "write TensorBoard events")
+    report_to: list[str] = option(["tensorboard"], f"experiment trackers: any of {', '.join(TRACKERS)}, or none (as TRL's report_to)")  # noqa: RUF009 - option() builds a field
     plot: bool = option(True, "draw curves.png at the end")
     progress: bool = option(True, "show a progress bar")
 
@@ -106,6 +107,7 @@ class TrainerConfig:
             check_positive("max_grad_norm", self.max_grad_norm)
         if self.budget is not None:
             check_positive("budget", self.budget)
+        self.report_to = resolve_report_to(self.report_to)
         for name, choices in (
             ("loss", tuple(LOSSES)),
             ("pairs", PAIRINGS),
@@ -245,14 +247,15 @@ class Trainer:
             _seed_everything(self.config.seed + self.accelerator.process_index)
             self.sampler.seed(self.config.seed + self.accelerator.process_index)
         # else: a later call on the same trainer continues in-process (raise iterations or budget first)
-        self.run.write_config({**self.run_config, "trainer": self.config.trainer_settings()})
+        config = {**self.run_config, "trainer": self.config.trainer_settings()}
+        self.run.write_config(config)
         self.run.record_command()
-        if self.config.tensorboard:
-            self.run.open_tensorboard(purge_step=self.iteration + 1 if self.iteration else None)
+        self.run.open_trackers(self.config.report_to, config, resume_step=self.iteration or None)
         rows: list[dict[str, Any]] = []
         self._stop_requested, self._goal_reached, self._stop_signal, self.stop_reason = False, False, None, None
         progress = self._progress_bar()
         restore_signals = self._install_signal_handlers()
+        failed = True
         try:
             while not self._done() and not self._should_stop():
                 row = self._iteration()
@@ -261,10 +264,11 @@ class Trainer:
                 progress.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "episode_return", "eval_return", "loss") if k in row})
                 if self.finishing or self.iteration % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
+            failed = False
         finally:
             restore_signals()
             progress.close()
-            self.run.close()
+            self.run.close(failed=failed)
         if self._stop_signal is not None:
             self.stop_reason = signal.Signals(self._stop_signal).name
             if self.accelerator.is_main_process:

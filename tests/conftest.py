@@ -87,3 +87,94 @@ def eval_best_and_last(capsys) -> Callable[[Path], tuple[dict, dict, dict]]:
         return results, before, files(run)
 
     return evaluate
+
+
+class OfflineWandb:
+    """W&B in offline mode with its folders under ``dir``; :meth:`runs` reads back what it wrote."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+
+    def runs(self) -> list[dict]:
+        """Each offline run's ``folder``, ``id``, ``name``, ``project``, ``config``, ``history``
+        rows (W&B's nested keys of media joined with ``/``) and ``exit_code``, oldest folder first."""
+        import wandb
+
+        wandb.teardown()  # the service writes the run files asynchronously; its shutdown flushes them
+        return [self._read(folder) for folder in sorted((self.dir / "wandb").glob("offline-run-*"))]
+
+    @staticmethod
+    def _read(folder: Path) -> dict:
+        import json
+
+        [path] = folder.glob("run-*.wandb")
+        found: dict = {"folder": folder, "config": {}, "history": []}
+        for record in _wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                found.update(id=record.run.run_id, name=record.run.display_name, project=record.run.project)
+                found["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+            elif kind == "config":
+                found["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+            elif kind == "exit":
+                found["exit_code"] = record.exit.exit_code
+            elif kind == "history":
+                items = record.history.item
+                found["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+        found["config"].pop("_wandb", None)
+        return found
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a ``run-ID.wandb`` file: a 7-byte header, then 32 KiB blocks of chunks,
+    each ``crc32c (4) | length (2, little-endian) | kind (1: whole record; 2, 3, 4: its first, middle, last part)``."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, block, pending, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the zero-filled tail of a block
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OfflineWandb:
+    """W&B offline, each of its folders inside ``tmp_path``, and no connection but local ones
+    (the W&B client talks to its own service process over a local socket)."""
+    import socket
+
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'rebel-rl[wandb]')")
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    folder = tmp_path / "wandb-home"
+    folder.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    for key, name in (
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
+        monkeypatch.setenv(key, str(folder / name))
+    connect = socket.socket.connect
+
+    def local_only(self: socket.socket, address: object) -> None:
+        if self.family != socket.AF_UNIX and address[0] not in ("127.0.0.1", "localhost", "::1"):  # type: ignore[index]
+            raise AssertionError(f"W&B tried to reach {address} in offline mode")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    return OfflineWandb(folder)

@@ -21,7 +21,7 @@ torch.manual_seed(0)
 policy, sampler = make_tabular(TabularConfig())
 sampler = RecordingSampler(sampler.mdp)
 config = TrainerConfig(
-    output_dir=str(out / "run"), iterations=3, learning_rate=0.1, epochs=2, minibatch_size=32, progress=False, tensorboard=False, plot=False
+    output_dir=str(out / "run"), iterations=3, learning_rate=0.1, epochs=2, minibatch_size=32, progress=False, report_to="none", plot=False
 )
 trainer = Trainer(policy, sampler, config)
 rows = trainer.train()

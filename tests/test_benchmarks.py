@@ -83,7 +83,7 @@ def test_control_benchmark_resumes_rebel_runs_exactly_and_reuses_finished_ones(t
     assert [r["env_steps"] for r in rows if "eval_return" in r] == [3200, 6400, 9600]  # evaluations every 5000 steps, and the last
     assert rows[0]["eval_return"] == first["final_return"] and second["train_seconds"] > first["train_seconds"]
     fresh = bench.Rebel(
-        "Pendulum-v1", variant="trajectory", seed=0, output_dir=str(tmp_path / "fresh"), progress=False, tensorboard=False, plot=False
+        "Pendulum-v1", variant="trajectory", seed=0, output_dir=str(tmp_path / "fresh"), progress=False, report_to="none", plot=False
     )
     fresh.learn(9000)
     assert [r["loss"] for r in bench.read_metrics(tmp_path / "fresh")] == [r["loss"] for r in rows]  # exact continuation
@@ -248,7 +248,7 @@ def test_mc_q_accuracy_compares_short_estimates_with_the_long_reference(tmp_path
 
     bench = load("mc_q_accuracy")
     run = tmp_path / "mc"
-    options = {"progress": False, "tensorboard": False, "plot": False, "eval_every": 0, "eval_episodes": 1}
+    options = {"progress": False, "report_to": "none", "plot": False, "eval_every": 0, "eval_episodes": 1}
     Rebel("Pendulum-v1", variant="mc", seed=0, output_dir=str(run), num_groups=8, **options).learn(1000)
     result = bench.measure(str(run), states=6, horizons=(1, 5), reference_horizon=10, reference_rollouts=2)
     assert result.states == 6 and -1 <= result.split_half <= 1

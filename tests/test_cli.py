@@ -30,11 +30,14 @@ def test_help_lists_the_commands(capsys):
         main(["train", "tabular", "--help"])
     out = capsys.readouterr().out
     assert "--resume DIR" in out and "--eta FLOAT" in out and "(default: 60)" in out
+    out = " ".join(out.split())
+    assert "none: the whole batch (default: None)" in out  # where the help gives none, the None default is still shown
+    assert "or none (as TRL's report_to) (default: ['tensorboard'])" in out  # a list default, made by its factory
     with pytest.raises(SystemExit):
         main(["train", "control", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "log pi_t (default 0.1) --tune-alpha" in out  # a variant-dependent default, stated once
-    assert "(default: None)" in out  # where the help gives none, the None default is still shown
+    assert "critic: Q network sizes (default: [256, 256])" in out
     # the trainer options show each variant's default, the default variant first
     assert "policy (default: critic 2.0, trajectory 0.5, mc 0.3)" in out
     assert "(default: critic within_group, trajectory batch, mc within_group)" in out
@@ -42,7 +45,7 @@ def test_help_lists_the_commands(capsys):
 
 
 def tabular(tmp_path, name, *extra):
-    return main(["train", "tabular", "--output-dir", str(tmp_path / name), "--no-progress", "--no-tensorboard", *extra])
+    return main(["train", "tabular", "--output-dir", str(tmp_path / name), "--no-progress", "--report-to", "none", *extra])
 
 
 def test_train_tabular_learns_and_resume_continues_exactly(tmp_path, capsys):

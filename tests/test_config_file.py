@@ -9,7 +9,7 @@ import yaml
 from rebel.cli import main
 from rebel.runs import read_config, read_metrics
 
-QUIET = ["--no-progress", "--no-tensorboard", "--no-plot"]
+QUIET = ["--no-progress", "--report-to", "none", "--no-plot"]
 
 
 def same_settings(old, new):

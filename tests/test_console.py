@@ -101,7 +101,7 @@ def test_a_short_diffusion_run_shows_no_library_noise(tmp_path):
     """The embedded diffusion run end to end in a fresh process (about 1 min on a busy CPU):
     the warm-up's bars and lines, none of the hidden messages, our own warning on resume."""
     quick = "--image-size 8 --min-radius 1 --max-radius 3 --width 8 --vae-steps 3 --unet-steps 3 --pretrain-batch 4"
-    quick += " --iterations 1 --prompts-per-iteration 2 --num-generations 2 --num-inference-steps 2 --no-tensorboard"
+    quick += " --iterations 1 --prompts-per-iteration 2 --num-generations 2 --num-inference-steps 2 --report-to none"
     run = tmp_path / "run"
 
     def train(*args: str) -> str:

@@ -57,7 +57,7 @@ def test_a_tabular_run_draws_its_optimal_return(tmp_path, monkeypatch):
     real = rebel.runs.curves_figure
     monkeypatch.setattr(rebel.runs, "curves_figure", lambda rows, optimum=None: drawn.append(real(rows, optimum)) or drawn[-1])
     policy, sampler = make_tabular(TabularConfig())
-    config = TrainerConfig(output_dir=str(tmp_path / "run"), iterations=2, learning_rate=0.1, progress=False, tensorboard=False)
+    config = TrainerConfig(output_dir=str(tmp_path / "run"), iterations=2, learning_rate=0.1, progress=False, report_to="none")
     Trainer(policy, sampler, config).train()
     best = sampler.mdp.optimal_return()
     (line,) = dashed(panels(drawn[-1])["expected_return"])

@@ -68,7 +68,7 @@ def test_check1_through_the_trainer(tmp_path):
         learning_rate=0.05,
         max_grad_norm=None,
         progress=False,
-        tensorboard=False,
+        report_to="none",
         plot=False,
     )
     pi_0 = policy.probs()[0, 0].detach().double()

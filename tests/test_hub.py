@@ -182,7 +182,7 @@ def test_a_tabular_run_and_its_resume_record_two_commands_and_equal_logs(tmp_pat
     for name, steps in (("straight", [["--iterations", "4"]]), ("split", [["--iterations", "2"], ["--iterations", "4"]])):
         for k, extra in enumerate(steps):
             start = ["--resume", str(tmp_path / name)] if k else ["--output-dir", str(tmp_path / name)]
-            assert main(["train", "tabular", *start, *extra, "--no-progress", "--no-plot", "--no-tensorboard"]) == 0
+            assert main(["train", "tabular", *start, *extra, "--no-progress", "--no-plot", "--report-to", "none"]) == 0
     assert len(RunDir(tmp_path / "straight").read_commands()) == 1 and len(RunDir(tmp_path / "split").read_commands()) == 2
     assert sorted(p.name for p in (tmp_path / "split").glob("*.jsonl")) == ["metrics.jsonl"]  # the logs a resume compares
 

@@ -14,7 +14,7 @@ from rebel.cli import main
 from rebel.runs import RunInUseError, claim_run, claimed_run_folder, plot_runs, read_config, read_metrics
 from rebel_envs.tabular import TabularConfig, make_tabular
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 
 
 def tabular_trainer(run_dir, callbacks=(), **overrides):
@@ -104,7 +104,7 @@ def test_two_commands_started_into_one_folder_at_once_give_one_run(tmp_path):
 
 
 def test_cli_overwrite_and_resume_exclude_each_other(tmp_path, capsys):
-    base = ["train", "tabular", "--output-dir", str(tmp_path / "run"), "--no-progress", "--no-tensorboard", "--iterations", "2"]
+    base = ["train", "tabular", "--output-dir", str(tmp_path / "run"), "--no-progress", "--report-to", "none", "--iterations", "2"]
     assert main(base) == 0
     assert main(base) == 2
     assert "already holds a run" in capsys.readouterr().err
@@ -140,7 +140,7 @@ def test_a_signal_finishes_the_iteration_writes_a_checkpoint_and_resume_is_exact
 def test_sigterm_to_the_command_exits_143_with_a_checkpoint_of_the_last_iteration(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "rebel.cli", "train", "tabular", "--output-dir", str(run_dir)]
-    proc = subprocess.Popen([*command, "--no-progress", "--no-tensorboard", "--iterations", "100000", "--checkpoint-every", "100000"])
+    proc = subprocess.Popen([*command, "--no-progress", "--report-to", "none", "--iterations", "100000", "--checkpoint-every", "100000"])
     deadline = time.monotonic() + 60
     while len(read_metrics(run_dir)) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -15,7 +15,7 @@ from rebel import LOSSES, RolloutBatch, Sampler, Trainer, TrainerConfig, rebel_l
 from rebel.runs import latest_checkpoint, read_metrics
 from rebel_envs.tabular import TabularConfig, TabularSampler, make_tabular
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 
 
 def tabular_trainer(tmp_path, name="run", task=None, callbacks=(), **overrides):
@@ -120,7 +120,7 @@ def test_metrics_rows_hold_the_documented_keys(tmp_path):
 
 
 def test_run_folder_layout(tmp_path):
-    trainer = tabular_trainer(tmp_path, iterations=5, checkpoint_every=2, keep_checkpoints=2, tensorboard=True, plot=True)
+    trainer = tabular_trainer(tmp_path, iterations=5, checkpoint_every=2, keep_checkpoints=2, report_to=["tensorboard"], plot=True)
     trainer.train()
     run = tmp_path / "run"
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -28,6 +28,7 @@ from rebel.control.evaluation import check_rendering, evaluate, record_video
 from rebel.control.policy import MLPPolicy
 from rebel.runs import newest_intact, publish_best, read_best, read_config
 from rebel.sampler import Sampler
+from rebel.tracking import legacy_settings
 from rebel.trainer import Callback, Trainer, TrainerConfig
 
 VARIANTS = ("trajectory", "mc", "critic")
@@ -328,7 +329,9 @@ class Rebel:
         if c.stop_on_reward is not None and metrics["eval_return"] >= c.stop_on_reward:
             trainer.request_stop(done=True)
         if trainer.finishing and c.video and main:
-            record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=seed)
+            video = record_video(self.policy, self.env_source, trainer.run.path / "videos" / "eval.gif", seed=seed)
+            if video is not None:
+                trainer.run.log_video("eval_video", video, trainer.iteration)
 
     def _keep_if_best(self, run_dir: Path, metrics: dict[str, Any], seed: int) -> None:
         """Save the agent to ``RUN/best/`` when its evaluation beats the one recorded there
@@ -536,7 +539,7 @@ def _saved_options(control: dict[str, Any], trainer: dict[str, Any]) -> tuple[st
     """``(env id, variant, seed, options)`` of a saved config's two sections (older runs kept
     the seed in both), as ``Rebel`` takes them."""
     # saved before these options existed: V learned raw returns, alpha stayed fixed
-    saved = {"value_normalize_targets": False, "tune_alpha": False, **trainer, **control}
+    saved = {"value_normalize_targets": False, "tune_alpha": False, **legacy_settings(trainer), **control}
     for key in ("iterations", "budget"):
         saved.pop(key, None)
     return saved.pop("env"), saved.pop("variant"), saved.pop("seed"), saved

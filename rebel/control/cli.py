@@ -104,19 +104,19 @@ def evaluate_run(args: argparse.Namespace) -> None:
     if args.model == "last":
         if not checkpoint_dirs(run_dir):
             raise FileNotFoundError(f"{run_dir} holds no checkpoint to evaluate")
-        agent, label = Rebel.from_run(run_dir), "last"
+        agent, label = Rebel.from_run(run_dir, report_to="none"), "last"
         result["checkpoint"] = newest_intact(run_dir)[0].name
     elif args.model == "best":
         best = read_best(run_dir)
         if best is None:
             raise FileNotFoundError(f"{run_dir} has no best model ({run_dir / BEST_FOLDER}; runs with save_best write it at evaluations)")
-        agent, label = Rebel.load(run_dir / BEST_FOLDER), "best"
+        agent, label = Rebel.load(run_dir / BEST_FOLDER, report_to="none"), "best"
         result["best"] = best
     else:
         path = Path(args.model)
         if not path.exists():
             raise FileNotFoundError(f"--model {args.model}: no such file or folder; expected best, last or a saved agent's path")
-        agent, label = Rebel.load(path), path.stem
+        agent, label = Rebel.load(path, report_to="none"), path.stem
     result.update(episodes=args.episodes, seed=args.seed, **agent.evaluate(args.episodes, seed=args.seed))
     out = Path(args.output) if args.output else new_eval_path(run_dir, label)
     check_eval_output(run_dir, out)

@@ -175,7 +175,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
     run, saved = Path(args.run_dir), read_config(args.run_dir)
     source = from_dict(DiffusionSource, saved.get("source", {}))
     config = from_dict(
-        DiffusionConfig, {**saved.get("trainer", {}), **saved.get("diffusion", {}), "output_dir": str(run), "progress": False}
+        DiffusionConfig,
+        {**saved.get("trainer", {}), **saved.get("diffusion", {}), "output_dir": str(run), "progress": False, "report_to": "none"},
     )
     folder = {"last": run / ("lora" if config.use_lora else "model"), "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
     if not folder.is_dir():

@@ -62,7 +62,7 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
     lora_rank: int = option(4, "LoRA rank")
     lora_alpha: int | None = option(None, "LoRA alpha; none: the rank")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass")
-    log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, TensorBoard); 0: none")
+    log_images: int = option(16, "images in the grid written per iteration (images/iter_NNNN.png, the trackers); 0: none")
     save_images: bool = option(False, "also write every image of an iteration to images/iter_NNNN/KKK.png (listed in images.jsonl)")
     eval_every: int = option(
         10, "iterations between fixed-seed evaluation grids (eval/iter_NNNN.png, eval/reward_mean), and one at the end; 0: none"
@@ -208,7 +208,7 @@ class DiffusionTrainer(PretrainedTrainer):
 class ImageGridLogger:
     """Trainer callback: a grid of the iteration's first ``count`` images (one row per prompt
     group, each tile captioned with its prompt and reward) in ``images/iter_NNNN.png`` and
-    TensorBoard, and the prompts and rewards in ``images.jsonl``; with ``save_all``, every
+    the trackers (captioned with each row's prompt and rewards), and the prompts and rewards in ``images.jsonl``; with ``save_all``, every
     image of the iteration in ``images/iter_NNNN/KKK.png`` too. Only the main process's
     samples are drawn."""
 
@@ -231,7 +231,8 @@ class ImageGridLogger:
             name = f"images/iter_{iteration:04d}.png"
             grid = image_grid(samples["images"][:n], grid_captions(prompts[:n], rewards[:n]), self.sampler.num_generations, self.tile)
             grid.save(trainer.run.path / name)
-            trainer.run.log_image("samples", _array(grid), iteration)
+            caption = grid_caption(prompts[:n], rewards[:n], self.sampler.num_generations)
+            trainer.run.log_image("samples", _array(grid), iteration, caption=caption)
             for row in rows[:n]:
                 row["file"] = name
         if self.save_all:
@@ -242,6 +243,12 @@ class ImageGridLogger:
                 row["image"] = f"images/iter_{iteration:04d}/{row['index']:03d}.png"
                 Image.fromarray(array).save(trainer.run.path / row["image"])
         trainer.run.append_jsonl("images.jsonl", rows if self.save_all else rows[:n])
+
+
+def grid_caption(prompts: Sequence[str], rewards: Sequence[float], columns: int) -> str:
+    """One line per row of an :func:`image_grid`: its prompt and its images' rewards."""
+    rows = range(0, len(prompts), columns)
+    return "\n".join(f"{prompts[k]}: " + ", ".join(f"{r:.3g}" for r in rewards[k : k + columns]) for k in rows)
 
 
 def default_eval_prompts(sampler: DiffusionSampler, config: DiffusionConfig) -> list[str]:
@@ -255,7 +262,7 @@ class EvaluationGrid:
     ``eval_images_per_prompt`` images of each evaluation prompt, from the same initial noise
     (``eval_seed``), so the pictures of one run compare across iterations: a grid in
     ``eval/iter_NNNN.png`` (one row per prompt, each tile captioned with its prompt and reward) and
-    TensorBoard, ``eval/reward_mean`` and ``eval/reward_std`` (and ``eval/rewards/<function>``
+    the trackers, ``eval/reward_mean`` and ``eval/reward_std`` (and ``eval/rewards/<function>``
     with several) in the iteration's metrics. Drawn by the main process; the training RNG is
     not touched. ``keep_best(iteration, eval/reward_mean)`` is called after each evaluation."""
 
@@ -263,6 +270,7 @@ class EvaluationGrid:
         self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig, keep_best: Callable[[int, float], None] | None = None
     ) -> None:
         self.sampler, self.prompts, self.config, self.keep_best = sampler, prompts, config, keep_best
+        self.caption = ""  # the last grid's prompts and rewards, one line per row
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
@@ -274,7 +282,7 @@ class EvaluationGrid:
         folder = trainer.run.path / EVAL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"iter_{iteration:04d}.png")
-        trainer.run.log_image("eval", _array(grid), iteration)
+        trainer.run.log_image("eval", _array(grid), iteration, caption=self.caption)
         if self.keep_best is not None:
             self.keep_best(iteration, values["eval/reward_mean"])
 
@@ -285,6 +293,7 @@ class EvaluationGrid:
         if len(scores) > 1:
             values.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
         texts = [p for p in self.prompts for _ in range(self.config.eval_images_per_prompt)]
+        self.caption = grid_caption(texts, reward.tolist(), self.config.eval_images_per_prompt)
         return image_grid(images, grid_captions(texts, reward.tolist()), columns=self.config.eval_images_per_prompt), values
 
     @torch.no_grad()

@@ -335,7 +335,9 @@ def evaluate_run(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{run} trained on dialogs (--env {source.env}): rebel eval does not evaluate dialogs yet (see its transcripts.jsonl)"
         )
-    config = from_dict(TextConfig, {**saved.get("trainer", {}), **saved.get("text", {}), "output_dir": str(run), "progress": False})
+    config = from_dict(
+        TextConfig, {**saved.get("trainer", {}), **saved.get("text", {}), "output_dir": str(run), "progress": False, "report_to": "none"}
+    )
     folder = {"last": run / "model", "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
     if not folder.is_dir():
         what = {"last": "final model (written when a run ends)", "best": "best model (runs with --save-best and an evaluation set)"}

@@ -84,7 +84,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     )
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(False, "with LoRA, also save the adapter merged into the base model (model_merged/, the base's size)")
-    log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
+    log_completions: int = option(8, "completions written to completions.jsonl and the trackers (report_to) per iteration (0: none)")
     dialog_form: str = option(
         "whole", "with an env: whole (n dialogs per opening, reward = return) | per_turn (Monte-Carlo resets: Q of n branched turns)"
     )
@@ -94,7 +94,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     )
     branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
     rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
-    log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and TensorBoard per iteration (0: none)")
+    log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and the trackers per iteration (0: none)")
     eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
     eval_generation: str = option(
         "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
@@ -339,7 +339,7 @@ class TextTrainer(PretrainedTrainer):
 
 class CompletionLogger:
     """Trainer callback: a few completions of each iteration in ``completions.jsonl``
-    (and TensorBoard text). The trainer reports ``tokens_per_second`` from the counts."""
+    (and a table to the trackers). The trainer reports ``tokens_per_second`` from the counts."""
 
     def __init__(self, sampler: TextSampler, count: int) -> None:
         self.sampler, self.count = sampler, count
@@ -358,10 +358,8 @@ class CompletionLogger:
             return
         iteration = int(metrics["iteration"])
         trainer.run.append_jsonl("completions.jsonl", [{"iteration": iteration, **sample} for sample in samples])
-        table = "| prompt | completion | reward |\n| --- | --- | --- |\n" + "\n".join(
-            f"| {_cell(s['prompt'])} | {_cell(s['completion'])} | {s['reward']:.4g} |" for s in samples
-        )
-        trainer.run.log_text("completions", table, iteration)
+        rows = [[s["prompt"], s["completion"], float(s["reward"])] for s in samples]
+        trainer.run.log_table("completions", ["prompt", "completion", "reward"], rows, iteration)
 
 
 def check_dialog_inputs(env: Any, reward_funcs: Any, config: TextConfig) -> None:
@@ -377,7 +375,7 @@ def check_dialog_inputs(env: Any, reward_funcs: Any, config: TextConfig) -> None
 
 class DialogLogger:
     """Trainer callback: a few dialogs of each iteration in ``transcripts.jsonl`` (and
-    TensorBoard text, one readable block per dialog)."""
+    to the trackers as text, one readable block per dialog)."""
 
     def __init__(self, sampler: DialogSampler, count: int) -> None:
         self.sampler, self.count = sampler, count

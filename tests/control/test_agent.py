@@ -14,7 +14,7 @@ from rebel.cli import main
 from rebel.control.agent import Rebel, resolve_config, run_config, settings_differences
 from rebel.runs import read_metrics
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 # InvertedPendulum-v5 (MuJoCo): the trajectory variant balances it within ~20k steps
 PENDULUM = {
     "eta": 0.1,
@@ -213,7 +213,8 @@ def test_command_line_train_eval_and_resume(tmp_path, capsys):
         "--eval-episodes",
         "2",
         "--no-progress",
-        "--no-tensorboard",
+        "--report-to",
+        "none",
     ]
     assert main(args) == 0
     assert "CartPole-v1 (trajectory)" in capsys.readouterr().out

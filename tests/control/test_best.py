@@ -23,7 +23,7 @@ OPTIONS = {
     "eval_episodes": 2,
     "learning_rate": 3e-3,
     "progress": False,
-    "tensorboard": False,
+    "report_to": "none",
     "plot": False,
 }
 

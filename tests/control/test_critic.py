@@ -13,7 +13,7 @@ from rebel.control.evaluation import evaluate
 from rebel.control.policy import LOG_STD_RANGE, MLPPolicy
 from rebel.runs import read_metrics
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 SMALL = {"critic_hidden_sizes": (16, 16), "critic_batch_size": 32, "num_states": 8}
 
 

@@ -18,7 +18,7 @@ from rebel.control.policy import MLPPolicy
 from rebel.control.snapshots import reseed, restore
 from rebel.runs import read_metrics
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 
 
 def make(env_id="Pendulum-v1", policy_class=MLPPolicy, **kwargs):

@@ -17,7 +17,7 @@ from rebel.control.policy import MLPPolicy
 from rebel.control.rollouts import PendingObservations
 from rebel.control.trajectory import TrajectorySampler
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 SPACE = gym.make("Pendulum-v1").observation_space
 
 

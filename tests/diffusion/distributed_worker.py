@@ -9,7 +9,7 @@ from rebel.diffusion import DiffusionConfig, DiffusionTrainer, brightness
 
 pipe_dir, out = sys.argv[1], Path(sys.argv[2])
 config = DiffusionConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=2, num_generations=2, num_inference_steps=3,
-                         guidance_scale=2.0, lora_rank=2, learning_rate=1e-2, log_images=4, progress=False, tensorboard=False, plot=False)  # fmt: skip
+                         guidance_scale=2.0, lora_rank=2, learning_rate=1e-2, log_images=4, progress=False, report_to="none", plot=False)  # fmt: skip
 prompts = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")]
 trainer = DiffusionTrainer(pipe_dir, brightness, prompts, config)
 seen = []

@@ -9,7 +9,7 @@ QUICK = [
     "--image-size", "8", "--min-radius", "1", "--max-radius", "3", "--width", "8",
     "--vae-steps", "3", "--unet-steps", "3", "--pretrain-batch", "4",
     "--iterations", "1", "--prompts-per-iteration", "2", "--num-generations", "2",
-    "--num-inference-steps", "2", "--no-progress", "--no-plot", "--no-tensorboard",
+    "--num-inference-steps", "2", "--no-progress", "--no-plot", "--report-to", "none",
 ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ PROMPTS = ["a red circle", "a blue square", "a green circle"]
 
 def config(tmp_path, name, **kwargs):
     base = {"output_dir": str(tmp_path / name), "iterations": 3, "prompts_per_iteration": 2, "num_generations": 2, "num_inference_steps": 3,
-            "guidance_scale": 2.0, "lora_rank": 2, "learning_rate": 1e-2, "progress": False, "plot": False, "tensorboard": False,
+            "guidance_scale": 2.0, "lora_rank": 2, "learning_rate": 1e-2, "progress": False, "plot": False, "report_to": "none",
             "log_images": 0, "eval_every": 2, "eval_prompts": 2, "eval_images_per_prompt": 2}  # fmt: skip
     return DiffusionConfig(**{**base, **kwargs})
 
@@ -65,7 +65,7 @@ def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, eval_
     args = ["train", "diffusion", "--model", tiny_pipe, "--reward", "brightness", "--prompts", str(prompts), "--iterations", "3",
             "--prompts-per-iteration", "2", "--num-generations", "2", "--num-inference-steps", "3", "--guidance-scale", "2.0",
             "--lora-rank", "2", "--learning-rate", "0.05", "--log-images", "0", "--eval-every", "1", "--eval-prompts", "2",
-            "--save-best", "--output-dir", str(run), "--no-progress", "--no-tensorboard", "--no-plot"]  # fmt: skip
+            "--save-best", "--output-dir", str(run), "--no-progress", "--report-to", "none", "--no-plot"]  # fmt: skip
     assert main(args) == 0
     scores = [r["eval/reward_mean"] for r in read_metrics(run)]
     best = json.loads((run / "best" / "best.json").read_text())

@@ -66,7 +66,7 @@ def test_the_old_call_still_works():
 def test_save_images_writes_every_image_of_an_iteration(tiny_pipe, tmp_path):
     config = DiffusionConfig(
         output_dir=str(tmp_path / "run"), iterations=1, prompts_per_iteration=3, num_generations=2, num_inference_steps=2,
-        lora_rank=2, log_images=4, save_images=True, progress=False, plot=False, tensorboard=False,
+        lora_rank=2, log_images=4, save_images=True, progress=False, plot=False, report_to="none",
     )  # fmt: skip
     trainer = DiffusionTrainer(tiny_pipe, brightness, ["a red circle", "a blue square"], config)
     trainer.train()

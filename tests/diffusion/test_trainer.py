@@ -141,6 +141,25 @@ def test_bf16_autocast_keeps_the_start_exact(tiny_pipe, tmp_path):
     assert all(r["log_ratio_max_abs"] > 0 and math.isfinite(r["loss"]) for r in rows)
 
 
+def test_the_image_grid_reaches_the_trackers_with_its_prompts_and_rewards(tiny_pipe, tmp_path, wandb_offline):
+    from rebel.diffusion.trainer import grid_caption
+
+    cfg = config(tmp_path, iterations=1, report_to=["wandb"])
+    DiffusionTrainer(tiny_pipe, brightness, PROMPTS, cfg).train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "images.jsonl").read_text().splitlines()]
+    [run] = wandb_offline.runs()
+    [row] = [h for h in run["history"] if "samples/_type" in h]
+    caption = grid_caption([r["prompt"] for r in logged], [r["reward"] for r in logged], columns=2)
+    assert row["samples/captions"] == [caption] and row["iteration"] == 1
+    assert caption.splitlines()[0] == f"{logged[0]['prompt']}: {logged[0]['reward']:.3g}, {logged[1]['reward']:.3g}"
+    assert (run["folder"] / "files" / row["samples/filenames"][0]).stat().st_size > 0
+    [evaluation] = [h for h in run["history"] if "eval/_type" in h]  # the last iteration's fixed-seed evaluation grid
+    lines = evaluation["eval/captions"][0].splitlines()
+    assert len(lines) == cfg.eval_prompts and all(line.count(", ") == cfg.eval_images_per_prompt - 1 for line in lines)
+    shown = [float(r) for line in lines for r in line.split(": ")[-1].split(", ")]
+    assert sum(shown) / len(shown) == pytest.approx(read_metrics(tmp_path / "run")[-1]["eval/reward_mean"], rel=1e-2)
+
+
 def test_the_saved_lora_loads_in_diffusers_and_carries_its_card(tiny_pipe, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from huggingface_hub import HfApi, ModelCard

@@ -23,7 +23,7 @@ class Repeat(TextEnv):
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=3, num_generations=2, max_new_tokens=3,
-                    learning_rate=1e-3, log_dialogs=2, progress=False, tensorboard=False, plot=False)  # fmt: skip
+                    learning_rate=1e-3, log_dialogs=2, progress=False, report_to="none", plot=False)  # fmt: skip
 openings = []  # per iteration, the openings of this process's dialogs
 trainer = TextTrainer(
     model_dir,

@@ -10,7 +10,7 @@ from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=4, num_generations=2, max_new_tokens=6, learning_rate=1e-3,
-                    log_completions=2, progress=False, tensorboard=False, plot=False)  # fmt: skip
+                    log_completions=2, progress=False, report_to="none", plot=False)  # fmt: skip
 trainer = TextTrainer(model_dir, sorted_digits_reward, sorting_dataset(64, seed=0), config)
 prompts = []
 original = trainer.sampler.collect

@@ -20,7 +20,7 @@ from rebel.text import TextConfig, TextTrainer
 from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
-FAST = {"progress": False, "tensorboard": False, "plot": False, "log_completions": 0}
+FAST = {"progress": False, "report_to": "none", "plot": False, "log_completions": 0}
 SETTINGS = {"prompts_per_iteration": 4, "num_generations": 2, "max_new_tokens": 6, "minibatch_size": 4, "learning_rate": 1e-3,
             "kl_coef": 0.05, "checkpoint_every": 1, "seed": 3, **FAST}  # fmt: skip
 DATA = sorting_dataset(64, seed=0)

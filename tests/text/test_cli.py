@@ -9,7 +9,7 @@ import torch
 from rebel.cli import main
 from rebel.runs import latest_checkpoint, read_config, read_metrics
 
-QUIET = ["--no-progress", "--no-tensorboard", "--no-plot"]
+QUIET = ["--no-progress", "--report-to", "none", "--no-plot"]
 
 
 def test_help_lists_the_text_options(capsys):

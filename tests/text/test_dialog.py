@@ -22,7 +22,7 @@ from rebel_envs.text_tasks import char_tokenizer, tiny_gpt2
 TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<eos>:{% else %}{{ m['content'] }}:{% endif %}{% endfor %}"
 )
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 DRAWS: dict[int, list[tuple[int, float]]] = {}  # id(env) -> (turn, first random number of the step)
 
 
@@ -309,7 +309,7 @@ def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_pa
     registry = types.ModuleType("rebel_envs.dialog_tasks")
     registry.DIALOG_TASKS = {"counter": task}
     monkeypatch.setitem(sys.modules, "rebel_envs.dialog_tasks", registry)
-    quiet = ["--no-progress", "--no-tensorboard", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
+    quiet = ["--no-progress", "--report-to", "none", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
     assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "straight"), "--iterations", "3", *quiet]) == 0
     out = capsys.readouterr().out
     assert "transcripts.jsonl" in out and "episode_return of the sampled dialogs" in out
@@ -348,7 +348,7 @@ class SayDigit(TextEnv):
 )
 def test_both_forms_raise_the_return(chat_lm, tmp_path, form, settings):
     config = TextConfig(output_dir=str(tmp_path / form), iterations=15, prompts_per_iteration=8, num_generations=4, max_new_tokens=3,
-                        checkpoint_every=100, dialog_form=form, seed=0, **{**FAST, "tensorboard": True}, **settings)  # fmt: skip
+                        checkpoint_every=100, dialog_form=form, seed=0, **{**FAST, "report_to": ["tensorboard"]}, **settings)  # fmt: skip
     rows = TextTrainer(chat_lm, env=SayDigit, config=config).train()
     first, last = sum(r["episode_return"] for r in rows[:3]) / 3, sum(r["episode_return"] for r in rows[-3:]) / 3
     assert last > first + 0.8, [r["episode_return"] for r in rows]  # of at most 3

@@ -12,7 +12,7 @@ from rebel.runs import read_metrics
 from rebel.text import TextConfig, TextTrainer
 from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 TRAIN, HELD_OUT = sorting_dataset(64, seed=0), sorting_dataset(12, seed=99)
 
 
@@ -107,7 +107,7 @@ def test_command_line_eval_dataset_and_reward(tiny_lm, tmp_path, capsys):
         "def short(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n"
     )
     args = ["train", "text", "--model", tiny_lm, "--dataset", str(prompts), "--reward", f"{rewards}:starts_right", "--iterations", "2",
-            "--max-new-tokens", "4", "--no-progress", "--no-tensorboard", "--no-plot"]  # fmt: skip
+            "--max-new-tokens", "4", "--no-progress", "--report-to", "none", "--no-plot"]  # fmt: skip
     run = tmp_path / "run"
     given = ["--eval-dataset", str(held_out), "--eval-reward", f"{rewards}:short", "--eval-every", "1", "--output-dir", str(run)]
     assert main([*args, *given]) == 0
@@ -129,7 +129,8 @@ def test_the_embedded_default_shows_eval_metrics(tmp_path):
         "--prompts-per-iteration",
         "4",
         "--no-progress",
-        "--no-tensorboard",
+        "--report-to",
+        "none",
         "--no-plot",
     ]
     assert main(["train", "text", "--output-dir", str(tmp_path / "run"), "--iterations", "2", *small]) == 0
@@ -147,7 +148,7 @@ def test_best_model_and_rebel_eval_on_best_and_last(tiny_lm, tmp_path, capsys, e
     run = tmp_path / "run"
     args = ["train", "text", "--model", tiny_lm, "--dataset", str(prompts), "--reward", f"{rewards}:digits", "--eval-dataset",
             str(held_out), "--eval-every", "1", "--save-best", "--iterations", "5", "--learning-rate", "0.03", "--max-new-tokens", "4",
-            "--output-dir", str(run), "--no-progress", "--no-tensorboard", "--no-plot"]  # fmt: skip
+            "--output-dir", str(run), "--no-progress", "--report-to", "none", "--no-plot"]  # fmt: skip
     assert main(args) == 0
     rows = read_metrics(run)
     scores = [r["eval/reward_mean"] for r in rows]

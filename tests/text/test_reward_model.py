@@ -47,7 +47,7 @@ def test_reward_models_combine_with_functions_in_the_trainer(reward_model_dir, t
     funcs = as_reward_funcs([sorted_digits_reward, str(reward_model_dir)])
     assert funcs[0] is sorted_digits_reward and isinstance(funcs[1], RewardModel)
     config = TextConfig(output_dir=str(tmp_path / "run"), iterations=1, prompts_per_iteration=4, num_generations=2, max_new_tokens=6,
-                        progress=False, tensorboard=False, plot=False)  # fmt: skip
+                        progress=False, report_to="none", plot=False)  # fmt: skip
     TextTrainer(tiny_lm, [sorted_digits_reward, str(reward_model_dir)], sorting_dataset(20, seed=0), config).train()
     row = read_metrics(tmp_path / "run")[0]
     assert "rewards/rm" in row and "rewards/sorted_digits_reward" in row

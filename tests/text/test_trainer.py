@@ -11,7 +11,7 @@ from rebel.runs import latest_checkpoint, read_metrics
 from rebel.text import RewardFunctionError, TextConfig, TextTrainer
 from rebel_envs.text_tasks import sorted_digits_reward, sorting_dataset
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 DATA = sorting_dataset(200, seed=0)
 
 
@@ -35,7 +35,7 @@ def test_log_ratio_is_exactly_zero_at_the_start_of_every_iteration(tiny_lm, tmp_
 
 
 def test_rebel_improves_the_embedded_sorting_task(sorting_lm, tmp_path):
-    cfg = config(tmp_path, iterations=40, prompts_per_iteration=32, num_generations=4, missing_eos_penalty=1.0, tensorboard=True)
+    cfg = config(tmp_path, iterations=40, prompts_per_iteration=32, num_generations=4, missing_eos_penalty=1.0, report_to=["tensorboard"])
     rows = TextTrainer(sorting_lm, sorted_digits_reward, sorting_dataset(2000, seed=0), cfg).train()
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5
@@ -210,3 +210,22 @@ def test_bf16_paths_run_on_cpu(tiny_lm, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "weights" / "model")
     assert reloaded.dtype == torch.bfloat16
+
+
+def test_completions_reach_the_trackers_as_a_table(tiny_lm, tmp_path, wandb_offline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, iterations=1, log_completions=3, report_to=["tensorboard", "wandb"])
+    TextTrainer(tiny_lm, sorted_digits_reward, DATA, cfg).train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    [run] = wandb_offline.runs()
+    [row] = [h for h in run["history"] if "completions/_type" in h]
+    table = json.loads((run["folder"] / "files" / row["completions/path"]).read_text())
+    assert table["columns"] == ["prompt", "completion", "reward"] and row["iteration"] == 1
+    assert table["data"] == [[s["prompt"], s["completion"], s["reward"]] for s in logged]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    [text] = events.Tensors("completions/text_summary")
+    lines = text.tensor_proto.string_val[0].decode().splitlines()
+    assert lines[0] == "| prompt | completion | reward |" and len(lines) == 2 + len(logged)
+    assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in lines[2:]] == [f"{s['reward']:.4g}" for s in logged]

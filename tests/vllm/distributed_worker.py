@@ -19,7 +19,7 @@ elif os.environ.get("REBEL_TEST_BACKEND", "").startswith("http"):  # rebel vllm-
     BACKEND = {"generation_backend": "vllm", "vllm_mode": "server", "vllm_server_url": os.environ["REBEL_TEST_BACKEND"]}
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=4, num_generations=2, max_new_tokens=6,
                     learning_rate=1e-3, **BACKEND,
-                    progress=False, tensorboard=False, plot=False)  # fmt: skip
+                    progress=False, report_to="none", plot=False)  # fmt: skip
 trainer = TextTrainer(model_dir, sorted_digits_reward, sorting_dataset(64, seed=0), config)
 first = []
 collect = trainer.sampler.collect

@@ -120,7 +120,7 @@ def test_text_trainer_learns_with_vllm(sorting_llama, engine_kwargs, tmp_path):
     config = TextConfig(
         output_dir=str(tmp_path / "run"), iterations=20, prompts_per_iteration=32, num_generations=4, max_new_tokens=8,
         learning_rate=1e-3, missing_eos_penalty=1.0, generation_backend="vllm", vllm_kwargs=engine_kwargs, progress=False,
-        tensorboard=False, plot=False,
+        report_to="none", plot=False,
     )  # fmt: skip
     trainer = TextTrainer(sorting_llama, [sorted_digits_reward], sorting_dataset(1000, seed=3), config)
     threads = torch.get_num_threads()
@@ -144,7 +144,7 @@ def test_the_server_trains_like_the_colocated_engine(sorting_llama, engine_kwarg
     for mode, extra in (("colocate", {"vllm_kwargs": engine_kwargs}), ("server", {"vllm_server_url": server_url})):
         config = TextConfig(
             output_dir=str(tmp_path / mode), iterations=3, prompts_per_iteration=8, num_generations=4, max_new_tokens=8,
-            learning_rate=1e-3, generation_backend="vllm", vllm_mode=mode, progress=False, tensorboard=False, plot=False, **extra,
+            learning_rate=1e-3, generation_backend="vllm", vllm_mode=mode, progress=False, report_to="none", plot=False, **extra,
         )  # fmt: skip
         rows[mode] = TextTrainer(sorting_llama, [sorted_digits_reward], sorting_dataset(100, seed=3), config).train()
     keys = ("score_mean", "completion_length", "loss", "start_log_ratio_max")
@@ -159,7 +159,7 @@ def test_a_resumed_run_is_bit_identical(sorting_llama, engine_kwargs, tmp_path):
     def make(name, **kwargs):
         config = TextConfig(
             output_dir=str(tmp_path / name), iterations=4, prompts_per_iteration=8, num_generations=4, max_new_tokens=8,
-            learning_rate=1e-3, generation_backend="vllm", vllm_kwargs=engine_kwargs, progress=False, tensorboard=False, plot=False,
+            learning_rate=1e-3, generation_backend="vllm", vllm_kwargs=engine_kwargs, progress=False, report_to="none", plot=False,
         )  # fmt: skip
         return TextTrainer(sorting_llama, [sorted_digits_reward], sorting_dataset(100, seed=3), config, **kwargs)
 
