@@ -86,7 +86,7 @@ def train_rate(env: str, variant: str, mode: str, steps: int) -> tuple[Clock, in
     with tempfile.TemporaryDirectory() as folder:
         agent = Rebel(
             env, variant=variant, seed=0, output_dir=folder, vec_env=vec_env, n_envs=n_envs,
-            eval_every=0, eval_episodes=1, progress=False, tensorboard=False, plot=False, checkpoint_every=10**6,
+            eval_every=0, eval_episodes=1, progress=False, report_to="none", plot=False, checkpoint_every=10**6,
         )  # fmt: skip
         clock = Clock()
         agent.learn(steps)

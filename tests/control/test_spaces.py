@@ -18,7 +18,7 @@ from rebel.control.envs import make_env
 from rebel.control.policy import MLPPolicy
 from rebel.runs import read_metrics
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 
 
 class Tiny(gym.Env):

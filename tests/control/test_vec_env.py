@@ -12,7 +12,7 @@ from rebel.control.agent import Rebel
 from rebel.control.envs import EnvPool
 from rebel.runs import read_metrics
 
-FAST = {"progress": False, "tensorboard": False, "plot": False}
+FAST = {"progress": False, "report_to": "none", "plot": False}
 VARIANTS = {
     "trajectory": {"num_groups": 2, "segment_length": 40, "value_bootstrap": True, "value_epochs": 1},
     "mc": {"num_groups": 3, "horizon": 5, "value_epochs": 1, "rollouts_per_action": 2},
