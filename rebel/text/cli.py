@@ -44,6 +44,10 @@ class TextSource:
     )
     dataset_split: str = option("train", "split of --dataset")
     reward: str | None = option(None, "comma-separated rewards: module:function, path/file.py:function, or reward-model folders / hub ids")
+    env: str | None = option(
+        None,
+        "an embedded dialog task (rebel_envs.dialog_tasks.DIALOG_TASKS: guess-number, calculator): the trajectories are dialogs with it",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from rebel.text.trainer import TextConfig, TextTrainer
     from rebel_envs.text_tasks import SortingTaskConfig
 
-    config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, EMBEDDED_DEFAULTS)
+    config, source, task = resolve_model_run(args, "text", TextConfig, TextSource, SortingTaskConfig, _embedded_defaults(args))
     for what, value in (("model", source.model), ("tokenizer", source.tokenizer)):  # checked before any folder or model is made
         check_source(value, what, MODEL_EXPECTED)
+    if source.env is not None:
+        return _run_dialogs(args, config, source)
     rewards, dataset = _rewards(source), _dataset(source, task)
 
     embedded = source.model is None
@@ -94,6 +100,79 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"model saved to {Path(config.output_dir) / 'model'}")
     return 0
+
+
+# ------------------------------------------------------------------ dialogs
+
+
+def dialog_task(name: str) -> Any:
+    """The embedded dialog task ``name`` of ``rebel_envs.dialog_tasks.DIALOG_TASKS`` (an object with
+    ``make_env``, ``dataset``, ``text_config``, ``max_length`` and ``make_model(save_to=...)``)."""
+    from rebel_envs.dialog_tasks import DIALOG_TASKS
+
+    if name not in DIALOG_TASKS:
+        raise ValueError(f"--env {name}: not an embedded dialog task; expected one of {', '.join(sorted(DIALOG_TASKS))}")
+    return DIALOG_TASKS[name]
+
+
+def _embedded_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The defaults of a run without ``--model``: the digit-sorting task's, or those the dialog
+    task ``--env`` names suggests (its dialogs fit the tiny model's positions)."""
+    from rebel.cli import resumed_folder
+    from rebel.runs import read_config
+
+    run_dir = resumed_folder(args)
+    env = getattr(args, "env", None) if run_dir is None else read_config(run_dir).get("source", {}).get("env")
+    if env is None:
+        return EMBEDDED_DEFAULTS
+    task = dialog_task(env)
+    return {"max_dialog_tokens": task.max_length, **task.text_config}
+
+
+def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> int:
+    """``rebel train text --env NAME``: REBEL over dialogs with an embedded dialog task (its own
+    tiny model, warmed up once and kept in ``<run>/base_model``, unless ``--model`` is given)."""
+    from rebel.cli import start_options
+    from rebel.hf.cli import reward_summary
+    from rebel.runs import claimed_run_folder
+    from rebel.text.trainer import TextTrainer
+
+    for flag, value in (("--reward", source.reward), ("--dataset", source.dataset)):
+        if value is not None:
+            raise ValueError(f"{flag} {value} with --env {source.env}: the dialog task gives its own rewards and openings")
+    task = dialog_task(source.env)  # type: ignore[arg-type]
+    with claimed_run_folder(config.output_dir, resume=bool(args.resume), overwrite=args.overwrite):
+        model, tokenizer = source.model, source.tokenizer
+        if model is None:
+            model, tokenizer = _dialog_model(task, Path(config.output_dir) / "base_model", bool(args.resume))
+        trainer = TextTrainer(
+            model,
+            None,
+            task.dataset,
+            config,
+            env=task.make_env,
+            processing_class=tokenizer,
+            model_kwargs={"gguf_file": source.gguf_file} if source.gguf_file else None,
+            run_config={"source": dataclasses.asdict(source)},
+        )
+        rows = trainer.train(**start_options(args))
+    if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
+        return trainer.exit_code
+    print(reward_summary(rows, 5, config.output_dir))
+    print(f"dialogs in {Path(config.output_dir) / 'transcripts.jsonl'}; model saved to {Path(config.output_dir) / 'model'}")
+    return 0
+
+
+def _dialog_model(task: Any, base: Path, resume: bool) -> tuple[Any, Any]:
+    """The dialog task's tiny model: warmed up on a new run, read back from ``base`` on a resume."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)  # a tiny model: threads cost more than they give
+    if resume and base.is_dir():
+        return AutoModelForCausalLM.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base))
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return task.make_model(save_to=base)
 
 
 # ------------------------------------------------------------------ helpers

@@ -15,10 +15,11 @@ only by ``top_p`` / ``top_k`` when asked, up to ``max_new_tokens`` or the first 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,12 @@ class GenerationBackend(ABC):
         """``[N, max_new_tokens]`` completion ids of the left-padded ``[N, P]`` prompts
         (``pad_token_id`` after an early stop), on ``prompt_ids``' device; every random
         number comes from ``generator`` (a resumed run draws the same seeds)."""
+
+    @contextlib.contextmanager
+    def fixed_weights(self, policy: Any) -> Iterator[None]:
+        """Within this block the policy's weights do not change (many generation calls of one
+        collection, as a dialog's rounds): a backend may hand them over once."""
+        yield
 
     def close(self) -> None:
         """Free what the backend holds (an engine, a connection)."""

@@ -19,7 +19,52 @@ from rebel.text.policy import CausalLMPolicy
 from rebel.text.rewards import RewardFunc, as_reward_funcs, call_reward
 
 
-class TextSampler(Sampler):
+class PromptCursor(Sampler):
+    """A sampler that takes ``prompts_per_iteration`` records a process and iteration from a
+    dataset of ``len(self.dataset)`` records, in an epoch-seeded order (``data_seed``,
+    ``shuffle``), and draws its random numbers from ``self.generator``; its state (the cursor
+    and the generator) resumes exactly."""
+
+    dataset: Any
+    prompts_per_iteration: int
+    data_seed: int
+    shuffle: bool
+    epoch: int
+    position: int
+    generator: torch.Generator
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+
+    def next_indices(self) -> list[int]:
+        """This process's prompts of the next iteration: a slice of the global prompt order
+        (an epoch-seeded permutation), so processes never share a prompt in an iteration."""
+        rank, world = _rank_and_world()
+        k, n = self.prompts_per_iteration, len(self.dataset)
+        taken: list[int] = []
+        while len(taken) < k * world:
+            order = self._order(self.epoch, n)
+            step = min(k * world - len(taken), n - self.position)
+            taken += order[self.position : self.position + step]
+            self.position += step
+            if self.position == n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return taken[rank * k : (rank + 1) * k]
+
+    def _order(self, epoch: int, n: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)).tolist()
+
+
+class TextSampler(PromptCursor):
     """Each iteration takes ``prompts_per_iteration`` prompts (per process) from the
     dataset and samples ``num_generations`` completions of each (one group per prompt).
 
@@ -86,19 +131,8 @@ class TextSampler(Sampler):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        if isinstance(generation_backend, GenerationBackend):
-            self.backend = generation_backend
-        else:
-            self.backend = make_backend(
-                generation_backend,
-                generation_kwargs=generation_kwargs,
-                generation_batch_size=generation_batch_size,
-                mode=vllm_mode,
-                server_url=vllm_server_url,
-                max_model_length=vllm_max_model_length,
-                gpu_memory_utilization=vllm_gpu_memory_utilization,
-                vllm_kwargs=vllm_kwargs,
-            )
+        self.backend = sampler_backend(generation_backend, generation_kwargs, generation_batch_size, vllm_mode, vllm_server_url,
+                                       vllm_max_model_length, vllm_gpu_memory_utilization, vllm_kwargs)  # fmt: skip
         self.dataset = PromptDataset(dataset)
         self.reward_funcs: list[RewardFunc] = as_reward_funcs(reward_funcs, reward_processing_classes)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
@@ -117,17 +151,6 @@ class TextSampler(Sampler):
         self.epoch, self.position = 0, 0  # the data cursor over the global prompt order
         self.generator = torch.Generator().manual_seed(data_seed)
         self.last_samples: list[dict[str, Any]] = []  # the last batch, for logging
-
-    # ------------------------------------------------------------- state
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------- collect
     def collect(self, policy: Policy) -> RolloutBatch:
@@ -197,27 +220,7 @@ class TextSampler(Sampler):
             stats=stats,
         )
 
-    def next_indices(self) -> list[int]:
-        """This process's prompts of the next iteration: a slice of the global prompt order
-        (an epoch-seeded permutation), so processes never share a prompt in an iteration."""
-        rank, world = _rank_and_world()
-        k, n = self.prompts_per_iteration, len(self.dataset)
-        taken: list[int] = []
-        while len(taken) < k * world:
-            order = self._order(self.epoch, n)
-            step = min(k * world - len(taken), n - self.position)
-            taken += order[self.position : self.position + step]
-            self.position += step
-            if self.position == n:
-                self.epoch, self.position = self.epoch + 1, 0
-        return taken[rank * k : (rank + 1) * k]
-
     # ---------------------------------------------------------- helpers
-    def _order(self, epoch: int, n: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(n))
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)).tolist()
-
     def _tokenize(self, tokenizer: Any, texts: list[str], add_special_tokens: bool) -> dict[str, Tensor]:
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
@@ -254,6 +257,32 @@ class TextSampler(Sampler):
             with policy.adapter_disabled():
                 ref = policy.token_log_probs(input_ids, attention_mask, t)
         return torch.where(mask, logp - ref, 0.0).sum(1).double().cpu()  # a select: nan/inf at masked positions stay out
+
+
+def sampler_backend(
+    backend: str | GenerationBackend,
+    generation_kwargs: dict[str, Any] | None = None,
+    generation_batch_size: int | None = None,
+    vllm_mode: str = "colocate",
+    vllm_server_url: str = "http://127.0.0.1:8000",
+    vllm_max_model_length: int | None = None,
+    vllm_gpu_memory_utilization: float = 0.3,
+    vllm_kwargs: dict[str, Any] | None = None,
+) -> GenerationBackend:
+    """``backend`` itself when it is a :class:`GenerationBackend`, else the one it names, from
+    the samplers' settings of the same names."""
+    if isinstance(backend, GenerationBackend):
+        return backend
+    return make_backend(
+        backend,
+        generation_kwargs=generation_kwargs,
+        generation_batch_size=generation_batch_size,
+        mode=vllm_mode,
+        server_url=vllm_server_url,
+        max_model_length=vllm_max_model_length,
+        gpu_memory_utilization=vllm_gpu_memory_utilization,
+        vllm_kwargs=vllm_kwargs,
+    )
 
 
 def completion_mask(tokens: Tensor, eos_ids: Sequence[int]) -> Tensor:

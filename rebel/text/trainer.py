@@ -10,7 +10,7 @@ builds a :class:`CausalLMPolicy` and a :class:`TextSampler` and runs :class:`reb
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from rebel.config import check_choice, check_group_size, check_int, check_positi
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
+from rebel.text.dialog import BRANCH_TURNS, FORMS, DialogSampler
+from rebel.text.env import TextEnv
 from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
 from rebel.text.rewards import check_reward_funcs
@@ -29,9 +31,12 @@ from rebel.trainer import TrainerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # TextConfig fields that TextSampler takes under the same names
-SAMPLER_SETTINGS = ("reward_weights", "num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs",
-                    "generation_batch_size", "max_prompt_length", "missing_eos_penalty", "kl_coef", "shuffle", "generation_backend", "vllm_mode",
-                    "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization", "vllm_kwargs")  # fmt: skip
+GENERATION_SETTINGS = ("num_generations", "prompts_per_iteration", "max_new_tokens", "top_p", "top_k", "generation_kwargs", "generation_batch_size",
+                       "shuffle", "generation_backend", "vllm_mode", "vllm_server_url", "vllm_max_model_length", "vllm_gpu_memory_utilization",
+                       "vllm_kwargs")  # fmt: skip
+SAMPLER_SETTINGS = (*GENERATION_SETTINGS, "reward_weights", "max_prompt_length", "missing_eos_penalty", "kl_coef")
+# ... and those DialogSampler takes (``dialog_form`` is its ``form``)
+DIALOG_SETTINGS = (*GENERATION_SETTINGS, "max_turns", "max_dialog_tokens", "branch_turns", "rollouts_per_branch")
 
 
 @dataclass
@@ -75,6 +80,16 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     dtype: str = option("auto", "dtype the model is loaded in: auto | float32 | bfloat16 | float16")
     save_merged: bool = option(True, "with LoRA, also save the adapter merged into the base model")
     log_completions: int = option(8, "completions written to completions.jsonl and TensorBoard per iteration (0: none)")
+    dialog_form: str = option(
+        "whole", "with an env: whole (n dialogs per opening, reward = return) | per_turn (Monte-Carlo resets: Q of n branched turns)"
+    )
+    max_turns: int = option(8, "with an env: agent turns after which a dialog is truncated")
+    max_dialog_tokens: int | None = option(
+        None, "with an env: tokens of a whole dialog (opening included) after which it is truncated; none: the model's positions"
+    )
+    branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
+    rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
+    log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and TensorBoard per iteration (0: none)")
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
     vllm_kwargs: dict[str, Any] = option({}, "vllm.LLM arguments of speed, memory, placement (enforce_eager, ...)")  # noqa: RUF009 - option() builds a field
@@ -85,6 +100,13 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_generation_kwargs(self.generation_kwargs)
+        check_choice("dialog_form", self.dialog_form, FORMS)
+        check_choice("branch_turns", self.branch_turns, BRANCH_TURNS)
+        for name in ("max_turns", "rollouts_per_branch"):
+            check_int(name, getattr(self, name))
+        if self.max_dialog_tokens is not None:
+            check_int("max_dialog_tokens", self.max_dialog_tokens)
+        check_int("log_dialogs", self.log_dialogs, minimum=0)
         check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
         super().__post_init__()
 
@@ -116,6 +138,10 @@ class TextTrainer(PretrainedTrainer):
         model_kwargs: more ``from_pretrained`` arguments (``gguf_file``, ...).
         reference_model: frozen reference for ``kl_coef`` without LoRA (default: a copy
             of the starting model).
+        env: a callable returning a :class:`~rebel.text.env.TextEnv`: the trajectories are
+            dialogs with it (``config.dialog_form``, :class:`~rebel.text.dialog.DialogSampler`);
+            the env gives the rewards (no ``reward_funcs``) and ``train_dataset``, optional,
+            holds the rows its ``reset`` opens episodes from.
     """
 
     adapter = "text"
@@ -124,10 +150,11 @@ class TextTrainer(PretrainedTrainer):
     def __init__(
         self,
         model: Any,
-        reward_funcs: Any,
-        train_dataset: Any,
+        reward_funcs: Any = None,
+        train_dataset: Any = None,
         config: TextConfig | None = None,
         *,
+        env: Callable[[], TextEnv] | None = None,
         peft_config: Any = None,
         processing_class: Any = None,
         reward_processing_classes: Sequence[Any] | None = None,
@@ -137,8 +164,13 @@ class TextTrainer(PretrainedTrainer):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         config = config or TextConfig()
-        train_dataset = PromptDataset(train_dataset)  # the inputs' cheap checks come before the model loads
-        reward_funcs = check_reward_funcs(reward_funcs)
+        if env is not None:  # the inputs' cheap checks come before the model loads
+            check_dialog_inputs(env, reward_funcs, config)
+        else:
+            if train_dataset is None or reward_funcs is None:
+                raise ValueError("TextTrainer needs reward_funcs and train_dataset (or env, a callable returning a TextEnv)")
+            train_dataset = PromptDataset(train_dataset)
+            reward_funcs = check_reward_funcs(reward_funcs)
         if peft_config is None and config.use_lora:
             peft_config = config.lora_config()
         kwargs = dict(model_kwargs or {})
@@ -162,17 +194,24 @@ class TextTrainer(PretrainedTrainer):
             )
             if config.kl_coef > 0 and reference_model is None and not policy.is_peft:
                 reference_model = copy.deepcopy(policy.model)
-            sampler = TextSampler(
-                train_dataset,
-                reward_funcs,
-                reward_processing_classes=reward_processing_classes,
-                reference_model=reference_model,
-                data_seed=config.seed,
-                **pick(config, SAMPLER_SETTINGS),
-            )
-        logger = CompletionLogger(sampler, config.log_completions)
+            if env is not None:
+                sampler: TextSampler | DialogSampler = DialogSampler(
+                    env, train_dataset, form=config.dialog_form, data_seed=config.seed, **pick(config, DIALOG_SETTINGS)
+                )
+                sampler.limits(policy)  # the caps fit the model (checked before a run starts)
+                logger: Any = DialogLogger(sampler, config.log_dialogs)
+            else:
+                sampler = TextSampler(
+                    train_dataset,
+                    reward_funcs,
+                    reward_processing_classes=reward_processing_classes,
+                    reference_model=reference_model,
+                    data_seed=config.seed,
+                    **pick(config, SAMPLER_SETTINGS),
+                )
+                logger = CompletionLogger(sampler, config.log_completions)
         super().__init__(policy, sampler, config, callbacks=[logger, *callbacks], run_config=run_config)
-        if sampler.reference_model is not None:  # sharded like the policy under FSDP2 and ZeRO-3
+        if getattr(sampler, "reference_model", None) is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
 
     @property
@@ -233,6 +272,47 @@ class CompletionLogger:
             f"| {_cell(s['prompt'])} | {_cell(s['completion'])} | {s['reward']:.4g} |" for s in samples
         )
         trainer.run.log_text("completions", table, iteration)
+
+
+def check_dialog_inputs(env: Any, reward_funcs: Any, config: TextConfig) -> None:
+    """What a dialog run refuses: rewards from elsewhere than the env, and the completion-only settings."""
+    if not callable(env):
+        raise TypeError(f"env must be a callable returning a TextEnv (a TextEnv subclass, a function), got {type(env).__name__}")
+    if reward_funcs is not None:
+        raise ValueError("reward_funcs with env: the environment gives the rewards; pass reward_funcs=None")
+    for name in ("kl_coef", "missing_eos_penalty", "max_prompt_length", "reward_weights"):
+        if getattr(config, name):
+            raise ValueError(f"{name}={getattr(config, name)!r} applies to single completions, not to dialogs with an env; leave it unset")
+
+
+class DialogLogger:
+    """Trainer callback: a few dialogs of each iteration in ``transcripts.jsonl`` (and
+    TensorBoard text, one readable block per dialog)."""
+
+    def __init__(self, sampler: DialogSampler, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        acc = trainer.accelerator
+        if self.count <= 0:
+            return
+        dialogs = self.sampler.last_dialogs[: self.count]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            dialogs = [d for part in gather_object([dialogs]) for d in part]
+        if not acc.is_main_process:
+            return
+        iteration = int(metrics["iteration"])
+        trainer.run.append_jsonl("transcripts.jsonl", [{"iteration": iteration, **d} for d in dialogs])
+        trainer.run.log_text("dialogs", "\n\n---\n\n".join(transcript(d) for d in dialogs), iteration)
+
+
+def transcript(dialog: dict[str, Any]) -> str:
+    """A dialog record as Markdown: one line per message, then its return and how it ended."""
+    lines = [f"**{m['role']}**: {_cell(m['content'])}  " for m in dialog["messages"]]
+    end = "terminated" if dialog["terminated"] else "truncated" if dialog["truncated"] else "running"
+    return "\n".join([*lines, f"*return {dialog['return']:.4g}, {dialog['turns']} turns, {dialog['tokens']} tokens, {end}*"])
 
 
 def _cell(text: str) -> str:

@@ -21,6 +21,7 @@ which runs the same :class:`LocalEngine` in its own process, on other devices or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -135,11 +136,22 @@ class VLLMGeneration(GenerationBackend):
         self.max_model_length, self.gpu_memory_utilization = max_model_length, gpu_memory_utilization
         self.vllm_kwargs = dict(vllm_kwargs or {})
         self.engine: Any = None
+        self._weights_fixed = False  # inside fixed_weights, after the first sync
+
+    @contextlib.contextmanager
+    def fixed_weights(self, policy: Any) -> Iterator[None]:
+        """The policy's weights go to the engine once for the whole block."""
+        self.sync(policy)
+        self._weights_fixed = True
+        try:
+            yield
+        finally:
+            self._weights_fixed = False
 
     def generate(
         self, policy: Any, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, generator: torch.Generator
     ) -> Tensor:
-        engine = self.sync(policy)
+        engine = self.engine if self._weights_fixed else self.sync(policy)
         longest = int(prompt_mask.sum(1).max()) + settings.max_new_tokens
         if longest > engine.max_model_length:
             raise ValueError(

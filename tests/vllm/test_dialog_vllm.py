@@ -1,0 +1,67 @@
+"""The dialog sampler on vLLM: greedy dialogs (colocated engine and server) equal the
+transformers backend's, token for token, in both forms."""
+
+import pytest
+import torch
+
+from rebel.text.dialog import DialogSampler
+from rebel.text.env import EnvReply, TextEnv
+from rebel.text.policy import CausalLMPolicy
+from rebel_envs.text_tasks import char_tokenizer, tiny_llama
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<eos>:{% else %}{{ m['content'] }}:{% endif %}{% endfor %}"
+)
+
+
+class Repeat(TextEnv):
+    """Says a digit; 1 for an answer that starts with it; then 1-3 random digits; 3 turns."""
+
+    def reset(self, rng, row=None):
+        self.target, self.turn = str(rng.randrange(10)), 0
+        return [{"role": "user", "content": self.target}]
+
+    def step(self, message, rng):
+        reward = float(message[:1] == self.target)
+        self.turn += 1
+        said = "".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 3)))
+        self.target = said[0]
+        done = self.turn >= 3
+        return EnvReply([] if done else [{"role": "user", "content": said}], reward, terminated=done)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory):
+    """A random Llama (4 heads of 32) with peaked logits (no near-ties for greedy decoding) and
+    a chat template."""
+    path = tmp_path_factory.mktemp("chat_llama")
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    model = tiny_llama(tokenizer, n_layer=2, n_embd=128, n_positions=128, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("form", ["whole", "per_turn"])
+def test_greedy_dialogs_equal_the_transformers_backend(chat_llama, backend, form):
+    policy = CausalLMPolicy(chat_llama)
+    settings = {"form": form, "num_generations": 2, "prompts_per_iteration": 4, "max_new_tokens": 4, "max_dialog_tokens": 60, "top_k": 1,
+                "rollouts_per_branch": 2, "branch_turns": "all"}  # fmt: skip
+    engine = backend.sync(policy)
+    loads = []
+    load_weights = engine.load_weights
+    engine.load_weights = lambda weights: loads.append(1) or load_weights(weights)
+    try:
+        ours = DialogSampler(Repeat, generation_backend=backend, **settings).collect(policy)
+    finally:
+        del engine.load_weights
+    assert len(loads) == 1  # the weights went to the engine once for all the rounds of the collection
+    sampler = DialogSampler(Repeat, **settings)
+    reference = sampler.collect(policy)
+    assert torch.equal(ours.data["input_ids"], reference.data["input_ids"]) and torch.equal(ours.mask, reference.mask)
+    assert torch.equal(ours.reward, reference.reward) and ours.counts == reference.counts
+    assert len({tuple(row) for row in reference.data["input_ids"].tolist()}) > 2  # the dialogs differ (the env's replies)
+    assert reference.stats["episode_turns"] == 3.0
