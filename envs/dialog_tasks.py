@@ -366,6 +366,6 @@ DIALOG_TASKS: dict[str, DialogTask] = {
         text_config={"max_new_tokens": 16, "num_generations": 4, "prompts_per_iteration": 8, "learning_rate": 1e-3},
         optimum=1.0,
         max_length=128,
-        model_config=DialogModelConfig(pretrain_steps=500, pretrain_lr=1e-2, pretrain_good=0.4),
+        model_config=DialogModelConfig(pretrain_steps=500, pretrain_lr=1e-2, pretrain_good=0.7),
     ),
 }

@@ -194,3 +194,28 @@ def test_warmed_up_model_plays_between_the_worst_and_the_optimum(name):
     assert 0.0 < mean < 1.0  # 0: never right / never found; 1: the best possible return
     again, _ = task.make_model()  # cached: the same weights, a fresh copy
     assert again is not model and all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+
+
+# ------------------------------------------------------------------ learning with whole-dialog REBEL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(DIALOG_TASKS))
+def test_whole_dialog_rebel_raises_the_return_of_each_embedded_task(name, seed, tmp_path):
+    from rebel.text import TextConfig, TextTrainer
+
+    task = DIALOG_TASKS[name]
+    model, tokenizer = task.make_model()
+    settings = {"max_dialog_tokens": task.max_length, **task.text_config, **LEARNING[name]}
+    config = TextConfig(
+        output_dir=str(tmp_path), checkpoint_every=1000, seed=seed, progress=False, tensorboard=False, plot=False, **settings
+    )
+    rows = TextTrainer(model, None, task.dataset, config, env=task.make_env, processing_class=tokenizer).train()
+    returns = [r["episode_return"] for r in rows]
+    first, last = sum(returns[:3]) / 3, sum(returns[-3:]) / 3
+    assert last > first + MARGIN[name], returns
+
+
+LEARNING = {"guess-number": {"iterations": 20}, "calculator": {"iterations": 20}}
+MARGIN = {"guess-number": 0.1, "calculator": 0.2}
