@@ -152,7 +152,7 @@ def run_trl(model: Any, tokenizer: Any, task: Any, args: argparse.Namespace, wor
         return list(dialog_return)
 
     class Budget(TrainerCallback):
-        def on_step_end(self, a: Any, control: Any, *rest: Any, **k: Any) -> Any:
+        def on_step_end(self, train_args: Any, train_state: Any, control: Any, **k: Any) -> Any:
             control.should_training_stop = state["tokens"] >= args.budget
             return control
 

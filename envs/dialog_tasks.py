@@ -87,6 +87,7 @@ def binary_search_guess(env: GuessNumberEnv, history: list[tuple[int, str]]) -> 
 
 CALL = re.compile(r"calc\((.*)\)")
 ANSWER = re.compile(r"answer: ?(-?\d+)")
+OPERANDS = (2, 9)  # the questions' operands: one digit, so that the tiny model learns to copy them in seconds
 OPERATORS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
 
 
@@ -116,16 +117,16 @@ def calculate(expression: str) -> int | None:
 
 @dataclass
 class CalculatorEnv(TextEnv):
-    """Answer an arithmetic question (``"37*58=?"``, drawn at reset or a row's
-    ``question``) using a calculator: ``calc(37*58)`` is answered with the value
-    (``2146``), a malformed message with ``error``; ``answer: 2146`` ends the episode with
+    """Answer an arithmetic question (``"7*8=?"``, drawn at reset or a row's
+    ``question``) using a calculator: ``calc(7*8)`` is answered with the value
+    (``56``), a malformed message with ``error``; ``answer: 56`` ends the episode with
     reward 1 if right, 0 if wrong. After ``max_turns`` turns without an answer the episode is
     truncated with reward 0. The tool itself is deterministic; the randomness is the
     question."""
 
     max_turns: int = 4
-    low: int = 2
-    high: int = 19
+    low: int = OPERANDS[0]
+    high: int = OPERANDS[1]
     question: str = ""
     turns: int = 0
 
@@ -145,14 +146,14 @@ class CalculatorEnv(TextEnv):
         return EnvReply([{"role": "user", "content": reply}], truncated=self.turns >= self.max_turns)
 
 
-def random_question(rng: random.Random, low: int = 10, high: int = 99) -> str:
+def random_question(rng: random.Random, low: int = OPERANDS[0], high: int = OPERANDS[1]) -> str:
     """``"a+b"`` or ``"a*b"`` with ``a, b`` uniform in ``low..high``."""
     a, b = rng.randint(low, high), rng.randint(low, high)
     return f"{a}{rng.choice('+*')}{b}"
 
 
-def calculator_dataset(n: int, seed: int = 0, low: int = 10, high: int = 99) -> list[dict[str, str]]:
-    """``n`` opening rows ``{"question": "37*58"}``."""
+def calculator_dataset(n: int, seed: int = 0, low: int = OPERANDS[0], high: int = OPERANDS[1]) -> list[dict[str, str]]:
+    """``n`` opening rows ``{"question": "7*8"}``."""
     rng = random.Random(seed)
     return [{"question": random_question(rng, low, high)} for _ in range(n)]
 
@@ -366,6 +367,6 @@ DIALOG_TASKS: dict[str, DialogTask] = {
         text_config={"max_new_tokens": 16, "num_generations": 4, "prompts_per_iteration": 8, "learning_rate": 1e-3},
         optimum=1.0,
         max_length=128,
-        model_config=DialogModelConfig(pretrain_steps=500, pretrain_lr=1e-2, pretrain_good=0.7),
+        model_config=DialogModelConfig(pretrain_steps=400, pretrain_lr=1e-2, pretrain_good=0.4),
     ),
 }

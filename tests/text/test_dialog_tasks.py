@@ -171,13 +171,14 @@ def test_chat_template_ends_every_turn_with_eos_and_matches_the_warm_up_ids(tmp_
     assert loaded("calc(1+2)")["input_ids"] == tokenizer("calc(1+2)")["input_ids"]
 
 
-def greedy_player(model, tokenizer, max_new_tokens):
-    """The model's greedy turn from the chat-templated dialog so far."""
+def model_player(model, tokenizer, max_new_tokens):
+    """The model's turn, sampled at temperature 1 (the policy REBEL starts from; greedy play
+    would pick the warm-up's majority, the good play) from the chat-templated dialog so far."""
 
     def player(env, messages, rng):
         ids = torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=True,
+                             top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     return player
@@ -187,9 +188,11 @@ def greedy_player(model, tokenizer, max_new_tokens):
 def test_warmed_up_model_plays_between_the_worst_and_the_optimum(name):
     task = DIALOG_TASKS[name]
     model, tokenizer = task.make_model()
-    player = greedy_player(model, tokenizer, task.text_config["max_new_tokens"])
+    player = model_player(model, tokenizer, task.text_config["max_new_tokens"])
     rng = random.Random(0)
-    returns = [play(task.make_env(), player, rng)[1] for _ in range(12)]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        returns = [play(task.make_env(), player, rng)[1] for _ in range(16)]
     mean = sum(returns) / len(returns)
     assert 0.0 < mean < 1.0  # 0: never right / never found; 1: the best possible return
     again, _ = task.make_model()  # cached: the same weights, a fresh copy
@@ -213,9 +216,12 @@ def test_whole_dialog_rebel_raises_the_return_of_each_embedded_task(name, seed, 
     )
     rows = TextTrainer(model, None, task.dataset, config, env=task.make_env, processing_class=tokenizer).train()
     returns = [r["episode_return"] for r in rows]
-    first, last = sum(returns[:3]) / 3, sum(returns[-3:]) / 3
+    window = WINDOW[name]
+    first, last = sum(returns[:window]) / window, sum(returns[-window:]) / window
     assert last > first + MARGIN[name], returns
 
 
-LEARNING = {"guess-number": {"iterations": 20}, "calculator": {"iterations": 20}}
-MARGIN = {"guess-number": 0.1, "calculator": 0.2}
+# guess-number learns slowly (a noisy judge, returns spread over turns); the calculator fast
+LEARNING = {"guess-number": {"iterations": 60}, "calculator": {"iterations": 30}}
+WINDOW = {"guess-number": 10, "calculator": 5}
+MARGIN = {"guess-number": 0.06, "calculator": 0.08}
