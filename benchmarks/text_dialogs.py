@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import PeakRSS, command_line, machine, mean, mean_std, table
 
+NOTES = "<!-- notes: kept when the script rewrites the tables -->"
 METHODS = ("rebel-whole", "rebel-per-turn", "trl-grpo")
 LABELS = {"rebel-whole": "REBEL, whole dialog", "rebel-per-turn": "REBEL, per-turn MC resets", "trl-grpo": "TRL GRPOTrainer (rollout_func)"}
 
@@ -239,7 +240,9 @@ def write_report(
             ["method", "final return", "training return, first 3 updates", "last 3 updates", "updates", "time (s)", "peak RSS (MB)"], rows
         )
         lines.append("")
-    (Path(args.out) / "dialogs.md").write_text("\n".join(lines))
+    page = Path(args.out) / "dialogs.md"
+    notes = page.read_text().partition(NOTES)[2] if page.exists() else ""  # the page's prose after the tables stays
+    page.write_text("\n".join(lines) + "\n" + NOTES + notes)
 
 
 def main(argv: list[str] | None = None) -> None:
