@@ -225,3 +225,35 @@ def test_whole_dialog_rebel_raises_the_return_of_each_embedded_task(name, seed, 
 LEARNING = {"guess-number": {"iterations": 60, "prompts_per_iteration": 16}, "calculator": {"iterations": 30}}
 WINDOW = {"guess-number": 10, "calculator": 5}
 MARGIN = {"guess-number": 0.04, "calculator": 0.05}
+
+
+# ------------------------------------------------------------------ benchmarks/text_dialogs.py
+
+
+def test_benchmark_dialogs_mask_the_environments_tokens_and_report_keeps_its_notes(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import text_dialogs
+    from rebel_envs.text_tasks import tiny_gpt2
+
+    tokenizer = chat_tokenizer()
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_positions=128, seed=0).eval()
+    task = DIALOG_TASKS["calculator"]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        dialogs = text_dialogs.play_batch(model, tokenizer, task, ["a", "a", "b"], ["1", "2", "3"], max_new_tokens=6)
+    assert dialogs[0]["opening"] == dialogs[1]["opening"] != dialogs[2]["opening"]  # a group shares its opening
+    for d in dialogs:
+        text = tokenizer.decode(d["opening"] + d["ids"])
+        assert text.startswith("<usr>") and text.endswith("<eos>") and len(d["ids"]) == len(d["mask"])
+        agent = [t for t, m in zip(d["ids"], d["mask"]) if m]
+        assert len(agent) == d["agent_tokens"] and all(
+            m == 0 for t, m in zip(d["ids"], d["mask"]) if t == tokenizer.convert_tokens_to_ids("<usr>")
+        )
+    (tmp_path / "dialogs.md").write_text("old tables\n" + text_dialogs.NOTES + "\nhand-written notes\n")
+    run = {"curve": [(10.0, 0.5), (20.0, 0.7)], "final": 0.75, "total_seconds": 3.0, "rss_peak_mb": 400.0}
+    args = argparse.Namespace(budget=20, prompts=2, num_generations=2, learning_rate=1e-3, seeds=[0], eval_dialogs=8, out=str(tmp_path))
+    text_dialogs.write_report({"calculator": {"rebel-whole": [run]}}, {"calculator": 0.4}, args, 60.0)
+    page = (tmp_path / "dialogs.md").read_text()
+    assert "| REBEL, whole dialog | 0.750 | 0.600 | 0.600 | 2 | 3 | 400 |" in page
+    assert page.endswith(text_dialogs.NOTES + "\nhand-written notes\n") and "old tables" not in page
