@@ -253,7 +253,7 @@ def guess_player(good: bool) -> Player:
 
 def calculator_player(style: str) -> Player:
     """``"tool"``: ``calc(question)`` then ``answer: <result>``; ``"guess"``: an answer of
-    the right size without the tool (nearly always wrong); ``"malformed"``: a call without
+    the right size without the tool (usually wrong); ``"malformed"``: a call without
     parentheses first, then as ``"tool"``."""
 
     def player(env: TextEnv, messages: list[Message], rng: random.Random) -> str:
