@@ -117,7 +117,7 @@ def run_rebel(form: str, model: Any, tokenizer: Any, task: Any, args: argparse.N
     settings = {"max_dialog_tokens": task.max_length, **task.text_config, "num_generations": args.num_generations,
                 "prompts_per_iteration": args.prompts, "learning_rate": args.learning_rate}  # fmt: skip
     config = TextConfig(output_dir=str(workdir), iterations=None, budget=args.budget, budget_counter="generated_tokens", dialog_form=form,
-                        seed=args.seed, checkpoint_every=10**6, progress=False, tensorboard=False, plot=False, log_dialogs=0, **settings)  # fmt: skip
+                        seed=args.seed, checkpoint_every=10**6, progress=False, report_to="none", plot=False, log_dialogs=0, **settings)  # fmt: skip
     trainer = TextTrainer(model, None, task.dataset, config, env=task.make_env, processing_class=tokenizer)
     rows = trainer.train()
     curve = [(float(row["generated_tokens"]), row["episode_return"]) for row in rows]  # generated_tokens: the running total
