@@ -337,6 +337,17 @@ class TextTrainer(PretrainedTrainer):
         self.accelerator.wait_for_everyone()
 
 
+def gathered_on_main(trainer: Any, samples: list[Any]) -> list[Any]:
+    """Every process's ``samples`` on the main process (in rank order); nothing elsewhere.
+    All processes call it (a collective when there are several)."""
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        samples = [s for part in gather_object([samples]) for s in part]
+    return samples if acc.is_main_process else []
+
+
 class CompletionLogger:
     """Trainer callback: a few completions of each iteration in ``completions.jsonl``
     (and a table to the trackers). The trainer reports ``tokens_per_second`` from the counts."""
@@ -345,16 +356,8 @@ class CompletionLogger:
         self.sampler, self.count = sampler, count
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        acc = trainer.accelerator
-        if self.count <= 0:
-            return
-        samples = self.sampler.last_samples[: self.count]
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            samples = gather_object([samples])
-            samples = [s for part in samples for s in part]
-        if not acc.is_main_process:
+        samples = gathered_on_main(trainer, self.sampler.last_samples[: self.count])
+        if not samples:
             return
         iteration = int(metrics["iteration"])
         trainer.run.append_jsonl("completions.jsonl", [{"iteration": iteration, **sample} for sample in samples])
@@ -381,15 +384,8 @@ class DialogLogger:
         self.sampler, self.count = sampler, count
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        acc = trainer.accelerator
-        if self.count <= 0:
-            return
-        dialogs = self.sampler.last_dialogs[: self.count]
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            dialogs = [d for part in gather_object([dialogs]) for d in part]
-        if not acc.is_main_process:
+        dialogs = gathered_on_main(trainer, self.sampler.last_dialogs[: self.count])
+        if not dialogs:
             return
         iteration = int(metrics["iteration"])
         trainer.run.append_jsonl("transcripts.jsonl", [{"iteration": iteration, **d} for d in dialogs])
