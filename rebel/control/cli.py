@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from rebel.config import add_arguments as add_config_arguments
 
 SET_BY_TOTAL_STEPS = ("iterations", "budget", "budget_counter")  # a control run stops at --total-steps env steps
+# What a bare ``rebel train control`` (no --env, no --config) runs: ``make demo``'s task, about 2 minutes on a CPU
+EMBEDDED = {"env": "InvertedPendulum-v5", "variant": "trajectory", "total_steps": 100_000, "eval_every": 5, "eval_episodes": 5}
+# Rough env steps per second of each variant on one CPU core, MuJoCo, evaluations included
+# (docs/benchmarks/control_1m/control.md: a critic run of 1M steps takes 2.2-2.6 h); a run
+# expected to take longer than LONG_RUN_SECONDS says so when it starts
+TYPICAL_STEPS_PER_SECOND = {"critic": 110, "mc": 3000, "trajectory": 1000}
+LONG_RUN_SECONDS = 600
 
 
 def variant_defaults_help(cls: type, table: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -35,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     shared = {f.name for f in dataclasses.fields(TrainerConfig)}
     own = tuple(f.name for f in dataclasses.fields(ControlConfig) if f.name not in shared)
-    shown = {**variant_defaults_help(ControlConfig, VARIANT_DEFAULTS), "output_dir": "runs/control/ENV-VARIANT-sSEED-TIME"}
+    shown = {
+        **variant_defaults_help(ControlConfig, VARIANT_DEFAULTS),
+        "output_dir": "runs/control/ENV-VARIANT-sSEED-TIME",
+        "env": f"{EMBEDDED['env']} with the {EMBEDDED['variant']} variant for {EMBEDDED['total_steps']} steps, about 2 minutes",
+    }
     add_config_arguments(parser, ControlConfig, "control task", shown, exclude=tuple(shared))
     add_config_arguments(parser, ControlConfig, "trainer", shown, exclude=(*own, *SET_BY_TOTAL_STEPS))
 
@@ -53,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.config:
             options = {**file_options(args.config), **options}
-        env = options.pop("env", "HalfCheetah-v5")
+        elif "env" not in options:
+            options = {**EMBEDDED, **options}
+            print(f"rebel train control: no --env, so the embedded default: {EMBEDDED['env']} ({options['variant']}), {options['total_steps']} env steps")
+        env = options.pop("env")
         agent = Rebel(
             env,
             variant=options.pop("variant", "critic"),
@@ -61,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
             output_dir=options.pop("output_dir", None),
             **options,
         )
+    note = None if run_dir is not None else duration_note(agent.config.env, agent.config.variant, agent.config.total_steps)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note)
     with claimed_run_folder(agent.config.output_dir, resume=run_dir is not None, overwrite=args.overwrite):
         agent.learn(**start_options(args))
     assert agent.trainer is not None
@@ -74,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
             line += f", eval return {evals[0]['eval_return']:.1f} at {evals[0]['env_steps']} steps -> {evals[-1]['eval_return']:.1f}"
         print(f"{line}; run folder {agent.trainer.run.path}")
     return agent.trainer.exit_code
+
+
+def duration_note(env: str, variant: str, steps: int) -> str | None:
+    """One line saying how long ``steps`` env steps of ``variant`` roughly take on one CPU core,
+    when that is more than ``LONG_RUN_SECONDS``; None for a shorter run."""
+    seconds = steps / TYPICAL_STEPS_PER_SECOND[variant]
+    if seconds <= LONG_RUN_SECONDS:
+        return None
+    took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return (
+        f"{env} ({variant}): {steps} env steps, roughly {took} on one CPU core at the {variant} variant's "
+        f"~{TYPICAL_STEPS_PER_SECOND[variant]} env steps/s (--total-steps sets the budget; Ctrl-C stops with a checkpoint)"
+    )
 
 
 def file_options(path: str) -> dict[str, Any]:

@@ -291,3 +291,28 @@ def test_state_stride_reaches_the_mc_sampler_and_a_bad_one_is_refused(tmp_path):
     assert sampler(state_stride=30).state_stride == 30
     with pytest.raises(ValueError, match="state_stride must be an integer >= 1, got 0"):
         sampler(state_stride=0)
+
+
+def test_learning_starts_is_chosen_per_env_and_an_explicit_value_wins():
+    assert resolve_config("HalfCheetah-v5").learning_starts == 20_000  # docs/control_tuning.md: upright on 5 of 5 seeds
+    assert resolve_config("Hopper-v5").learning_starts == 5000
+    assert resolve_config("HalfCheetah-v5", learning_starts=1000).learning_starts == 1000
+
+
+def test_a_long_run_says_up_front_roughly_how_long_it_takes():
+    from rebel.control.cli import duration_note
+
+    note = duration_note("HalfCheetah-v5", "critic", 1_000_000)
+    assert note is not None and note.startswith("HalfCheetah-v5 (critic): 1000000 env steps, roughly 2.5 h on one CPU core")
+    assert duration_note("Hopper-v5", "mc", 3_000_000).startswith("Hopper-v5 (mc): 3000000 env steps, roughly 17 min on one CPU core")
+    assert duration_note("InvertedPendulum-v5", "trajectory", 100_000) is None  # the embedded default: about 2 minutes
+
+
+def test_a_bare_control_command_trains_the_embedded_default(tmp_path, capsys):
+    run = tmp_path / "bare"
+    assert main(["train", "control", "--total-steps", "1000", "--output-dir", str(run), "--no-progress", "--report-to", "none"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rebel train control: no --env, so the embedded default: InvertedPendulum-v5 (trajectory), 1000 env steps\n")
+    config = (run / "config.yaml").read_text()
+    assert "env: InvertedPendulum-v5" in config and "variant: trajectory" in config and "eval_every: 5" in config
+    assert "roughly" not in out  # a short run prints no duration note
