@@ -217,7 +217,7 @@ def test_data_parallel_with_colocated_engines_and_fsdp2_with_the_server_sample_a
 def test_deepspeed_with_colocated_engines_samples_and_updates_as_data_parallel(ddp, two_processes, sorting_llama, tmp_path, name):
     """DeepSpeed ZeRO-2 and ZeRO-3 beside a colocated engine in each process (ZeRO-3: the engine
     gets the weights gathered from the shards): the completions of both iterations are data
-    parallel's, the weights end equal up to float rounding, and the trainer's process group
+    parallel's, the weights end equal up to float rounding (through AdamW), and the trainer's process group
     outlives the engine (the gather of the sharded weights after train() needs it)."""
     pytest.importorskip("deepspeed")
     runs = two_processes(WORKER, sorting_llama, out=tmp_path, port=29563 + (name == "zero3"), accelerate_config=CONFIGS / f"{name}.yaml")
@@ -226,5 +226,5 @@ def test_deepspeed_with_colocated_engines_samples_and_updates_as_data_parallel(d
         assert len(runs[rank]["samples"]) == 2
         assert all(torch.equal(a, b) for a, b in zip(runs[rank]["samples"], ddp[rank]["samples"], strict=True))
     assert [r["score_mean"] for r in runs[0]["rows"]] == [r["score_mean"] for r in ddp[0]["rows"]]
-    for name_, value in ddp[0]["params"].items():
-        torch.testing.assert_close(runs[0]["params"][name_], value, rtol=0, atol=1e-5)
+    for name_, value in ddp[0]["params"].items():  # AdamW turns a rounding-sized gradient difference into up to a step (lr 1e-3)
+        torch.testing.assert_close(runs[0]["params"][name_], value, rtol=0, atol=1e-4)  # ZeRO-3: 2.1e-5 at most here
