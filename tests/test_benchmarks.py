@@ -221,6 +221,62 @@ def test_text_reports_of_several_runs_merge_their_seeds(tmp_path, monkeypatch):
             bench.main()
 
 
+def test_text_backend_section_checks_the_target_and_keeps_the_page(tmp_path, monkeypatch):
+    bench = load("text_vs_trl")
+    argv = [
+        "--tasks",
+        "smollm2",
+        "--seeds",
+        "0",
+        "1",
+        "--iterations",
+        "3",
+        "--prompts",
+        "2",
+        "--num-generations",
+        "4",
+        "--section",
+        "backends",
+    ]
+    args = vars(bench.parse_args(argv))
+
+    def run(algo, seconds, cpu, generation, peak, reward):
+        return {"algorithm": algo, "reward": reward, "seconds": seconds, "cpu_seconds": cpu, "generation_seconds": generation,
+                "completion_length": [10.0, 20.0, 30.0], "total_seconds": sum(seconds), "rss_before_mb": 100.0, "rss_peak_mb": peak,
+                "ru_maxrss_mb": peak, "cuda_peak_mb": None, "device": "cpu", "optimizer": "AdamW()", "eval": {},
+                "load_average": [2.0, 4.0]}  # fmt: skip
+
+    # iteration 1 (the engine's start) is left apart: 2+ take 10 s and 8 CPU s (REBEL vLLM), 25 s and 20 CPU s (GRPO)
+    ours = run("rebel-vllm", [90.0, 9.0, 11.0], [50.0, 7.0, 9.0], [80.0, 2.0, 3.0], 5000.0, [-0.5, -0.3, -0.1])
+    grpo = run("trl-grpo", [30.0, 20.0, 30.0], [25.0, 20.0, 20.0], [10.0, 10.0, 10.0], 4000.0, [-0.5, -0.4, -0.3])
+    summary = bench.speed_summary([ours], args["settings"]["smollm2"])
+    assert summary["first_s"] == [90.0] and summary["wall_s"] == [10.0] and summary["cpu_s"] == [8.0]
+    assert summary["tokens_per_s"] == [(20.0 + 30.0) * 8 / (2.0 + 3.0)]  # 2 prompts x 4 generations of 20 then 30 tokens in 5 s
+    rows = bench.target_check(
+        bench.speed_summary([ours], args["settings"]["smollm2"]), bench.speed_summary([grpo], args["settings"]["smollm2"])
+    )
+    assert [(r[0], r[4], r[5]) for r in rows] == [
+        ("time per iteration, wall (2+)", "x0.40", True),
+        ("time per iteration, process CPU (2+)", "x0.40", True),
+        ("peak RSS", "x1.25", False),
+        ("reward, mean of all iterations", "+0.100", True),
+    ]
+    failed = {"algorithm": "trl-grpo-vllm", "failed": "AttributeError: 'Parameter' object has no attribute 'weight_loader' (in x)"}
+    results = {"rebel-vllm": [ours, ours], "trl-grpo-vllm": [failed], "trl-grpo": [grpo, grpo]}
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"args": args, "command": "python run", "start_eval": {}, "results": {"smollm2, 1 epochs": results}}))
+    (tmp_path / "text.md").write_text("# The page\n\nkept\n")
+    monkeypatch.setattr(sys, "argv", ["text_vs_trl.py", "--report-from", str(raw), "--out", str(tmp_path)])
+    bench.main()
+    page = (tmp_path / "text.md").read_text()
+    assert page.startswith("# The page\n\nkept\n\n<!-- begin backends -->\n") and page.endswith("<!-- end backends -->\n")
+    assert "| REBEL (rebel.text, vLLM generation) | 90.0 ± 0.0 | 10.00 ± 0.00 | 8.00 ± 0.00 | 80.0 ± 0.0 | 5000 ± 0 |" in page
+    assert "* **TRL GRPOTrainer (vLLM colocate)** does not run here: `AttributeError: 'Parameter' object" in page
+    assert "load average was 2.0 to 4.0" in page
+    assert "| peak RSS | <= x1.00 | 5000 MB | 4000 MB | x1.25 | **not met** |" in page
+    assert "| time per iteration, wall (2+) | <= x0.50 | 10.00 s | 25.00 s | x0.40 | met |" in page
+
+
 def test_logprob_memory_report_writes_its_own_section_of_the_text_page(tmp_path):
     bench = load("text_logprob_memory")
     args = bench.parse_args(["--lengths", "512", "--batch", "4", "--chunk", "256"])

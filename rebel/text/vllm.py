@@ -99,8 +99,9 @@ class LocalEngine:
         in this process takes them up again."""
         import gc
 
-        del self.llm
-        gc.collect()
+        with _keep_default_process_group(not self._owns_process_group):
+            del self.llm  # vLLM's shutdown destroys torch's default process group, the trainer's one when it was there first
+            gc.collect()
         torch.set_num_threads = self._set_num_threads
         if self._owns_process_group:
             from vllm.distributed import parallel_state
@@ -108,6 +109,24 @@ class LocalEngine:
             parallel_state.destroy_model_parallel()
             parallel_state.destroy_distributed_environment()
         self._folder.cleanup()
+
+
+@contextlib.contextmanager
+def _keep_default_process_group(keep: bool) -> Iterator[None]:
+    """While it lasts (with ``keep``), ``torch.distributed.destroy_process_group`` spares the
+    default group (vLLM's own groups inside it still go)."""
+    destroy = torch.distributed.destroy_process_group
+    if keep:
+
+        def spare_default(group: Any = None) -> None:
+            if group is not None and group is not torch.distributed.GroupMember.WORLD:
+                destroy(group)
+
+        torch.distributed.destroy_process_group = spare_default
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 class VLLMGeneration(GenerationBackend):

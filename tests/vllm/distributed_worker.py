@@ -33,8 +33,10 @@ def recording_collect(policy):
 
 trainer.sampler.collect = recording_collect
 rows = trainer.train()
+alive = torch.distributed.is_initialized()  # the engine, freed at the end of train(), leaves the trainer's process group
 rank = trainer.trainer.accelerator.process_index
 gathered = trainer.trainer.policy_state()  # sharded: the full state on rank 0 (every rank calls); else None
 state = trainer.trainer.policy.checkpoint_state(gathered)
 params = {name: p.detach().clone().cpu() for name, p in state.items()} if gathered is None or rank == 0 else {}
-torch.save({"params": params, "rows": rows, "samples": first, "world": trainer.trainer.accelerator.num_processes}, out / f"rank{rank}.pt")
+torch.save({"params": params, "rows": rows, "samples": first, "world": trainer.trainer.accelerator.num_processes,
+            "process_group_after_train": alive}, out / f"rank{rank}.pt")  # fmt: skip

@@ -1,6 +1,8 @@
 """The vLLM generation backend: samples from the scored policy, the engine follows the
 policy's updates, seeds make a resume exact, and the TextTrainer learns with it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -178,28 +180,51 @@ def test_a_resumed_run_is_bit_identical(sorting_llama, engine_kwargs, tmp_path):
         assert torch.equal(a, b), name
 
 
+WORKER = Path(__file__).with_name("distributed_worker.py")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+
+@pytest.fixture(scope="module")
+def ddp(two_processes, sorting_llama, tmp_path_factory):
+    """Data parallel over torchrun, a colocated engine in each of the two processes."""
+    return two_processes(WORKER, sorting_llama, out=tmp_path_factory.mktemp("ddp"), port=29561)
+
+
 def test_data_parallel_with_colocated_engines_and_fsdp2_with_the_server_sample_alike(
-    two_processes, sorting_llama, server_url, tmp_path, monkeypatch
+    ddp, two_processes, sorting_llama, server_url, tmp_path, monkeypatch
 ):
     """Two processes: under torchrun each builds its own colocated engine inside the trainer's
     process group, and the ranks keep identical weights; under accelerate's FSDP2 config (the
     colocated engine is refused there) the server gets the weights gathered from the shards and
     draws the very same completions, and the weights end equal up to float rounding."""
-    from pathlib import Path
-
-    worker = Path(__file__).with_name("distributed_worker.py")
-    ddp = two_processes(worker, sorting_llama, out=tmp_path / "ddp", port=29561)
     assert ddp[0]["world"] == ddp[1]["world"] == 2
+    assert ddp[0]["process_group_after_train"] and ddp[1]["process_group_after_train"]  # the engine's shutdown spares the trainer's
     for name, value in ddp[0]["params"].items():
         assert torch.equal(value, ddp[1]["params"][name]), name
     assert [r["samples"] for r in ddp[0]["rows"]] == [16, 32]  # 2 processes x 4 prompts x 2 completions per iteration
     assert all(r["start_log_ratio_max"] == 0.0 for r in ddp[0]["rows"] + ddp[1]["rows"])
 
     monkeypatch.setenv("REBEL_TEST_BACKEND", server_url)
-    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp2.yaml"
-    fsdp2 = two_processes(worker, sorting_llama, out=tmp_path / "fsdp2", port=29562, accelerate_config=config)
+    fsdp2 = two_processes(WORKER, sorting_llama, out=tmp_path / "fsdp2", port=29562, accelerate_config=CONFIGS / "fsdp2.yaml")
     for rank in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(fsdp2[rank]["samples"], ddp[rank]["samples"], strict=True))
     assert [r["score_mean"] for r in fsdp2[0]["rows"]] == [r["score_mean"] for r in ddp[0]["rows"]]
     for name, value in ddp[0]["params"].items():
         torch.testing.assert_close(fsdp2[0]["params"][name], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
+def test_deepspeed_with_colocated_engines_samples_and_updates_as_data_parallel(ddp, two_processes, sorting_llama, tmp_path, name):
+    """DeepSpeed ZeRO-2 and ZeRO-3 beside a colocated engine in each process (ZeRO-3: the engine
+    gets the weights gathered from the shards): the completions of both iterations are data
+    parallel's, the weights end equal up to float rounding (through AdamW), and the trainer's process group
+    outlives the engine (the gather of the sharded weights after train() needs it)."""
+    pytest.importorskip("deepspeed")
+    runs = two_processes(WORKER, sorting_llama, out=tmp_path, port=29563 + (name == "zero3"), accelerate_config=CONFIGS / f"{name}.yaml")
+    for rank in (0, 1):
+        assert runs[rank]["process_group_after_train"]
+        assert len(runs[rank]["samples"]) == 2
+        assert all(torch.equal(a, b) for a, b in zip(runs[rank]["samples"], ddp[rank]["samples"], strict=True))
+    assert [r["score_mean"] for r in runs[0]["rows"]] == [r["score_mean"] for r in ddp[0]["rows"]]
+    for name_, value in ddp[0]["params"].items():  # AdamW turns a rounding-sized gradient difference into up to a step (lr 1e-3)
+        torch.testing.assert_close(runs[0]["params"][name_], value, rtol=0, atol=1e-4)  # ZeRO-3: 2.1e-5 at most here
