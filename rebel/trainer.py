@@ -347,16 +347,13 @@ class Trainer:
         batch.reward = self.normalizer(raw_reward, batch.context, batch.group, min_scale=min_scale).to(raw_reward.dtype)
         # logp_old: the training forward itself, no grad, on the first epoch's minibatches
         # (same inputs, same kernels), so each log-ratio is exactly 0 when training starts.
+        # A single update (one epoch of one minibatch) takes it from that update's own forward,
+        # detached: the same numbers, one forward less.
         partition = batch.minibatch_indices(config.minibatch_size, self.generator)
         first_epoch = [batch.select(index) for index in partition]
-        step_logp_old = self._score(first_epoch)
-        batch.logp_old = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(step_logp_old, first_epoch)], len(batch))
-        for mb, index in zip(first_epoch, partition):
-            mb.logp_old = batch.logp_old[index.to(self.device)]
-        if LOSSES[config.loss].needs_step_logp_old:
-            for mb, steps in zip(first_epoch, step_logp_old):
-                mb.step_logp_old = steps
-            batch.step_logp_old = _scatter(partition, step_logp_old, len(batch))
+        single_update = config.epochs == 1 and len(first_epoch) == 1
+        if not single_update:
+            self._set_logp_old(batch, partition, first_epoch, self._score(first_epoch))
 
         losses, grad_norms, start_log_ratio = [], [], float("nan")
         for epoch in range(config.epochs):
@@ -365,6 +362,8 @@ class Trainer:
                 with self.accelerator.autocast():
                     step_logp = model(mb)
                 step_logp = step_logp.float()
+                if single_update:
+                    self._set_logp_old(batch, partition, first_epoch, [step_logp.detach()])
                 logp = trajectory_log_prob(step_logp, mb.mask)
                 if epoch == 0 and k == 0:
                     start_log_ratio = (logp.detach() - mb.logp_old).abs().max().item()
@@ -392,6 +391,17 @@ class Trainer:
             callback(self, metrics)
         self.run.log_metrics(metrics)
         return metrics
+
+    def _set_logp_old(self, batch: RolloutBatch, partition: list[Tensor], minibatches: list[RolloutBatch], step_logp: list[Tensor]) -> None:
+        """Fill ``logp_old`` (and ``step_logp_old`` where the loss needs it) of ``batch`` and of
+        its ``minibatches`` (taken at ``partition``) from their per-step log pi_t."""
+        batch.logp_old = _scatter(partition, [trajectory_log_prob(s, mb.mask) for s, mb in zip(step_logp, minibatches)], len(batch))
+        for mb, index in zip(minibatches, partition):
+            mb.logp_old = batch.logp_old[index.to(self.device)]
+        if LOSSES[self.config.loss].needs_step_logp_old:
+            for mb, steps in zip(minibatches, step_logp):
+                mb.step_logp_old = steps
+            batch.step_logp_old = _scatter(partition, step_logp, len(batch))
 
     def _score(self, minibatches: list[RolloutBatch]) -> list[Tensor]:
         """No-grad per-step log-probs of each minibatch with the training forward."""

@@ -36,6 +36,30 @@ def test_log_ratio_is_exactly_zero_at_the_start_of_every_iteration(tmp_path):
     assert all(r["log_ratio_max_abs"] > 0 for r in rows)  # and the update did move the policy
 
 
+def test_a_single_update_takes_logp_old_from_its_own_forward(tmp_path):
+    """One epoch of one minibatch: logp_old is the update's own forward, detached: one forward
+    an iteration (stats_forward off), the same numbers a separate no-grad forward gives."""
+    trainer = tabular_trainer(tmp_path, iterations=3, epochs=1, stats_forward=False)
+    forward, calls, pairs = trainer.model.forward, [], []
+
+    def recording(mb):
+        out = forward(mb)
+        calls.append(torch.is_grad_enabled())
+        with torch.no_grad():
+            pairs.append((out.detach().clone(), forward(mb)))  # what a separate scoring forward would give
+        return out
+
+    trainer.model.forward = recording
+    rows = trainer.train()
+    assert calls == [True] * 3 and [r["start_log_ratio_max"] for r in rows] == [0.0] * 3
+    assert all(torch.equal(a, b) for a, b in pairs)
+    several = tabular_trainer(tmp_path, "several", iterations=1, epochs=2, stats_forward=False)
+    forward2, calls2 = several.model.forward, []
+    several.model.forward = lambda mb: calls2.append(torch.is_grad_enabled()) or forward2(mb)
+    several.train()
+    assert calls2 == [False, True, True]  # several updates: score pi_t first, then one forward per update
+
+
 def test_rebel_learns_the_tabular_mdp(tmp_path):
     rows = tabular_trainer(tmp_path, iterations=30).train()
     optimal = rows[0]["optimal_return"]
