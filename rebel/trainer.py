@@ -1,7 +1,7 @@
 """The REBEL iteration, the same for every adapter::
 
     batch = sampler.collect(policy)            # groups of trajectories from pi_t, with rewards
-    batch.logp_old = log_prob(batch)           # no grad, the training forward itself
+    batch.logp_old = log_prob(batch)           # no grad, the training forward itself (one update: its own forward, detached)
     for epoch in range(epochs):
         for minibatch in batch.minibatches():  # whole groups only
             loss = LOSSES[config.loss].fn(minibatch, log_prob(minibatch), ...)  # REBEL's regression by default
