@@ -92,7 +92,7 @@ class RunDir:
             tracker.log_table(tag, columns, rows, step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        """Markdown text (e.g. dialog transcripts) to the trackers."""
+        """Markdown text (e.g. transcripts) to the trackers."""
         for tracker in self.trackers:
             tracker.log_text(tag, text, step)
 

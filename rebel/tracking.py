@@ -87,7 +87,7 @@ class Tracker:
         """A table (rows of cells under ``columns``), e.g. an iteration's completions."""
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        """Markdown text, e.g. an iteration's dialog transcripts."""
+        """Markdown text, e.g. an iteration's transcripts."""
 
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
         """Images (``[H, W, 3]`` uint8 arrays), each with its caption."""
