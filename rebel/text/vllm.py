@@ -155,6 +155,7 @@ class VLLMGeneration(GenerationBackend):
         self.max_model_length, self.gpu_memory_utilization = max_model_length, gpu_memory_utilization
         self.vllm_kwargs = dict(vllm_kwargs or {})
         self.engine: Any = None
+        self._built_for: tuple[dict[str, Any], str] | None = None  # the model config and dtype the engine was built from
         self._weights_fixed = False  # inside fixed_weights, after the first sync
 
     @contextlib.contextmanager
@@ -187,9 +188,12 @@ class VLLMGeneration(GenerationBackend):
     def sync(self, policy: Any) -> Any:
         """The engine (built on first use) holding the policy's current weights."""
         model = policy.model
+        config = engine_config(model)
+        dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+        if self.engine is not None and self._built_for != (config, dtype):
+            self.close()  # another model (or dtype) than the engine's: build one for it
         if self.engine is None:
-            config = engine_config(model)
-            dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+            self._built_for = (config, dtype)
             if self.mode == "colocate":
                 self.engine = LocalEngine(config, dtype, self.max_model_length, self.gpu_memory_utilization, self.vllm_kwargs)
             else:
