@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
             options = {**file_options(args.config), **options}
         elif "env" not in options:
             options = {**EMBEDDED, **options}
-            print(f"rebel train control: no --env, so the embedded default: {EMBEDDED['env']} ({options['variant']}), {options['total_steps']} env steps")
+            print(
+                f"rebel train control: no --env, so the embedded default: {EMBEDDED['env']} ({options['variant']}), {options['total_steps']} env steps"
+            )
         env = options.pop("env")
         agent = Rebel(
             env,
