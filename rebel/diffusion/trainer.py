@@ -229,9 +229,8 @@ class ImageGridLogger:
         folder.mkdir(parents=True, exist_ok=True)
         if n:
             name = f"images/iter_{iteration:04d}.png"
-            grid = image_grid(samples["images"][:n], grid_captions(prompts[:n], rewards[:n]), self.sampler.num_generations, self.tile)
+            grid, caption = captioned_grid(samples["images"][:n], prompts[:n], rewards[:n], self.sampler.num_generations, self.tile)
             grid.save(trainer.run.path / name)
-            caption = grid_caption(prompts[:n], rewards[:n], self.sampler.num_generations)
             trainer.run.log_image("samples", _array(grid), iteration, caption=caption)
             for row in rows[:n]:
                 row["file"] = name
@@ -249,6 +248,12 @@ def grid_caption(prompts: Sequence[str], rewards: Sequence[float], columns: int)
     """One line per row of an :func:`image_grid`: its prompt and its images' rewards."""
     rows = range(0, len(prompts), columns)
     return "\n".join(f"{prompts[k]}: " + ", ".join(f"{r:.3g}" for r in rewards[k : k + columns]) for k in rows)
+
+
+def captioned_grid(images: torch.Tensor, prompts: Sequence[str], rewards: Sequence[float], columns: int, tile: int = 96) -> tuple[Any, str]:
+    """An :func:`image_grid` whose tiles carry their prompt and reward, and its caption for the
+    trackers (:func:`grid_caption`)."""
+    return image_grid(images, grid_captions(prompts, rewards), columns, tile), grid_caption(prompts, rewards, columns)
 
 
 def default_eval_prompts(sampler: DiffusionSampler, config: DiffusionConfig) -> list[str]:
@@ -270,37 +275,40 @@ class EvaluationGrid:
         self, sampler: DiffusionSampler, prompts: list[str], config: DiffusionConfig, keep_best: Callable[[int, float], None] | None = None
     ) -> None:
         self.sampler, self.prompts, self.config, self.keep_best = sampler, prompts, config, keep_best
-        self.caption = ""  # the last grid's prompts and rewards, one line per row
+        self.texts = [p for p in prompts for _ in range(config.eval_images_per_prompt)]  # the grid's rows, prompt by prompt
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
         if not every or not (trainer.finishing or trainer.iteration % every == 0) or not trainer.accelerator.is_main_process:
             return
         iteration = int(metrics["iteration"])
-        grid, values = self.grid(trainer.policy)
+        grid, caption, values = self._evaluation(trainer.policy)
         metrics.update(values)
         folder = trainer.run.path / EVAL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"iter_{iteration:04d}.png")
-        trainer.run.log_image("eval", _array(grid), iteration, caption=self.caption)
+        trainer.run.log_image("eval", _array(grid), iteration, caption=caption)
         if self.keep_best is not None:
             self.keep_best(iteration, values["eval/reward_mean"])
 
     def grid(self, policy: DiffusionPolicy) -> tuple[Any, dict[str, float]]:
         """The evaluation's grid (a PIL image) and ``eval/`` metrics of ``policy``."""
+        grid, _, values = self._evaluation(policy)
+        return grid, values
+
+    def _evaluation(self, policy: DiffusionPolicy) -> tuple[Any, str, dict[str, float]]:
         images, reward, scores = self.evaluate(policy)
         values = {"eval/reward_mean": reward.mean().item(), "eval/reward_std": reward.std(unbiased=False).item()}
         if len(scores) > 1:
             values.update({f"eval/rewards/{name}": v.mean().item() for name, v in scores.items()})
-        texts = [p for p in self.prompts for _ in range(self.config.eval_images_per_prompt)]
-        self.caption = grid_caption(texts, reward.tolist(), self.config.eval_images_per_prompt)
-        return image_grid(images, grid_captions(texts, reward.tolist()), columns=self.config.eval_images_per_prompt), values
+        grid, caption = captioned_grid(images, self.texts, reward.tolist(), self.config.eval_images_per_prompt)
+        return grid, caption, values
 
     @torch.no_grad()
     def evaluate(self, policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(images, rewards, each reward function's)`` of the evaluation prompts, drawn
         from a generator seeded with ``eval_seed`` (in chunks of ``sample_batch_size``)."""
-        texts = [p for p in self.prompts for _ in range(self.config.eval_images_per_prompt)]
+        texts = self.texts
         generator = torch.Generator().manual_seed(self.config.eval_seed)
         size = self.config.sample_batch_size or len(texts)
         images = torch.cat([policy.sample(texts[s : s + size], generator)["images"] for s in range(0, len(texts), size)])
