@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -449,8 +450,7 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _read_holder(handle)
             handle.close()
             raise RunInUseError(f"{shown} is in use by {holder}; wait for that run to end or choose another output_dir") from None
         try:
@@ -467,6 +467,18 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
     handle.flush()
     return handle
+
+
+def _read_holder(handle: Any, wait_s: float = 2.0) -> str:
+    """The holder line of a lock file another process holds. The holder writes it just
+    after taking the lock, so an empty file is read again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "another process"
+        time.sleep(0.02)
 
 
 def command_line() -> str:

@@ -87,13 +87,34 @@ def test_a_new_run_refuses_a_folder_with_a_run_even_without_a_checkpoint_and_ove
     assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2, 3] and len(rows) == 3
 
 
+def test_a_claim_that_meets_a_lock_before_its_holder_line_waits_for_the_line(tmp_path):
+    import fcntl
+    import threading
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, holder line not yet written
+
+        def write_holder() -> None:
+            time.sleep(0.3)
+            held.write("pid 4242 on somehost since now (rebel train tabular)\n")
+            held.flush()
+
+        writer = threading.Thread(target=write_holder)
+        writer.start()
+        with pytest.raises(RunInUseError, match=r"in use by pid 4242 on somehost since now \(rebel train tabular\)"):
+            claim_run(run_dir)
+        writer.join()
+
+
 def test_two_commands_started_into_one_folder_at_once_give_one_run(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "rebel.cli", "train", "tabular", "--output-dir", str(run_dir), "--no-progress", "--iterations", "40"]
     procs = [subprocess.Popen([*command, "--seed", str(seed)], stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
     results = sorted((p.wait(), p.stderr.read()) for p in procs)
     assert [code for code, _ in results] == [0, 2]
-    assert "is in use by pid" in results[1][1] or "already holds a run" in results[1][1]
+    assert "is in use by pid" in results[1][1] or "already holds a run" in results[1][1], results[1][1]
     assert [r["iteration"] for r in read_metrics(run_dir)] == list(range(1, 41))
     winner = read_config(run_dir)["trainer"]["seed"]
     assert (
