@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -259,6 +261,20 @@ OPERATIONS: dict[str, Callable[..., Any]] = {"reset": _reset, "step": _step, "sn
 COLUMNS = ("step",)
 
 
+def _end_with_parent() -> None:
+    """Have the kernel kill this worker process when the process that started it dies, even
+    by SIGKILL (Linux's ``PR_SET_PDEATHSIG``; elsewhere the worker ends when its pipe breaks)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os._exit(1)
+
+
 class _Shard(gym.Env):
     """A worker's share of an :class:`EnvPool`: ``n`` copies, made in the worker by
     :meth:`make_copies` (not in the process that builds the ``AsyncVectorEnv`` and makes one
@@ -274,6 +290,7 @@ class _Shard(gym.Env):
         self.copies: list[gym.Env] = []
 
     def make_copies(self) -> None:
+        _end_with_parent()
         self.copies = [make_env(self.source, **self.kwargs) for _ in range(self.n)]
 
     def run(self, operation: str) -> Any:

@@ -2,6 +2,9 @@
 process, bit for bit, for the pool, every variant and a resumed run; the settings' errors."""
 
 import multiprocessing
+import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -115,3 +118,32 @@ def test_a_pool_has_no_more_workers_than_copies():
     assert pool.shards == [[0], [1]]
     assert isinstance(pool.vector, gym.vector.AsyncVectorEnv) and pool.vector.num_envs == 2
     pool.close()
+
+
+def test_the_workers_end_when_the_training_process_is_killed(tmp_path):
+    script = (
+        "import os, time\n"
+        "from rebel.control.envs import EnvPool\n"
+        "pool = EnvPool('CartPole-v1', 4, workers=2)\n"
+        "print(*(p.pid for p in pool.vector.processes), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    proc.kill()  # SIGKILL: the training process runs no clean-up
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+    assert "Traceback" not in proc.stderr.read()  # the kernel ended them: no broken-pipe noise
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
