@@ -115,6 +115,7 @@ def config_for(algo: str, seed: int, args: argparse.Namespace, output_dir: Path)
         **pick(args, CONFIG_OPTIONS),
         seed=seed,
         log_images=0,
+        eval_every=0,  # the benchmark evaluates once, after training, with the same noise for every algorithm
         checkpoint_every=args.iterations,
         progress=False,
         plot=False,
