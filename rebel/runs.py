@@ -463,8 +463,7 @@ def _lock_folder(path: Path, shown: str | os.PathLike) -> Any:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     handle.seek(0)
     handle.truncate()
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command_line()})\n")
     handle.flush()
     return handle
 

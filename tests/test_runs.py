@@ -44,7 +44,7 @@ def test_a_folder_in_use_is_refused_naming_it_and_its_holder_and_a_dead_holder_l
     holder = hold_folder(run_dir)
     try:
         with pytest.raises(
-            RunInUseError, match=rf"{run_dir} is in use by pid {holder.pid} on .* since .* \(-c\); wait for that run to end"
+            RunInUseError, match=rf"{run_dir} is in use by pid {holder.pid} on .* since .* \(python -c \.\.\.\); wait for that run to end"
         ):
             tabular_trainer(run_dir, iterations=2).train()
         with pytest.raises(RunInUseError, match="in use by"):
