@@ -6,6 +6,7 @@ as SB3's ``EvalCallback``), every ``eval_every`` iterations and at the end, as m
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -31,7 +32,7 @@ def eval_dialog_seed(seed: int, index: int) -> str:
     return f"eval{seed}/{index}"
 
 
-class Evaluator:
+class Evaluator(ABC):
     """Trainer callback: every ``config.eval_every`` iterations (and in the run's last one)
     the policy's evaluation, greedy and/or sampled (``config.eval_generation``), added to the
     iteration's row under ``eval/`` (``eval/greedy/`` and ``eval/sampled/`` when both), a few
@@ -97,13 +98,13 @@ class Evaluator:
             out.update(self.summarize(rows, "eval/" if len(modes) == 1 else f"eval/{mode}/"))
         return out, samples
 
+    @abstractmethod
     def rows(self, policy: Any, greedy: bool, seed: int, rank: int, world: int) -> Rows:
         """This process's evaluation samples of one mode (sampled ones from a generator seeded with ``seed``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def summarize(self, rows: Rows, prefix: str) -> dict[str, float]:
         """The metrics of one mode's rows (every process's)."""
-        raise NotImplementedError
 
 
 class TextEvaluator(Evaluator):
@@ -191,7 +192,7 @@ class DialogEvaluator(Evaluator):
         return rows
 
     def summarize(self, rows: Rows, prefix: str) -> dict[str, float]:
-        rows.sort(key=lambda r: r["dialog"])  # in dialog order, however the processes shared them
+        rows.sort(key=lambda r: r["dialog"])  # in dialog order however the processes shared them (the log shows the first)
         returns = np.array([r["return"] for r in rows], dtype=np.float64)
         return {
             f"{prefix}return_mean": float(returns.mean()),

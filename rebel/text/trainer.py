@@ -102,7 +102,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         32, "with an env: fresh dialogs per evaluation (openings: eval_dataset's rows in turn, else the env's; fixed env seeds)"
     )
     eval_generation: str = option(
-        "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
+        "greedy", "greedy | sampled | both: evaluation completions or dialogs (sampled: as in training, same seed each time)"
     )
     save_best: bool = option(
         False,
