@@ -17,7 +17,8 @@ same openings, n (``num_generations``), dialogs per update, learning rate and Ad
 optimizer step per iteration, no KL penalty, and stops once its agent-generated tokens
 (every sampled token, branch continuations included) reach ``--budget``. Each run is a fresh
 subprocess (peak RSS sampled every 5 ms). Reported: the return of the final policy on 128
-fresh dialogs (sampled, temperature 1), the training dialogs' return against generated
+fresh dialogs (sampled, temperature 1; rebel-rl's evaluation of dialogs, the same for every
+method, outside the timed training), the training dialogs' return against generated
 tokens, time and memory. Writes ``<out>/dialogs.md``::
 
     nice -n 5 python benchmarks/text_dialogs.py --out docs/benchmarks
@@ -99,15 +100,23 @@ def play_batch(model: Any, tokenizer: Any, task: Any, openings: list[str], seeds
 
 
 def evaluate(model: Any, tokenizer: Any, task: Any, n: int, seed: int) -> float:
-    """The mean return of ``n`` fresh sampled dialogs (openings from the task's dataset when it has one)."""
+    """The mean return of ``n`` fresh dialogs sampled at temperature 1 (the environment's own
+    openings, its random numbers from fixed seeds): the library's dialog evaluation
+    (:class:`rebel.text.evaluation.DialogEvaluator`), the same for every method's final model."""
     import torch
 
-    model.eval()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        keys = [[f"eval{seed}:{i}" for i in range(k, min(n, k + 32))] for k in range(0, n, 32)]
-        returns = [d["return"] for part in keys for d in play_batch(model, tokenizer, task, part, part, task.text_config["max_new_tokens"])]
-    return mean(returns)
+    from rebel.text import TextConfig
+    from rebel.text.dialog import DialogSampler
+    from rebel.text.evaluation import DialogEvaluator
+    from rebel.text.policy import CausalLMPolicy
+
+    config = TextConfig(seed=seed, eval_dialogs=n, eval_generation="sampled", temperature=1.0, max_dialog_tokens=task.max_length,
+                        **task.text_config)  # fmt: skip
+    sampler = DialogSampler(task.make_env, max_new_tokens=config.max_new_tokens, max_dialog_tokens=config.max_dialog_tokens)
+    policy = CausalLMPolicy(model, tokenizer, temperature=1.0).eval()
+    with torch.no_grad():
+        metrics, _ = DialogEvaluator(sampler, None, config).measure(policy)  # prompts_per_iteration x num_generations dialogs at once
+    return metrics["eval/return_mean"]
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -117,7 +126,8 @@ def run_rebel(form: str, model: Any, tokenizer: Any, task: Any, args: argparse.N
     settings = {"max_dialog_tokens": task.max_length, **task.text_config, "num_generations": args.num_generations,
                 "prompts_per_iteration": args.prompts, "learning_rate": args.learning_rate}  # fmt: skip
     config = TextConfig(output_dir=str(workdir), iterations=None, budget=args.budget, budget_counter="generated_tokens", dialog_form=form,
-                        seed=args.seed, checkpoint_every=10**6, progress=False, report_to="none", plot=False, log_dialogs=0, **settings)  # fmt: skip
+                        seed=args.seed, checkpoint_every=10**6, progress=False, report_to="none", plot=False, log_dialogs=0, eval_every=0,
+                        **settings)  # fmt: skip
     trainer = TextTrainer(model, None, task.dataset, config, env=task.make_env, processing_class=tokenizer)
     rows = trainer.train()
     curve = [(float(row["generated_tokens"]), row["episode_return"]) for row in rows]  # generated_tokens: the running total

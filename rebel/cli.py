@@ -48,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval",
         help="evaluate a run's best or last model",
         description="Evaluation of a run's model: control runs play deterministic episodes, text runs complete their evaluation "
-        "set (--eval-dataset, or the embedded task's held-out prompts), diffusion runs draw their fixed-seed evaluation grid "
-        "(a PNG beside the JSON file). Reads the run only (a run still training can be "
-        "evaluated) and writes its result to a new file, RUN_DIR/eval/<model>-<time>.json unless --output names one.",
+        "set (--eval-dataset, or the embedded task's held-out prompts) or, trained on dialogs (--env), play their evaluation "
+        "dialogs, diffusion runs draw their fixed-seed evaluation grid (a PNG beside the JSON file). Reads the run only (a run "
+        "still training can be evaluated) and writes its result to a new file, RUN_DIR/eval/<model>-<time>.json unless --output names one.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument(

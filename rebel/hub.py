@@ -205,7 +205,7 @@ def _summary(info: CardInfo) -> str:
 
 def _eval_results(evals: dict[str, float], info: CardInfo) -> list[Any]:
     """The model-index entries: ``eval_return`` (with its std) as the Hub's ``mean_reward``,
-    any other evaluation reward (``eval/...reward...``) under its own name."""
+    any other evaluation reward (``eval/...reward...``) or dialog return (``eval/...return_mean``) under its own name."""
     from huggingface_hub import EvalResult
 
     def result(metric: str, value: Any, name: str) -> Any:
@@ -223,7 +223,7 @@ def _eval_results(evals: dict[str, float], info: CardInfo) -> list[Any]:
         if key == "eval_return":
             std = evals.get("eval_return_std")
             out.append(result("mean_reward", f"{value:.2f} +/- {std:.2f}" if std is not None else round(value, 4), "mean_reward"))
-        elif "reward" in key:
+        elif "reward" in key or key.endswith("return_mean"):  # text: a reward, or a dialog's return
             out.append(result(key, round(float(value), 6), key))
     return out
 

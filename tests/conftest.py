@@ -89,6 +89,26 @@ def eval_best_and_last(capsys) -> Callable[[Path], tuple[dict, dict, dict]]:
     return evaluate
 
 
+@pytest.fixture
+def kept_best() -> Callable[[Path, str], dict]:
+    """``fn(run, metric)``: checks that ``RUN/best/best.json`` records the first evaluation of
+    the highest ``metric`` in the run's metrics (which must differ between evaluations), and
+    returns the record."""
+    import json
+
+    from rebel.runs import read_metrics
+
+    def check(run: Path, metric: str) -> dict:
+        scores = [r[metric] for r in read_metrics(run) if metric in r]
+        best = json.loads((run / "best" / "best.json").read_text())
+        first_best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+        assert (best["iteration"], best["score"], best["metric"]) == (first_best + 1, scores[first_best], metric)
+        assert len(set(scores)) > 1  # the evaluations differ: the choice above means something
+        return best
+
+    return check
+
+
 class OfflineWandb:
     """W&B in offline mode with its folders under ``dir``; :meth:`runs` reads back what it wrote."""
 

@@ -180,6 +180,12 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     window = min(5, len(rows))
     first, last = (sum(r["episode_return"] for r in part) / window for part in (rows[:window], rows[-window:]))
     print(f"episode_return of the sampled dialogs {first:.3f} -> {last:.3f}")
+    evals = [r for r in rows if any(k.startswith("eval/") and k.endswith("return_mean") for k in r)]
+    if evals:
+        key = next(k for k in evals[-1] if k.startswith("eval/") and k.endswith("return_mean"))
+        print(
+            f"{key} ({config.eval_dialogs} evaluation dialogs): {evals[0][key]:.3f} at iteration {evals[0]['iteration']} -> {evals[-1][key]:.3f}"
+        )
     print(f"dialogs in {Path(config.output_dir) / 'transcripts.jsonl'}; model saved to {Path(config.output_dir) / 'model'}")
     return 0
 
@@ -318,44 +324,57 @@ def _has_content(path: Path, name: str) -> bool:
 
 def evaluate_run(args: argparse.Namespace) -> None:
     """``rebel eval RUN_DIR [--model last|best|PATH] [--output FILE]``: the run's evaluation
-    (its eval dataset and rewards, ``eval_generation``) of its final model (``last``: RUN/model),
-    its best (RUN/best, with ``save_best``) or a saved model folder. Reads the run without its
-    lock and writes only a new result file."""
-    from rebel.config import from_dict
+    (its eval dataset and rewards, or with ``--env`` its ``eval_dialogs`` dialogs;
+    ``eval_generation``) of its final model (``last``: RUN/model), its best (RUN/best, with
+    ``save_best``) or a saved model folder. Reads the run without its lock and writes only a
+    new result file."""
+    import torch
+
+    from rebel.config import from_dict, pick
     from rebel.runs import BEST_FOLDER, check_eval_output, new_eval_path, read_best, read_config
-    from rebel.text.evaluation import TextEvaluator
+    from rebel.text.dialog import DialogSampler
+    from rebel.text.evaluation import DialogEvaluator, Evaluator, TextEvaluator
     from rebel.text.policy import CausalLMPolicy
     from rebel.text.sampler import TextSampler
-    from rebel.text.trainer import SAMPLER_SETTINGS, TextConfig
+    from rebel.text.trainer import DIALOG_SETTINGS, SAMPLER_SETTINGS, TextConfig
     from rebel_envs.text_tasks import SortingTaskConfig
 
     run, saved = Path(args.run_dir), read_config(args.run_dir)
     source, task = from_dict(TextSource, saved.get("source", {})), from_dict(SortingTaskConfig, saved.get("task", {}))
-    if source.env is not None:
-        raise ValueError(
-            f"{run} trained on dialogs (--env {source.env}): rebel eval does not evaluate dialogs yet (see its transcripts.jsonl)"
-        )
     config = from_dict(
         TextConfig, {**saved.get("trainer", {}), **saved.get("text", {}), "output_dir": str(run), "progress": False, "report_to": "none"}
     )
     folder = {"last": run / "model", "best": run / BEST_FOLDER}.get(args.model, Path(args.model))
     if not folder.is_dir():
-        what = {"last": "final model (written when a run ends)", "best": "best model (runs with --save-best and an evaluation set)"}
+        what = {
+            "last": "final model (written when a run ends)",
+            "best": "best model (runs with --save-best and an evaluation set or --env)",
+        }
         raise FileNotFoundError(
             f"{run} has no {what.get(args.model, 'model folder')} at {folder}; expected --model last, best or a saved model folder"
         )
-    dataset = _eval_dataset(source, task)
-    if dataset is None:
-        raise ValueError(f"{run} was trained without an evaluation set (--eval-dataset): nothing to evaluate on")
-    rewards = _rewards(source.eval_reward, None, "--eval-reward") if source.eval_reward else _rewards(source.reward, source.dataset)
+    here = tuple(k for k in (DIALOG_SETTINGS if source.env else SAMPLER_SETTINGS) if k not in ("generation_backend", "vllm_kwargs"))
+    evaluator: Evaluator
+    if source.env is not None:  # the dialog task's env, its own openings (a dialog run takes no --eval-dataset)
+        dialog = dialog_task(source.env)
+        sampler = DialogSampler(dialog.make_env, dialog.dataset, form=config.dialog_form, data_seed=config.seed, **pick(config, here))
+        evaluator, size = DialogEvaluator(sampler, None, config), {"dialogs": config.eval_dialogs}
+    else:
+        dataset = _eval_dataset(source, task)
+        if dataset is None:
+            raise ValueError(f"{run} was trained without an evaluation set (--eval-dataset): nothing to evaluate on")
+        rewards = _rewards(source.eval_reward, None, "--eval-reward") if source.eval_reward else _rewards(source.reward, source.dataset)
+        text = TextSampler(
+            dataset, rewards, **{**pick(config, here), "reward_weights": None if source.eval_reward else config.reward_weights}
+        )
+        evaluator, size = TextEvaluator(text, dataset, text.reward_funcs, text.reward_weights, config), {"prompts": len(dataset)}
     out = Path(args.output) if args.output else None
     if out is not None:
         check_eval_output(run, out)
     policy = CausalLMPolicy(_saved_model(folder, source, run), folder, temperature=config.temperature).eval()
-    settings = {k: v for k, v in vars(config).items() if k in SAMPLER_SETTINGS and k not in ("generation_backend", "vllm_kwargs")}
-    sampler = TextSampler(dataset, rewards, **{**settings, "reward_weights": None if source.eval_reward else config.reward_weights})
-    metrics, _ = TextEvaluator(sampler, dataset, sampler.reward_funcs, sampler.reward_weights, config).measure(policy)
-    result: dict[str, Any] = {"run": str(run), "model": args.model, "folder": str(folder), "prompts": len(dataset), **metrics}
+    with torch.no_grad():
+        metrics, _ = evaluator.measure(policy)
+    result: dict[str, Any] = {"run": str(run), "model": args.model, "folder": str(folder), **size, **metrics}
     if args.model == "best":
         result["best"] = read_best(run)
     out = out or new_eval_path(run, args.model if args.model in ("last", "best") else folder.name)

@@ -23,9 +23,9 @@ from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.runs import publish_best, read_best
 from rebel.sharding import whole_models
 from rebel.text.data import PromptDataset
-from rebel.text.dialog import BRANCH_TURNS, FORMS, DialogSampler
+from rebel.text.dialog import BRANCH_TURNS, FORMS, DialogSampler, env_rng
 from rebel.text.env import TextEnv
-from rebel.text.evaluation import EVAL_GENERATION, TextEvaluator
+from rebel.text.evaluation import EVAL_GENERATION, DialogEvaluator, TextEvaluator, eval_dialog_seed
 from rebel.text.generation import check_backend, check_generation_kwargs
 from rebel.text.policy import LOGPROB_CHUNK_SIZE, CausalLMPolicy
 from rebel.text.rewards import as_reward_funcs, check_reward_funcs
@@ -95,12 +95,19 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
     branch_turns: str = option("uniform", "dialog_form per_turn: branch at one turn drawn uniformly per dialog | at all turns")
     rollouts_per_branch: int = option(1, "dialog_form per_turn: continuations of each branched turn (m) averaged into its Q")
     log_dialogs: int = option(4, "with an env: dialogs written to transcripts.jsonl and the trackers per iteration (0: none)")
-    eval_every: int = option(10, "iterations between evaluations on the eval_dataset (and one at the end); 0: none")
+    eval_every: int = option(
+        10, "iterations between evaluations (and one at the end): on the eval_dataset, or with an env on eval_dialogs dialogs; 0: none"
+    )
+    eval_dialogs: int = option(
+        32, "with an env: fresh dialogs per evaluation (openings: eval_dataset's rows in turn, else the env's; fixed env seeds)"
+    )
     eval_generation: str = option(
-        "greedy", "greedy | sampled | both: evaluation completions (sampled: as in training, same seed each time)"
+        "greedy", "greedy | sampled | both: evaluation completions or dialogs (sampled: as in training, same seed each time)"
     )
     save_best: bool = option(
-        False, "with an eval_dataset: keep the model of the best eval/reward_mean in RUN/best/ (with LoRA the adapter)"
+        False,
+        "with an eval_dataset: keep the model of the best eval/reward_mean in RUN/best/ (with LoRA the adapter); with an env: of the "
+        "best eval/return_mean",
     )
     reward_weights: list[float] | None = option(None, "one weight per reward function (default: 1 each)")  # noqa: RUF009 - option() builds a field
     generation_kwargs: dict[str, Any] = option({}, "GenerationConfig fields that change only speed or memory (use_cache, ...)")  # noqa: RUF009 - option() builds a field
@@ -112,6 +119,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_int("eval_every", self.eval_every, minimum=0)
+        check_int("eval_dialogs", self.eval_dialogs)
         check_choice("eval_generation", self.eval_generation, EVAL_GENERATION)
         check_generation_kwargs(self.generation_kwargs)
         check_choice("dialog_form", self.dialog_form, FORMS)
@@ -157,9 +165,11 @@ class TextTrainer(PretrainedTrainer):
             the env gives the rewards (no ``reward_funcs``) and ``train_dataset``, optional,
             holds the rows its ``reset`` opens episodes from.
         eval_dataset: prompts evaluated every ``eval_every`` iterations (same forms as
-            ``train_dataset``), metrics under ``eval/`` (see :class:`~rebel.text.evaluation.TextEvaluator`).
+            ``train_dataset``), metrics under ``eval/`` (see :class:`~rebel.text.evaluation.TextEvaluator`);
+            with ``env``, opening rows of the ``eval_dialogs`` evaluation dialogs (default: the
+            env's own openings; see :class:`~rebel.text.evaluation.DialogEvaluator`).
         eval_reward_funcs: the evaluation's rewards, summed (default: the training ones, with
-            ``reward_weights``).
+            ``reward_weights``); not with ``env``.
     """
 
     adapter = "text"
@@ -190,9 +200,7 @@ class TextTrainer(PretrainedTrainer):
         )
         self.dataset_name = ((run_config or {}).get("source") or {}).get("dataset") or "prompts"
         if env is not None:  # the inputs' cheap checks come before the model loads
-            check_dialog_inputs(env, reward_funcs, config)
-            if eval_dataset is not None or eval_reward_funcs is not None:
-                raise ValueError("eval_dataset with env: evaluation on dialogs is not supported yet (the transcripts show the dialogs)")
+            check_dialog_inputs(env, reward_funcs, config, train_dataset, eval_dataset, eval_reward_funcs)
         else:
             if train_dataset is None or reward_funcs is None:
                 raise ValueError("TextTrainer needs reward_funcs and train_dataset (or env, a callable returning a TextEnv)")
@@ -243,12 +251,15 @@ class TextTrainer(PretrainedTrainer):
                     **pick(config, SAMPLER_SETTINGS),
                 )
                 logger = [CompletionLogger(sampler, config.log_completions)]
-        if eval_dataset is not None:
-            funcs, weights = sampler.reward_funcs, sampler.reward_weights  # type: ignore[union-attr]
+        keep_best = self._keep_best if config.save_best else None
+        if isinstance(sampler, DialogSampler):
+            logger.append(DialogEvaluator(sampler, eval_dataset, config, keep_best))
+        elif eval_dataset is not None:
+            funcs, weights = sampler.reward_funcs, sampler.reward_weights
             if eval_reward_funcs is not None:
                 funcs = as_reward_funcs(eval_reward_funcs)
                 weights = [1.0] * len(funcs)
-            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, self._keep_best if config.save_best else None))
+            logger.append(TextEvaluator(sampler, eval_dataset, funcs, weights, config, keep_best))
         super().__init__(policy, sampler, config, callbacks=[*logger, *callbacks], run_config=run_config)
         if getattr(sampler, "reference_model", None) is not None:  # sharded like the policy under FSDP2 and ZeRO-3
             sampler.reference_model = self.trainer.prepare_frozen(sampler.reference_model)
@@ -365,12 +376,27 @@ class CompletionLogger:
         trainer.run.log_table("completions", ["prompt", "completion", "reward"], rows, iteration)
 
 
-def check_dialog_inputs(env: Any, reward_funcs: Any, config: TextConfig) -> None:
-    """What a dialog run refuses: rewards from elsewhere than the env, and the completion-only settings."""
+def check_dialog_inputs(
+    env: Any, reward_funcs: Any, config: TextConfig, train_dataset: Any = None, eval_dataset: Any = None, eval_reward_funcs: Any = None
+) -> None:
+    """What a dialog run refuses: rewards from elsewhere than the env, the completion-only
+    settings, an empty ``eval_dataset``, and an evaluation without opening rows for an env
+    whose ``reset`` needs one (it is tried once, as the evaluation would open a dialog)."""
     if not callable(env):
         raise TypeError(f"env must be a callable returning a TextEnv (a TextEnv subclass, a function), got {type(env).__name__}")
-    if reward_funcs is not None:
-        raise ValueError("reward_funcs with env: the environment gives the rewards; pass reward_funcs=None")
+    for name, value in (("reward_funcs", reward_funcs), ("eval_reward_funcs", eval_reward_funcs)):
+        if value is not None:
+            raise ValueError(f"{name} with env: the environment gives the rewards; pass {name}=None")
+    if eval_dataset is not None and len(eval_dataset) == 0:
+        raise ValueError("eval_dataset is empty; expected opening rows for env.reset (or None: the env's own openings)")
+    if eval_dataset is None and train_dataset is not None and config.eval_every:
+        try:
+            env().reset(env_rng(eval_dialog_seed(config.seed, 0), "reset", 0), None)
+        except Exception as error:
+            raise ValueError(
+                f"evaluation opens dialogs with env.reset(rng, None) when there is no eval_dataset, and it raised "
+                f"{type(error).__name__}: {error}; pass an eval_dataset of opening rows, or eval_every=0"
+            ) from error
     for name in ("kl_coef", "missing_eos_penalty", "max_prompt_length", "reward_weights"):
         if getattr(config, name):
             raise ValueError(f"{name}={getattr(config, name)!r} applies to single completions, not to dialogs with an env; leave it unset")

@@ -1,4 +1,4 @@
-"""Run by test_dialog.py under torchrun: whole-dialog REBEL with an env in every process."""
+"""Run by test_dialog.py under torchrun: whole-dialog REBEL with an env in every process, evaluated every iteration."""
 
 import sys
 from pathlib import Path
@@ -23,7 +23,8 @@ class Repeat(TextEnv):
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 config = TextConfig(output_dir=str(out / "run"), iterations=2, prompts_per_iteration=3, num_generations=2, max_new_tokens=3,
-                    learning_rate=1e-3, log_dialogs=2, progress=False, report_to="none", plot=False)  # fmt: skip
+                    learning_rate=1e-3, log_dialogs=2, eval_every=1, eval_dialogs=5, progress=False, report_to="none",
+                    plot=False)  # fmt: skip
 openings = []  # per iteration, the openings of this process's dialogs
 trainer = TextTrainer(
     model_dir,
@@ -31,6 +32,7 @@ trainer = TextTrainer(
     [{"number": n} for n in range(100)],
     config,
     env=Repeat,
+    eval_dataset=[{"number": n} for n in range(100, 110)],  # 5 evaluation dialogs: 3 on rank 0, 2 on rank 1
     callbacks=[lambda t, metrics: openings.append(sorted({d["messages"][0]["content"] for d in trainer.sampler.last_dialogs}))],
 )
 rows = trainer.train()

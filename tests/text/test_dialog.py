@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<eos>:{% else %}{{ m['content'] }}:{% endif %}{% endfor %}"
 )
 FAST = {"progress": False, "report_to": "none", "plot": False}
+EVAL_KEYS = sorted(f"eval/{k}" for k in ("return_mean", "return_std", "turns_mean", "dialog_tokens_mean", "terminated_fraction",
+                                          "truncated_fraction"))  # fmt: skip
 DRAWS: dict[int, list[tuple[int, float]]] = {}  # id(env) -> (turn, first random number of the step)
 
 
@@ -248,7 +251,8 @@ def test_per_turn_rewards_are_mean_returns_to_go(policy):
 def test_resume_is_exact_and_the_run_keeps_transcripts(chat_lm, tmp_path):
     def cfg(name, **kw):
         return TextConfig(output_dir=str(tmp_path / name), iterations=4, prompts_per_iteration=3, num_generations=2, max_new_tokens=4,
-                          learning_rate=1e-3, checkpoint_every=100, dialog_form="per_turn", rollouts_per_branch=2, **FAST, **kw)  # fmt: skip
+                          learning_rate=1e-3, checkpoint_every=100, dialog_form="per_turn", rollouts_per_branch=2, eval_every=2,
+                          eval_dialogs=4, eval_generation="sampled", **FAST, **kw)  # fmt: skip
 
     straight = TextTrainer(chat_lm, env=CounterEnv, config=cfg("straight"))
     rows = straight.train()
@@ -265,12 +269,14 @@ def test_resume_is_exact_and_the_run_keeps_transcripts(chat_lm, tmp_path):
         for r in rs
     ]
     assert strip(first + second) == strip(rows) == strip(read_metrics(tmp_path / "split"))
+    assert [sorted(k for k in r if k.startswith("eval/")) for r in rows] == [[], EVAL_KEYS, [], EVAL_KEYS]  # evaluated, and resumed exactly
+    for name in ("transcripts.jsonl", "eval_transcripts.jsonl"):
+        split_lines = (tmp_path / "split" / name).read_text().splitlines()
+        assert split_lines == (tmp_path / "straight" / name).read_text().splitlines() and split_lines
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     logged = [json.loads(line) for line in (tmp_path / "split" / "transcripts.jsonl").read_text().splitlines()]
-    assert len(logged) == 4 * 3 and logged == [
-        json.loads(line) for line in (tmp_path / "straight" / "transcripts.jsonl").read_text().splitlines()
-    ]
+    assert len(logged) == 4 * 3
     assert logged[0]["messages"][0]["role"] == "user" and logged[0]["messages"][1]["role"] == "assistant"
     assert rows[-1]["generated_tokens"] > rows[-1]["tokens"] and {"episode_return", "turns", "q_mean"} <= set(rows[-1])
     assert "the return of dialogs with `CounterEnv`" in (tmp_path / "straight" / "model" / "README.md").read_text()
@@ -287,14 +293,134 @@ def test_bad_dialog_inputs_are_refused_in_one_line(chat_lm):
         TextConfig(dialog_form="turns")
     with pytest.raises(ValueError, match="needs reward_funcs and train_dataset"):
         TextTrainer(chat_lm)
+    with pytest.raises(ValueError, match="eval_reward_funcs with env: the environment gives the rewards; pass eval_reward_funcs=None"):
+        TextTrainer(chat_lm, env=CounterEnv, eval_reward_funcs=[lambda p, c: [0.0] * len(p)])
+    with pytest.raises(ValueError, match="eval_dataset is empty; expected opening rows for env.reset"):
+        TextTrainer(chat_lm, env=CounterEnv, eval_dataset=[])
+    with pytest.raises(ValueError, match="eval_dialogs must be"):
+        TextConfig(eval_dialogs=0)
+
+    class NeedsRow(CounterEnv):
+        def reset(self, rng, row=None):
+            return super().reset(rng, {"digit": row["digit"]})
+
+    with pytest.raises(
+        ValueError, match=r"with env.reset\(rng, None\) when there is no eval_dataset, and it raised TypeError: .*; pass an"
+    ):
+        TextTrainer(chat_lm, None, [{"digit": 1}], env=NeedsRow)
+    TextTrainer(chat_lm, None, [{"digit": 1}], env=NeedsRow, config=TextConfig(eval_every=0))  # no evaluation: nothing to open
     assert env_rng("a", 1, 2).random() == random.Random("a:1:2").random()
 
 
 def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    from rebel.cli import main
+
+    counter_task(monkeypatch)
+    quiet = ["--no-progress", "--report-to", "none", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
+    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "straight"), "--iterations", "3", *quiet]) == 0
+    out = capsys.readouterr().out
+    assert "transcripts.jsonl" in out and "episode_return of the sampled dialogs" in out
+    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "split"), "--iterations", "2", *quiet]) == 0
+    assert main(["train", "text", "--resume", str(tmp_path / "split"), "--iterations", "3"]) == 0
+    straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    drop = lambda rows: [
+        {k: v for k, v in r.items() if "time" not in k and "per_second" not in k and k != "explained_variance" and "eval/" not in k}
+        for r in rows
+    ]
+    assert drop(straight) == drop(split) and len(straight) == 3 and straight[0]["samples"] == 2 * 2
+    evaluated = lambda rows: [r["iteration"] for r in rows if "eval/return_mean" in r]
+    assert evaluated(straight) == [3] and evaluated(split) == [2, 3]  # at the end of each train call (eval_every 10)
+    assert straight[-1]["eval/return_mean"] == split[-1]["eval/return_mean"]  # the same policy, the same dialogs
+    capsys.readouterr()
+    assert main(["train", "text", "--env", "nope", "--output-dir", str(tmp_path / "bad")]) != 0
+    assert "--env nope: not an embedded dialog task; expected one of counter" in capsys.readouterr().err
+    assert main(["train", "text", "--env", "counter", "--reward", "m:f", "--output-dir", str(tmp_path / "bad")]) != 0
+    assert "--reward m:f with --env counter: the dialog task gives its own rewards" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["eval", str(tmp_path / "straight"), "--model", "best"]) != 0
+    assert "has no best model (runs with --save-best and an evaluation set or --env)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def replay(dialog, seed, row):
+    """An evaluation transcript's environment side, replayed by hand from its seed ``eval<seed>/<dialog>``:
+    the messages and the return the environment gives to the transcript's agent turns."""
+    key = f"eval{seed}/{dialog['dialog']}"
+    env = CounterEnv()
+    messages, total = env.reset(random.Random(f"{key}:reset:0"), row), 0.0
+    for turn, text in enumerate(m["content"] for m in dialog["messages"] if m["role"] == "assistant"):
+        reply = env.step(text, random.Random(f"{key}:{turn}:0"))
+        messages, total = [*messages, {"role": "assistant", "content": text}, *reply.messages], total + reply.reward
+    return messages, total
+
+
+def test_dialog_evaluation_plays_the_same_seeded_dialogs_and_its_metrics_are_theirs(chat_lm, tmp_path):
+    from rebel.text.evaluation import DialogEvaluator
+
+    openings = [{"digit": d} for d in (3, 5, 7)]
+    config = TextConfig(output_dir=str(tmp_path / "run"), iterations=2, prompts_per_iteration=2, num_generations=2, max_new_tokens=4,
+                        max_dialog_tokens=200, learning_rate=1e-3, checkpoint_every=100, eval_every=1, eval_generation="both",
+                        eval_dialogs=5, log_dialogs=5, seed=3, **FAST)  # fmt: skip
+    trainer = TextTrainer(chat_lm, env=CounterEnv, config=config, eval_dataset=openings)
+    rows = trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "eval_transcripts.jsonl").read_text().splitlines()]
+    for row in rows:
+        for mode in ("greedy", "sampled"):
+            dialogs = [d for d in logged if d["iteration"] == row["iteration"] and d["mode"] == mode]
+            assert [d["dialog"] for d in dialogs] == list(range(5))
+            returns = [d["return"] for d in dialogs]
+            assert row[f"eval/{mode}/return_mean"] == pytest.approx(sum(returns) / 5)
+            assert row[f"eval/{mode}/return_std"] == pytest.approx(torch.tensor(returns).std(unbiased=False).item())
+            assert row[f"eval/{mode}/turns_mean"] == sum(d["turns"] for d in dialogs) / 5 == 3  # CounterEnv ends after 3 turns
+            assert row[f"eval/{mode}/dialog_tokens_mean"] == pytest.approx(sum(d["tokens"] for d in dialogs) / 5)
+            for d in dialogs:  # openings from the rows in turn; the env's replies and rewards from the fixed seeds
+                assert replay(d, 3, openings[d["dialog"] % 3]) == (d["messages"], d["return"])
+    greedy = [d for d in logged if d["iteration"] == 2 and d["mode"] == "greedy"]
+    sampled = [d for d in logged if d["iteration"] == 2 and d["mode"] == "sampled"]
+    assert [d["messages"] for d in greedy] != [d["messages"] for d in sampled]
+    assert len({r["eval/sampled/return_mean"] for r in rows} | {r["eval/greedy/return_mean"] for r in rows}) > 1  # values to compare
+    tokenizer, model = trainer.tokenizer, trainer.model.eval()
+    for d in greedy:  # each agent turn: the final model's most likely continuation of the dialog so far
+        for k, message in enumerate(d["messages"]):
+            if message["role"] == "assistant":
+                ids = torch.tensor([tokenizer(render(tokenizer, d["messages"][:k], True), add_special_tokens=False)["input_ids"]])
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
+                                         eos_token_id=trainer.policy.eos_token_ids, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == message["content"]
+    evaluator = next(c for c in trainer.trainer.callbacks if isinstance(c, DialogEvaluator))
+    assert evaluator.evaluate(trainer.trainer, 2) == {k: v for k, v in rows[-1].items() if k.startswith("eval/")}  # same draws
+
+
+def test_dialog_evaluation_leaves_training_alone(chat_lm, tmp_path):
+    def run(name, **kw):
+        config = TextConfig(output_dir=str(tmp_path / name), iterations=3, prompts_per_iteration=2, num_generations=2, max_new_tokens=4,
+                            learning_rate=1e-2, checkpoint_every=100, log_dialogs=0, **FAST, **kw)  # fmt: skip
+        trainer = TextTrainer(chat_lm, env=CounterEnv, config=config)
+        return trainer, trainer.train()
+
+    plain, plain_rows = run("plain", eval_every=0)
+    evaluated, rows = run("eval", eval_every=1, eval_generation="both", eval_dialogs=4)
+    strip = lambda rs: [
+        {
+            k: v
+            for k, v in r.items()
+            if "time" not in k and "per_second" not in k and not k.startswith("eval/") and not (isinstance(v, float) and math.isnan(v))
+        }
+        for r in rs
+    ]
+    assert strip(rows) == strip(plain_rows) and all("eval/greedy/return_mean" in r for r in rows)
+    assert not any(k.startswith("eval/") for r in plain_rows for k in r)
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), evaluated.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def counter_task(monkeypatch):
+    """Registers CounterEnv as the embedded dialog task ``counter`` (a tiny model, rows of digits)."""
     import sys
     import types
-
-    from rebel.cli import main
 
     def make_model(config=None, save_to=None):
         tokenizer = char_tokenizer()
@@ -309,25 +435,32 @@ def test_command_line_trains_a_registered_dialog_task_and_resumes_exactly(tmp_pa
     registry = types.ModuleType("rebel_envs.dialog_tasks")
     registry.DIALOG_TASKS = {"counter": task}
     monkeypatch.setitem(sys.modules, "rebel_envs.dialog_tasks", registry)
-    quiet = ["--no-progress", "--report-to", "none", "--no-plot", "--checkpoint-every", "100", "--dialog-form", "per_turn"]
-    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "straight"), "--iterations", "3", *quiet]) == 0
-    out = capsys.readouterr().out
-    assert "transcripts.jsonl" in out and "episode_return of the sampled dialogs" in out
-    assert main(["train", "text", "--env", "counter", "--output-dir", str(tmp_path / "split"), "--iterations", "2", *quiet]) == 0
-    assert main(["train", "text", "--resume", str(tmp_path / "split"), "--iterations", "3"]) == 0
-    straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
-    drop = lambda rows: [
-        {k: v for k, v in r.items() if "time" not in k and "per_second" not in k and k != "explained_variance"} for r in rows
-    ]
-    assert drop(straight) == drop(split) and len(straight) == 3 and straight[0]["samples"] == 2 * 2
-    capsys.readouterr()
-    assert main(["train", "text", "--env", "nope", "--output-dir", str(tmp_path / "bad")]) != 0
-    assert "--env nope: not an embedded dialog task; expected one of counter" in capsys.readouterr().err
-    assert main(["train", "text", "--env", "counter", "--reward", "m:f", "--output-dir", str(tmp_path / "bad")]) != 0
-    assert "--reward m:f with --env counter: the dialog task gives its own rewards" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
-    assert main(["eval", str(tmp_path / "straight")]) != 0
-    assert "trained on dialogs (--env counter): rebel eval does not evaluate dialogs yet" in capsys.readouterr().err
+
+
+def test_best_dialog_model_is_kept_and_rebel_eval_replays_its_evaluation(tmp_path, monkeypatch, capsys, eval_best_and_last, kept_best):
+    from huggingface_hub import ModelCard
+
+    from rebel.cli import main
+
+    counter_task(monkeypatch)
+    run = tmp_path / "run"
+    args = ["train", "text", "--env", "counter", "--output-dir", str(run), "--iterations", "4", "--eval-every", "1", "--eval-dialogs",
+            "6", "--eval-generation", "sampled", "--save-best", "--learning-rate", "0.03", "--no-progress", "--report-to", "none",
+            "--no-plot", "--checkpoint-every", "100"]  # fmt: skip
+    assert main(args) == 0
+    assert "eval/return_mean (6 evaluation dialogs): " in capsys.readouterr().out
+    rows, best = read_metrics(run), kept_best(run, "eval/return_mean")
+    card = ModelCard.load(run / "best" / "README.md")
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("eval/return_mean", round(best["score"], 6))]
+    results, before, after = eval_best_and_last(run)
+    assert results["best"]["eval/return_mean"] == best["score"]  # the saved best model replays its evaluation
+    assert {k: v for k, v in results["last"].items() if k.startswith("eval/")} == {
+        k: v for k, v in rows[-1].items() if k.startswith("eval/")
+    }
+    assert results["last"]["dialogs"] == 6 and sorted(k for k in results["last"] if k.startswith("eval/")) == EVAL_KEYS
+    written = json.loads(Path(results["last"]["output"]).read_text())
+    assert Path(results["last"]["output"]).parent == run / "eval" and written == {k: v for k, v in results["last"].items() if k != "output"}
+    assert {k: v for k, v in after.items() if k in before} == before  # the run's own files are untouched
 
 
 class SayDigit(TextEnv):
@@ -398,3 +531,10 @@ def test_two_processes_take_their_own_openings_and_gather_the_transcripts(torchr
     assert row["samples"] == 2 * 2 * 3 * 2 and row["dialogs"] == 2 * 2 * 3 * 2 and row["turns"] == 2 * row["dialogs"]
     logged = [json.loads(line) for line in (tmp_path / "run" / "transcripts.jsonl").read_text().splitlines()]
     assert len(logged) == 2 * 2 * 2  # 2 dialogs of each process per iteration, gathered on the main one
+    for a, b in zip(rank0["rows"], rank1["rows"]):  # one evaluation of the 5 dialogs, shared between the processes
+        assert {k: v for k, v in a.items() if k.startswith("eval/")} == {k: v for k, v in b.items() if k.startswith("eval/")}
+        assert a["eval/turns_mean"] == 2
+    evaluated = [json.loads(line) for line in (tmp_path / "run" / "eval_transcripts.jsonl").read_text().splitlines()]
+    assert [(d["iteration"], d["dialog"], d["messages"][0]["content"]) for d in evaluated] == [
+        (i, k, str(100 + k)) for i in (1, 2) for k in (0, 1)
+    ]  # the first 2 of the gathered dialogs, in order

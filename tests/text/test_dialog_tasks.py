@@ -219,7 +219,7 @@ def test_whole_dialog_rebel_raises_the_return_of_each_embedded_task(name, seed, 
     model, tokenizer = task.make_model()
     settings = {"max_dialog_tokens": task.max_length, **task.text_config, **LEARNING[name]}
     config = TextConfig(
-        output_dir=str(tmp_path), checkpoint_every=1000, seed=seed, progress=False, report_to="none", plot=False, **settings
+        output_dir=str(tmp_path), checkpoint_every=1000, seed=seed, eval_every=0, progress=False, report_to="none", plot=False, **settings
     )
     rows = TextTrainer(model, None, task.dataset, config, env=task.make_env, processing_class=tokenizer).train()
     returns = [r["episode_return"] for r in rows]
@@ -257,6 +257,10 @@ def test_benchmark_dialogs_mask_the_environments_tokens_and_report_keeps_its_not
         assert len(agent) == d["agent_tokens"] and all(
             m == 0 for t, m in zip(d["ids"], d["mask"]) if t == tokenizer.convert_tokens_to_ids("<usr>")
         )
+    state = torch.get_rng_state()
+    final = text_dialogs.evaluate(model, tokenizer, task, 6, seed=5)  # rebel-rl's dialog evaluation, sampled at temperature 1
+    assert final == text_dialogs.evaluate(model, tokenizer, task, 6, seed=5) and 0 <= final <= 1
+    assert torch.equal(torch.get_rng_state(), state)  # fixed seeds of its own: the caller's RNG is left alone
     (tmp_path / "dialogs.md").write_text("old tables\n" + text_dialogs.NOTES + "\nhand-written notes\n")
     run = {"curve": [(10.0, 0.5), (20.0, 0.7)], "final": 0.75, "total_seconds": 3.0, "rss_peak_mb": 400.0}
     args = argparse.Namespace(budget=20, prompts=2, num_generations=2, learning_rate=1e-3, seeds=[0], eval_dialogs=8, out=str(tmp_path))

@@ -65,3 +65,24 @@ def test_greedy_dialogs_equal_the_transformers_backend(chat_llama, backend, form
     assert torch.equal(ours.reward, reference.reward) and ours.counts == reference.counts
     assert len({tuple(row) for row in reference.data["input_ids"].tolist()}) > 2  # the dialogs differ (the env's replies)
     assert reference.stats["episode_turns"] == 3.0
+
+
+def test_greedy_dialog_evaluation_equals_the_transformers_backend(chat_llama, backend):
+    from rebel.text import TextConfig
+    from rebel.text.evaluation import DialogEvaluator
+
+    policy = CausalLMPolicy(chat_llama)
+    config = TextConfig(eval_dialogs=6, prompts_per_iteration=2, num_generations=2, max_new_tokens=4, max_dialog_tokens=60, seed=1)
+    settings = {"max_new_tokens": 4, "max_dialog_tokens": 60}
+    engine = backend.sync(policy)
+    loads = []
+    load_weights = engine.load_weights
+    engine.load_weights = lambda weights: loads.append(1) or load_weights(weights)
+    try:
+        ours, dialogs = DialogEvaluator(DialogSampler(Repeat, generation_backend=backend, **settings), None, config).measure(policy)
+    finally:
+        del engine.load_weights
+    assert len(loads) == 1  # the weights went to the engine once for the evaluation's rounds (6 dialogs, 4 at a time)
+    reference, expected = DialogEvaluator(DialogSampler(Repeat, **settings), None, config).measure(policy)
+    assert ours == reference and dialogs == expected and len(expected["greedy"]) == 6
+    assert len({str(d["messages"]) for d in expected["greedy"]}) == 6 and reference["eval/turns_mean"] == 3.0
