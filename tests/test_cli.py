@@ -132,3 +132,13 @@ def test_console_script_runs():
     script = Path(sys.executable).with_name("rebel")  # installed beside the interpreter
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "usage: rebel" in out.stdout
+
+
+def test_the_reward_summary_compares_windows_that_do_not_overlap():
+    from rebel.hf.cli import reward_summary
+
+    rows = [{"iteration": i, "reward_mean": float(i)} for i in range(1, 5)]
+    assert reward_summary(rows, 5, "runs/x") == "reward_mean 1.500 (iterations 1-2) -> 3.500 (iterations 3-4); run folder runs/x"
+    many = [{"iteration": i, "reward_mean": float(i)} for i in range(1, 21)]
+    assert reward_summary(many, 5, "r").startswith("reward_mean 3.000 (iterations 1-5) -> 18.000 (iterations 16-20)")
+    assert reward_summary(rows[:1], 5, "r").startswith("reward_mean 1.000 (iterations 1-1) -> 1.000 (iterations 1-1)")

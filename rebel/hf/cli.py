@@ -69,10 +69,16 @@ def load_function(spec: str, option: str = "--reward") -> Any:
     return fn
 
 
+def first_and_last(rows: list[dict[str, Any]], window: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first and the last ``window`` rows, fewer when that many would overlap (a short run)."""
+    n = min(window, max(1, len(rows) // 2))
+    return rows[:n], rows[-n:]
+
+
 def reward_summary(rows: list[dict[str, Any]], window: int, output_dir: str, digits: str = ".3f") -> str:
     """``reward_mean A (iterations i-j) -> B (iterations k-l); run folder D``: the mean reward
-    of the first and the last ``window`` iterations of this call."""
-    first, last = rows[: min(window, len(rows))], rows[-min(window, len(rows)) :]
+    of the first and the last ``window`` iterations of this call (:func:`first_and_last`)."""
+    first, last = first_and_last(rows, window)
 
     def mean(part: list[dict[str, Any]]) -> float:
         return sum(r["reward_mean"] for r in part) / len(part)

@@ -146,7 +146,7 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     """``rebel train text --env NAME``: REBEL over dialogs with an embedded dialog task (its own
     tiny model, warmed up once and kept in ``<run>/base_model``, unless ``--model`` is given)."""
     from rebel.cli import start_options
-    from rebel.hf.cli import reward_summary
+    from rebel.hf.cli import first_and_last, reward_summary
     from rebel.runs import claimed_run_folder
     from rebel.text.trainer import TextTrainer
 
@@ -177,8 +177,7 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     if not trainer.accelerator.is_main_process or not rows or trainer.exit_code:
         return trainer.exit_code
     print(reward_summary(rows, 5, config.output_dir))
-    window = min(5, len(rows))
-    first, last = (sum(r["episode_return"] for r in part) / window for part in (rows[:window], rows[-window:]))
+    first, last = (sum(r["episode_return"] for r in part) / len(part) for part in first_and_last(rows, 5))
     print(f"episode_return of the sampled dialogs {first:.3f} -> {last:.3f}")
     evals = [r for r in rows if any(k.startswith("eval/") and k.endswith("return_mean") for k in r)]
     if evals:
