@@ -153,3 +153,9 @@ def check_group_size(name: str, value: Any) -> None:
     """``value`` samples per context must be an integer >= 2: REBEL compares the samples of one context."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise ValueError(f"{name} must be an integer >= 2 (REBEL compares the samples of one context), got {value!r}")
+
+
+def check_save_best(save_best: bool, eval_every: int) -> None:
+    """A best model is chosen at evaluations: ``save_best`` needs ``eval_every`` > 0."""
+    if save_best and not eval_every:
+        raise ValueError("save_best=True keeps the model of the best evaluation, but eval_every=0 runs none; set eval_every > 0")

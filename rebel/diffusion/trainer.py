@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_group_size, check_int, option, pick, with_defaults
+from rebel.config import check_group_size, check_int, check_save_best, option, pick, with_defaults
 from rebel.diffusion.policy import LOG_PROB_REDUCTIONS, DiffusionPolicy
 from rebel.diffusion.rewards import RewardFunc, to_uint8
 from rebel.diffusion.sampler import DiffusionSampler
@@ -87,6 +87,7 @@ class DiffusionConfig(with_defaults(TrainerConfig, output_dir="runs/diffusion"))
         for name in ("num_inference_steps", "prompts_per_iteration", "lora_rank", "eval_prompts", "eval_images_per_prompt"):
             check_int(name, getattr(self, name))
         check_int("eval_every", self.eval_every, minimum=0)
+        check_save_best(self.save_best, self.eval_every)
         super().__post_init__()
 
 

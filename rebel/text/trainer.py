@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rebel.config import check_choice, check_group_size, check_int, check_positive, option, pick, with_defaults
+from rebel.config import check_choice, check_group_size, check_int, check_positive, check_save_best, option, pick, with_defaults
 from rebel.hf.trainer import PretrainedTrainer
 from rebel.hub import CardInfo, card_settings, describe_rewards, hub_base_model
 from rebel.runs import publish_best, read_best
@@ -119,6 +119,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         check_positive("temperature", self.temperature)
         check_int("logprob_chunk_size", self.logprob_chunk_size, minimum=0)
         check_int("eval_every", self.eval_every, minimum=0)
+        check_save_best(self.save_best, self.eval_every)
         check_int("eval_dialogs", self.eval_dialogs)
         check_choice("eval_generation", self.eval_generation, EVAL_GENERATION)
         check_generation_kwargs(self.generation_kwargs)
@@ -208,6 +209,8 @@ class TextTrainer(PretrainedTrainer):
             reward_funcs = check_reward_funcs(reward_funcs)
             if eval_dataset is not None:
                 eval_dataset = PromptDataset(eval_dataset, "eval_dataset")
+            if config.save_best and eval_dataset is None:
+                raise ValueError("save_best=True keeps the model of the best eval/reward_mean, which needs an eval_dataset to score")
             if eval_reward_funcs is not None:
                 if eval_dataset is None:
                     raise ValueError("eval_reward_funcs needs an eval_dataset to score")

@@ -82,3 +82,8 @@ def test_best_weights_and_rebel_eval_on_best_and_last(tiny_pipe, tmp_path, eval_
     assert np.array_equal(np.asarray(Image.open(results["last"]["grid"])), grid(run, 3))
     assert {k: v for k, v in after.items() if k in before} == before
     assert len(set(after) - set(before)) == 4 and all(str(k).startswith("eval/") for k in set(after) - set(before))
+
+
+def test_save_best_without_evaluations_is_refused():
+    with pytest.raises(ValueError, match=r"^save_best=True keeps the model of the best evaluation, but eval_every=0 runs none"):
+        DiffusionConfig(save_best=True, eval_every=0)

@@ -94,6 +94,11 @@ def test_bad_eval_inputs(sorting_lm, tmp_path):
         config(tmp_path, "c", eval_generation="beam")
     with pytest.raises(ValueError, match="eval_every"):
         config(tmp_path, "d", eval_every=-1)
+    with pytest.raises(ValueError, match=r"^save_best=True keeps the model of the best eval/reward_mean, which needs an eval_dataset"):
+        TextTrainer(sorting_lm, sorted_digits_reward, TRAIN, config(tmp_path, "e", save_best=True))
+    with pytest.raises(ValueError, match=r"^save_best=True keeps the model of the best evaluation, but eval_every=0 runs none"):
+        TextConfig(save_best=True, eval_every=0)
+    assert not any((tmp_path / name).exists() for name in "abcde")
 
 
 def test_command_line_eval_dataset_and_reward(tiny_lm, tmp_path, capsys):
