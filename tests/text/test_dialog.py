@@ -303,7 +303,7 @@ def test_branches_forced_to_the_same_turn_continue_alike_per_rollout_index(polic
     n, m = 3, 3
     for seed in range(2):
         torch.manual_seed(seed)
-        continued = continuation_messages(policy, ForcedTurns(), n, m, data_seed=seed)
+        continued = continuation_messages(policy, ForcedTurns(), n, m, data_seed=seed, branch_turns="all")[: n * m]  # the first turn's
         assert all(c[0] == "3" for c in continued)  # the branched turn, forced
         for j in range(m):  # the same rollout index: the same tokens after the branch, in every branch
             assert [continued[i * m + j] for i in range(n)] == [continued[j]] * n
