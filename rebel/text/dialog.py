@@ -21,6 +21,12 @@ Environment randomness: every call of an environment gets ``random.Random(f"{see
 ``rollout`` the rollout index (0: the sampled dialog, 1..m: the branches' continuations). The
 branches of one rollout index therefore share the environment's random numbers (common random
 numbers), and different rollout indices are independent.
+
+Policy randomness follows the same rule in the continuations: a branch point draws one base
+seed from the sampler's generator, and every continuation turn of rollout ``j`` samples with
+a row seed hashed from ``(base, j, turn)`` (the backend's ``row_seeds``), the same for every
+branch. Branches whose dialogs agree after the branch draw the same tokens; the branched
+turns themselves are independent draws.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from rebel.batch import RolloutBatch
 from rebel.config import check_choice, check_group_size, check_int
 from rebel.policy import Policy
 from rebel.text.env import Message, TextEnv
-from rebel.text.generation import GenerationBackend, SamplingSettings
+from rebel.text.generation import GenerationBackend, SamplingSettings, step_seed
 from rebel.text.policy import CausalLMPolicy
 from rebel.text.sampler import PromptCursor, completion_mask, sampler_backend
 
@@ -61,6 +67,7 @@ class Dialog:
     rewards: list[float] = field(default_factory=list)  # per agent turn (0 for a turn cut by the token cap)
     snapshots: list[Any] = field(default_factory=list)  # env state at each agent turn's start (kept on request)
     message_counts: list[int] = field(default_factory=list)  # len(messages) at each agent turn's start
+    policy_seed: int | None = None  # seeds the policy's noise turn by turn (None: the runner's generator)
     terminated: bool = False
     truncated: bool = False
 
@@ -160,36 +167,48 @@ class DialogRunner:
         self._mark_turn_start(dialog, keep_snapshots)
         return dialog
 
-    def sample_turns(self, prefixes: list[list[int]], room: list[int], generator: torch.Generator) -> list[list[int]]:
+    def sample_turns(
+        self, prefixes: list[list[int]], room: list[int], generator: torch.Generator, row_seeds: list[int] | None = None
+    ) -> list[list[int]]:
         """One agent turn for each prefix, at most ``min(max_turn_tokens, room[k])`` tokens (its
         room: the tokens left before the dialog's cap, so that no sequence outgrows the model).
         Prefixes with the same limit share a generation call (usually all of them: only
-        dialogs near the cap have less room than a turn)."""
+        dialogs near the cap have less room than a turn). With ``row_seeds``, prefix ``k``'s
+        noise comes from ``row_seeds[k]`` only (the backend's ``row_seeds``)."""
         limit = [max(1, min(self.limits.max_turn_tokens, r)) for r in room]
         turns: list[list[int]] = [[] for _ in prefixes]
         for new in sorted(set(limit), reverse=True):
             index = [k for k, v in enumerate(limit) if v == new]
-            for k, ids in zip(index, self._generate([prefixes[k] for k in index], new, generator)):
+            seeds = None if row_seeds is None else [row_seeds[k] for k in index]
+            for k, ids in zip(index, self._generate([prefixes[k] for k in index], new, generator, seeds)):
                 turns[k] = ids
         return turns
 
-    def _generate(self, prefixes: list[list[int]], new: int, generator: torch.Generator) -> list[list[int]]:
+    def _generate(self, prefixes: list[list[int]], new: int, generator: torch.Generator, row_seeds: list[int] | None) -> list[list[int]]:
         """Sampled turns of at most ``new`` tokens (up to the first EOS) of the left-padded prefixes."""
         device = next(self.policy.parameters()).device
         width = max(len(p) for p in prefixes)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
-        out = self.backend.generate(self.policy, ids, mask, replace(self.settings, max_new_tokens=new), generator)
+        seeded = {} if row_seeds is None else {"row_seeds": row_seeds}  # a backend without row seeds serves unseeded dialogs
+        out = self.backend.generate(self.policy, ids, mask, replace(self.settings, max_new_tokens=new), generator, **seeded)
         lengths = completion_mask(out, self.settings.eos_token_ids).sum(1).tolist()
         self.generated_tokens += int(sum(lengths))
         return [row[:n] for row, n in zip(out.tolist(), lengths)]
 
     def run(self, dialogs: Sequence[Dialog], generator: torch.Generator, keep_snapshots: bool = False) -> None:
-        """Advance every dialog until it terminates or is truncated."""
+        """Advance every dialog until it terminates or is truncated. A dialog with a
+        ``policy_seed`` samples turn ``t`` with the row seed ``step_seed(policy_seed, t)``; when
+        some have one, the others draw theirs from ``generator``; when none has, ``generator``
+        drives the backend as usual."""
         while active := [d for d in dialogs if not d.done]:
+            seeds = None
+            if any(d.policy_seed is not None for d in active):
+                seeds = [int(torch.randint(0, 2**62, (1,), generator=generator)) if d.policy_seed is None
+                         else step_seed(d.policy_seed, d.turns) for d in active]  # fmt: skip
             turns = self.sample_turns(
-                [d.opening + d.tokens for d in active], [self.limits.max_tokens - d.length for d in active], generator
+                [d.opening + d.tokens for d in active], [self.limits.max_tokens - d.length for d in active], generator, seeds
             )
             for dialog, ids in zip(active, turns):
                 self.take_turn(dialog, ids, keep_snapshots)
@@ -429,11 +448,13 @@ class DialogSampler(PromptCursor):
         turns = runner.sample_turns(
             [p for p in prefixes for _ in range(n)], [runner.limits.max_tokens - len(p) for p in prefixes for _ in range(n)], self.generator
         )
+        bases = [int(torch.randint(0, 2**62, (1,), generator=self.generator)) for _ in points]  # of the policy's noise
         continuations = []  # point p, branch i, rollout j at (p * n + i) * m + j - 1
         for p, (dialog, k) in enumerate(points):
             for i in range(n):
-                for j in range(1, m + 1):  # rollout index j: the same env random numbers for every branch i
+                for j in range(1, m + 1):  # rollout index j: the same env and policy random numbers for every branch i
                     follow = branch(dialog, k, self.env(), j)
+                    follow.policy_seed = step_seed(bases[p], j)
                     runner.take_turn(follow, turns[p * n + i])
                     continuations.append(follow)
         runner.run(continuations, self.generator)

@@ -11,15 +11,21 @@ backend). Two backends, chosen by ``TextConfig.generation_backend``:
 
 Whatever the backend, samples are drawn from ``softmax(logits / temperature)``, truncated
 only by ``top_p`` / ``top_k`` when asked, up to ``max_new_tokens`` or the first EOS id.
+
+Row seeds (``generate(..., row_seeds=...)``): row ``k``'s sampling noise then comes only from
+``row_seeds[k]`` and the step, so two rows with the same seed and equal logits at a step draw
+the same token there, whatever else is in the batch (common random numbers, within one
+backend: the transformers and vLLM streams differ).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +67,18 @@ class GenerationBackend(ABC):
 
     @abstractmethod
     def generate(
-        self, policy: Any, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, generator: torch.Generator
+        self,
+        policy: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator,
+        row_seeds: Sequence[int] | None = None,
     ) -> Tensor:
         """``[N, max_new_tokens]`` completion ids of the left-padded ``[N, P]`` prompts
         (``pad_token_id`` after an early stop), on ``prompt_ids``' device; every random
-        number comes from ``generator`` (a resumed run draws the same seeds)."""
+        number comes from ``generator`` (a resumed run draws the same seeds), or, with
+        ``row_seeds`` (``N`` ints in ``[0, 2**62)``), row ``k``'s from ``row_seeds[k]`` and the step only."""
 
     @contextlib.contextmanager
     def fixed_weights(self, policy: Any) -> Iterator[None]:
@@ -140,35 +153,90 @@ class TransformersGeneration(GenerationBackend):
         self.batch_size = batch_size
 
     def generate(
-        self, policy: Any, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, generator: torch.Generator
+        self,
+        policy: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator,
+        row_seeds: Sequence[int] | None = None,
     ) -> Tensor:
-        from transformers import GenerationConfig
+        """Without ``row_seeds``: ``generate``'s sampling, one seed from ``generator`` per call.
+        With them: the Gumbel-max trick, greedy decoding of ``warped logits + Gumbel noise``
+        (:class:`RowSeededGumbel`), an exact sample of the same distribution."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
-        config = GenerationConfig(
-            do_sample=True,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=settings.pad_token_id,
-            eos_token_id=list(settings.eos_token_ids),
-            **self.generation_kwargs,
-        )
+        ends = {
+            "max_new_tokens": settings.max_new_tokens,
+            "pad_token_id": settings.pad_token_id,
+            "eos_token_id": list(settings.eos_token_ids),
+        }
+        if row_seeds is None:
+            warp = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+            config = GenerationConfig(do_sample=True, **warp, **ends, **self.generation_kwargs)
+        else:
+            check_row_seeds(row_seeds, len(prompt_ids))
+            config = GenerationConfig(do_sample=False, **ends, **self.generation_kwargs)  # greedy: the noise is in the logits
         size = self.batch_size or len(prompt_ids)
         device = prompt_ids.device
         chunks = []
         with policy.generation_mode() as model:
             for start in range(0, len(prompt_ids), size):
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(seed)
-                    out = model.generate(
-                        input_ids=prompt_ids[start : start + size],
-                        attention_mask=prompt_mask[start : start + size],
-                        generation_config=config,
-                    )
+                rows = {"input_ids": prompt_ids[start : start + size], "attention_mask": prompt_mask[start : start + size]}
+                if row_seeds is None:
+                    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        torch.manual_seed(seed)
+                        out = model.generate(**rows, generation_config=config)
+                else:
+                    gumbel = RowSeededGumbel(settings, row_seeds[start : start + size], prompt_ids.shape[1])
+                    out = model.generate(**rows, generation_config=config, logits_processor=LogitsProcessorList([gumbel]))
                 chunks.append(pad_to(out[:, prompt_ids.shape[1] :], settings.max_new_tokens, settings.pad_token_id))
         return torch.cat(chunks)
+
+
+class RowSeededGumbel:
+    """A ``transformers`` logits processor for greedy decoding that samples: the logits warped
+    as ``generate``'s sampling warps them (temperature, then top_k, then top_p, transformers' own
+    warpers), plus Gumbel noise that row ``k`` draws at step ``t`` from a generator seeded with
+    ``step_seed(row_seeds[k], t)``. The argmax of ``log p + Gumbel`` is a sample of ``p``.
+
+    Args:
+        settings: the sampling settings (temperature, top_p, top_k).
+        row_seeds: one seed per row of the batch.
+        prompt_length: the (padded) prompt width; step ``t`` = tokens generated so far.
+    """
+
+    def __init__(self, settings: SamplingSettings, row_seeds: Sequence[int], prompt_length: int) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.row_seeds, self.prompt_length = [int(s) for s in row_seeds], prompt_length
+        self.warpers: list[Any] = [TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+        if settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        step = input_ids.shape[1] - self.prompt_length
+        noise = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
+        for k, seed in enumerate(self.row_seeds):
+            noise[k].uniform_(generator=torch.Generator(scores.device).manual_seed(step_seed(seed, step)))
+        return scores.double() - torch.log(-torch.log(noise))  # + Gumbel noise (U = 0 gives -inf: never the argmax)
+
+
+def check_row_seeds(row_seeds: Sequence[int], rows: int) -> None:
+    """One seed per prompt row (one line naming the counts otherwise)."""
+    if len(row_seeds) != rows:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} prompts; expected one per prompt")
+
+
+def step_seed(*parts: int | str) -> int:
+    """A seed in ``[0, 2**62)`` that depends on every part (a hash: nearby parts give unrelated seeds)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def make_backend(

@@ -12,7 +12,9 @@ Nothing else than the policy's distribution is sampled: the engine ignores the m
 and each request's ``SamplingParams`` are set field by field from
 :class:`~rebel.text.generation.SamplingSettings` (no penalties, no ``min_p``, no
 ``min_tokens``, stop only at the policy's EOS ids). Each request has its own seed, drawn
-from the sampler's generator.
+from the sampler's generator, or the caller's row seed (``generate(..., row_seeds=...)``):
+vLLM gives a seeded request a generator of its own, so requests with the same seed and
+prefix draw the same tokens whatever else the engine runs.
 
 ``vllm_mode="colocate"`` runs the engine in the training process (:class:`LocalEngine`);
 ``"server"`` sends prompts and weights to ``rebel vllm-serve`` (:class:`ServerEngine`),
@@ -25,7 +27,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from rebel.config import check_choice
-from rebel.text.generation import VLLM_EXTRA, VLLM_MODES, GenerationBackend, SamplingSettings, check_vllm_kwargs
+from rebel.text.generation import VLLM_EXTRA, VLLM_MODES, GenerationBackend, SamplingSettings, check_row_seeds, check_vllm_kwargs
 
 
 class LocalEngine:
@@ -169,8 +171,16 @@ class VLLMGeneration(GenerationBackend):
             self._weights_fixed = False
 
     def generate(
-        self, policy: Any, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, generator: torch.Generator
+        self,
+        policy: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator,
+        row_seeds: Sequence[int] | None = None,
     ) -> Tensor:
+        if row_seeds is not None:
+            check_row_seeds(row_seeds, len(prompt_ids))
         engine = self.engine if self._weights_fixed else self.sync(policy)
         longest = int(prompt_mask.sum(1).max()) + settings.max_new_tokens
         if longest > engine.max_model_length:
@@ -179,7 +189,9 @@ class VLLMGeneration(GenerationBackend):
                 f"vLLM engine's max_model_length {engine.max_model_length} (vllm_max_model_length, max_prompt_length)"
             )
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+        seeds = (
+            [int(s) for s in row_seeds] if row_seeds is not None else torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+        )
         completions = engine.sample(prompts, settings, seeds)
         width = settings.max_new_tokens
         rows = [c + [settings.pad_token_id] * (width - len(c)) for c in completions]

@@ -209,7 +209,19 @@ def _turn_length(dialog, k):
     return n
 
 
-def test_branches_share_env_random_numbers_within_a_rollout_index_only(policy):
+class SeedRecording(TransformersGeneration):
+    """The transformers backend, keeping the row seeds of every seeded call (None for the others)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[list[int] | None] = []
+
+    def generate(self, policy, prompt_ids, prompt_mask, settings, generator, row_seeds=None):
+        self.calls.append(None if row_seeds is None else list(row_seeds))
+        return super().generate(policy, prompt_ids, prompt_mask, settings, generator, row_seeds=row_seeds)
+
+
+def test_branches_share_env_and_policy_random_numbers_within_a_rollout_index_only(policy):
     made = []
 
     def factory():
@@ -217,7 +229,9 @@ def test_branches_share_env_random_numbers_within_a_rollout_index_only(policy):
         return made[-1]
 
     DRAWS.clear()
-    s = DialogSampler(factory, form="per_turn", num_generations=3, rollouts_per_branch=2, prompts_per_iteration=1, max_new_tokens=4)
+    backend = SeedRecording()
+    s = DialogSampler(factory, form="per_turn", num_generations=3, rollouts_per_branch=2, prompts_per_iteration=1, max_new_tokens=4,
+                      generation_backend=backend)  # fmt: skip
     batch = s.collect(policy)
     base, branches = made[0], made[1:]
     assert len(branches) == 3 * 2 and batch.num_groups == 1 and len(batch) == 3
@@ -233,6 +247,99 @@ def test_branches_share_env_random_numbers_within_a_rollout_index_only(policy):
                 assert all(other[t] == v for t, v in d.items() if t in other)
     assert draws[0][k] != draws[1][k] and dict(DRAWS[id(base)])[k] != draws[0][k]  # independent across rollout indices
     assert batch.counts["generated_tokens"] > batch.counts["tokens"]  # the continuations' tokens count too
+    unseeded = backend.calls.index(next(c for c in backend.calls if c is not None))  # the sampled dialog's rounds, the branched turns
+    rounds = backend.calls[unseeded:]  # the continuations' rounds: rows at 2 * i + (j - 1) while all six run (3 turns each)
+    assert all(c is None for c in backend.calls[:unseeded]) and len(rounds) == 2 - k and all(len(c) == 6 for c in rounds)
+    for seeds in rounds:
+        assert seeds[0::2] == [seeds[0]] * 3 and seeds[1::2] == [seeds[1]] * 3 and seeds[0] != seeds[1]  # shared per rollout index
+    assert len({c[0] for c in rounds}) == len(rounds)  # a new seed each turn
+
+
+class Echo(TextEnv):
+    """Deterministic: says "1", then repeats the agent's first character (or "0"); 1 for an
+    answer that starts with "1"; 4 turns."""
+
+    def reset(self, rng, row=None):
+        self.turn = 0
+        return [{"role": "user", "content": "1"}]
+
+    def step(self, message, rng):
+        self.turn += 1
+        done = self.turn >= 4
+        LOG.setdefault(id(self), []).append(message)
+        return EnvReply([] if done else [{"role": "user", "content": message[:1] or "0"}], float(message[:1] == "1"), terminated=done)
+
+
+LOG: dict[int, list[str]] = {}  # id(env) -> the agent's messages
+
+
+class ForcedTurns(TransformersGeneration):
+    """Unseeded calls (the sampled dialog, the branched turns) all answer "3<eos>"; seeded ones sample."""
+
+    def generate(self, policy, prompt_ids, prompt_mask, settings, generator, row_seeds=None):
+        if row_seeds is not None:
+            return super().generate(policy, prompt_ids, prompt_mask, settings, generator, row_seeds=row_seeds)
+        turn = [policy.tokenizer.convert_tokens_to_ids("3"), settings.eos_token_ids[0]]
+        return torch.tensor([turn + [settings.pad_token_id] * (settings.max_new_tokens - 2)] * len(prompt_ids))
+
+
+def continuation_messages(policy, backend, n, m, **kw):
+    """The agent's messages in each continuation (branch i, rollout j at i * m + j - 1) of one
+    per_turn collection with :class:`Echo`, and the branched turns."""
+    made = []
+
+    def factory():
+        made.append(Echo())
+        return made[-1]
+
+    LOG.clear()
+    settings = {"prompts_per_iteration": 1, "max_new_tokens": 4, "max_dialog_tokens": 200, **kw}
+    s = DialogSampler(factory, form="per_turn", num_generations=n, rollouts_per_branch=m, generation_backend=backend, **settings)
+    s.collect(policy)
+    return [LOG[id(e)] for e in made[1:]]
+
+
+def test_branches_forced_to_the_same_turn_continue_alike_per_rollout_index(policy):
+    n, m = 3, 3
+    for seed in range(2):
+        torch.manual_seed(seed)
+        continued = continuation_messages(policy, ForcedTurns(), n, m, data_seed=seed, branch_turns="all")[: n * m]  # the first turn's
+        assert all(c[0] == "3" for c in continued)  # the branched turn, forced
+        for j in range(m):  # the same rollout index: the same tokens after the branch, in every branch
+            assert [continued[i * m + j] for i in range(n)] == [continued[j]] * n
+        assert len({tuple(c) for c in continued[:m]}) == m  # independent across rollout indices
+
+
+def test_branches_whose_turns_agree_get_the_same_continuations(chat_lm):
+    n, m, agreeing = 6, 2, 0
+    for seed in range(6):  # turns of one token: the branched turns often agree
+        continued = continuation_messages(CausalLMPolicy(chat_lm), "transformers", n, m, data_seed=seed, max_new_tokens=1)
+        for a in range(n):
+            for b in range(a):
+                if continued[a * m][0] == continued[b * m][0]:  # the same branched turn (and the env is deterministic)
+                    agreeing += 1
+                    assert [continued[a * m + j] for j in range(m)] == [continued[b * m + j] for j in range(m)]
+    assert agreeing >= 5  # of 6 * 15 pairs
+
+
+def test_shared_policy_noise_shrinks_the_variance_of_q_differences(policy, monkeypatch):
+    """Q(branch 0) - Q(branch 1) over 160 branch points (32 dialogs of 5 turns, m = 1): with the
+    policy's noise shared per rollout index its variance is well below that with independent
+    noise per continuation (the env's numbers are shared in both)."""
+    from rebel.text import dialog
+
+    def q_differences(seed_of):
+        monkeypatch.setattr(dialog, "step_seed", seed_of)
+        s = DialogSampler(lambda: CounterEnv(5), form="per_turn", branch_turns="all", num_generations=2, rollouts_per_branch=1,
+                          prompts_per_iteration=32, max_new_tokens=3, max_dialog_tokens=200, data_seed=1)  # fmt: skip
+        q = s.collect(policy).reward.view(-1, 2).double()
+        assert len(q) == 160
+        return q[:, 0] - q[:, 1]
+
+    shared = q_differences(dialog.step_seed)
+    rng = random.Random(0)
+    independent = q_differences(lambda *parts: rng.getrandbits(62))  # a new seed for every continuation turn
+    assert shared.var() < 0.6 * independent.var(), (shared.var(), independent.var())  # 0.21 against 0.47
 
 
 def test_per_turn_rewards_are_mean_returns_to_go(policy):

@@ -55,3 +55,99 @@ def test_a_colocated_engine_is_refused_beside_fsdp2(monkeypatch):
     ):
         TextConfig(generation_backend="vllm")
     assert TextConfig(generation_backend="vllm", vllm_mode="server").vllm_mode == "server"
+
+
+@pytest.fixture(scope="module")
+def peaked_policy():
+    """A random tiny GPT-2 with peaked next-token distributions (a wrong temperature shows)."""
+    import torch
+
+    from rebel.text.policy import CausalLMPolicy
+    from rebel_envs.text_tasks import char_tokenizer, tiny_gpt2
+
+    tokenizer = char_tokenizer()
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_positions=64, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    return CausalLMPolicy(model, tokenizer)
+
+
+def settings_of(policy, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=1):
+    from rebel.text.generation import SamplingSettings
+
+    return SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                            eos_token_ids=tuple(policy.eos_token_ids), pad_token_id=policy.tokenizer.pad_token_id)  # fmt: skip
+
+
+def left_padded(policy, texts):
+    import torch
+
+    ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width, pad = max(map(len, ids)), policy.tokenizer.pad_token_id
+    return (torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+            torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))  # fmt: skip
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.0, 0, 1.0), (1.3, 6, 1.0), (1.0, 0, 0.8)])
+def test_row_seeded_samples_follow_the_warped_softmax(peaked_policy, temperature, top_k, top_p):
+    """Next-token frequencies of 20000 row seeds against softmax(logits / T), truncated by
+    top_k / top_p (kept: the fewest most likely tokens whose mass reaches top_p)."""
+    import torch
+
+    from rebel.text.generation import TransformersGeneration
+
+    n = 20000
+    ids, mask = left_padded(peaked_policy, ["12:"] * n)
+    out = TransformersGeneration().generate(peaked_policy, ids, mask, settings_of(peaked_policy, temperature, top_k, top_p),
+                                            torch.Generator(), row_seeds=list(range(n)))  # fmt: skip
+    with torch.no_grad():
+        logits = peaked_policy.model(ids[:1]).logits[0, -1].double()
+    counts = torch.bincount(out[:, 0], minlength=len(logits)).double()
+
+    def expected(t):
+        p = (logits / t).softmax(-1)
+        order = p.argsort(descending=True)
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        mass = torch.cumsum(p[order], 0)
+        kept = int((mass < top_p).sum()) + 1 if top_p < 1 else len(p)
+        keep[order[: min(kept, top_k or len(p))]] = True
+        return torch.where(keep, p, 0) / p[keep].sum()
+
+    tv = lambda q: 0.5 * (counts / n - q).abs().sum().item()
+    q = expected(temperature)
+    assert q.max() > 0.1 and (q > 0.01).sum() >= 5  # peaked, yet several likely tokens
+    assert counts[q == 0].sum() == 0  # nothing outside the truncation
+    assert tv(q) < 0.02, tv(q)  # sampling noise: about 0.5 * sum(sqrt(2 q / (pi n))) < 0.02
+    assert tv(expected(temperature * 1.25)) > 0.04 and tv(expected(temperature / 1.25)) > 0.04  # a wrong temperature fails
+
+
+def test_row_seeds_fix_each_rows_tokens_whatever_the_batch(peaked_policy):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rebel.text.generation import TransformersGeneration
+    from rebel.text.policy import CausalLMPolicy
+    from rebel_envs.text_tasks import distorting_generation_config
+
+    settings = settings_of(peaked_policy, temperature=1.5, max_new_tokens=10)
+    texts, seeds = ["12:", "9876543:", "12:", "12:", "5:"], [7, 8, 7, 9, 7]
+    ids, mask = left_padded(peaked_policy, texts)
+    backend = TransformersGeneration()
+    together = backend.generate(peaked_policy, ids, mask, settings, torch.Generator().manual_seed(0), row_seeds=seeds).tolist()
+    assert together[0] == together[2] != together[3]  # same prompt: same seed, same tokens; another seed, others
+    for k, (text, seed) in enumerate(zip(texts, seeds)):  # alone, unpadded, with another generator: the same tokens
+        one, one_mask = left_padded(peaked_policy, [text])
+        assert backend.generate(peaked_policy, one, one_mask, settings, torch.Generator().manual_seed(k), row_seeds=[seed]).tolist() == [
+            together[k]
+        ]
+    in_pairs = TransformersGeneration(batch_size=2).generate(peaked_policy, ids, mask, settings, torch.Generator(), row_seeds=seeds)
+    assert in_pairs.tolist() == together
+    assert len({tuple(r) for r in backend.generate(peaked_policy, ids[:1].repeat(8, 1), mask[:1].repeat(8, 1), settings,
+                                                       torch.Generator(), row_seeds=range(8)).tolist()}) > 4  # fmt: skip
+    distorted = AutoModelForCausalLM.from_config(peaked_policy.model.config)
+    distorted.load_state_dict(peaked_policy.model.state_dict())
+    distorted.generation_config.update(**distorting_generation_config(peaked_policy.tokenizer))
+    other = CausalLMPolicy(distorted, peaked_policy.tokenizer)  # its generation_config.json may add no processor
+    assert backend.generate(other, ids, mask, settings, torch.Generator(), row_seeds=seeds).tolist() == together
+    with pytest.raises(ValueError, match="^row_seeds has 2 seeds for 5 prompts; expected one per prompt$"):
+        backend.generate(peaked_policy, ids, mask, settings, torch.Generator(), row_seeds=[1, 2])

@@ -1,5 +1,6 @@
 """The dialog sampler on vLLM: greedy dialogs (colocated engine and server) equal the
-transformers backend's, token for token, in both forms."""
+transformers backend's, token for token, in both forms; per_turn continuations share the policy's noise
+across branches (row seeds as request seeds)."""
 
 import pytest
 import torch
@@ -86,3 +87,50 @@ def test_greedy_dialog_evaluation_equals_the_transformers_backend(chat_llama, ba
     reference, expected = DialogEvaluator(DialogSampler(Repeat, **settings), None, config).measure(policy)
     assert ours == reference and dialogs == expected and len(expected["greedy"]) == 6
     assert len({str(d["messages"]) for d in expected["greedy"]}) == 6 and reference["eval/turns_mean"] == 3.0
+
+
+class Logged(Repeat):
+    """:class:`Repeat` keeping the agent's messages (in LOG, by the env's id)."""
+
+    def step(self, message, rng):
+        LOG.setdefault(id(self), []).append(message)
+        return super().step(message, rng)
+
+
+LOG: dict[int, list[str]] = {}
+
+
+def test_per_turn_continuations_share_the_policys_noise_on_vllm(backend):
+    """Every branch forced to the same branched turn ("3<eos>", unseeded calls): vLLM's
+    continuations (row seeds as request seeds) are the same in every branch of a rollout
+    index, and differ across rollout indices."""
+    from rebel.text.generation import GenerationBackend
+
+    class ForcedTurns(GenerationBackend):
+        def fixed_weights(self, policy):
+            return backend.fixed_weights(policy)
+
+        def generate(self, policy, prompt_ids, prompt_mask, settings, generator, row_seeds=None):
+            if row_seeds is not None:
+                return backend.generate(policy, prompt_ids, prompt_mask, settings, generator, row_seeds=row_seeds)
+            turn = [policy.tokenizer.convert_tokens_to_ids("3"), settings.eos_token_ids[0]]
+            return torch.tensor([turn + [settings.pad_token_id] * (settings.max_new_tokens - 2)] * len(prompt_ids))
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    policy = CausalLMPolicy(tiny_llama(tokenizer, n_layer=2, n_embd=128, n_positions=128, seed=1), tokenizer)  # not peaked: samples spread
+    made, n, m = [], 3, 3
+
+    def factory():
+        made.append(Logged())
+        return made[-1]
+
+    LOG.clear()
+    sampler = DialogSampler(factory, form="per_turn", num_generations=n, rollouts_per_branch=m, prompts_per_iteration=1, max_new_tokens=4,
+                            max_dialog_tokens=60, branch_turns="all", generation_backend=ForcedTurns())  # fmt: skip
+    sampler.collect(policy)
+    continued = [LOG[id(e)] for e in made[1 : 1 + n * m]]  # of the first turn: branch i, rollout j at i * m + j - 1
+    assert all(c[0] == "3" for c in continued)
+    for j in range(m):
+        assert [continued[i * m + j] for i in range(n)] == [continued[j]] * n
+    assert len({tuple(c) for c in continued[:m]}) == m

@@ -104,6 +104,25 @@ def test_a_completion_does_not_depend_on_the_rest_of_the_batch(sorting_llama, en
     assert torch.equal(part, whole[:5])
 
 
+def test_row_seeds_fix_a_requests_tokens_whatever_the_batch(sorting_llama, backend):
+    """With row seeds, a request's tokens depend on its prefix and seed only: the same prefix
+    and seed at two places of a batch, or alone, give the same tokens; other seeds, others."""
+    from rebel.text.generation import SamplingSettings
+
+    policy = CausalLMPolicy(sorting_llama)
+    policy.tokenizer.padding_side = "left"
+    enc = policy.tokenizer([p["prompt"] for p in PROMPTS] * 3, return_tensors="pt", padding=True)
+    settings = SamplingSettings(1.5, 1.0, 0, 8, tuple(policy.eos_token_ids), policy.tokenizer.pad_token_id)
+    seeds = [*range(100, 108), *range(100, 108), *range(200, 208)]  # rows k and k + 8 share prompt and seed, k + 16 another seed
+    out = backend.generate(policy, enc["input_ids"], enc["attention_mask"], settings, torch.Generator().manual_seed(0), row_seeds=seeds)
+    assert torch.equal(out[:8], out[8:16]) and not torch.equal(out[:8], out[16:])
+    alone = backend.generate(policy, enc["input_ids"][3:4], enc["attention_mask"][3:4], settings, torch.Generator().manual_seed(1),
+                             row_seeds=[103])  # fmt: skip
+    assert torch.equal(alone[0], out[3])
+    with pytest.raises(ValueError, match="^row_seeds has 1 seeds for 2 prompts; expected one per prompt$"):
+        backend.generate(policy, enc["input_ids"][:2], enc["attention_mask"][:2], settings, torch.Generator(), row_seeds=[1])
+
+
 def test_prompts_longer_than_the_engine_are_refused(sorting_llama, engine):
     policy = CausalLMPolicy(sorting_llama)
     sampler = TextSampler(["1" * 30 + ":"], zero_reward, prompts_per_iteration=1, max_new_tokens=8, generation_backend=engine)
