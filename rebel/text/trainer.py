@@ -130,7 +130,7 @@ class TextConfig(with_defaults(TrainerConfig, output_dir="runs/text", learning_r
         if self.max_dialog_tokens is not None:
             check_int("max_dialog_tokens", self.max_dialog_tokens)
         check_int("log_dialogs", self.log_dialogs, minimum=0)
-        check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs)
+        check_backend(self.generation_backend, self.vllm_mode, self.generation_kwargs, self.vllm_kwargs, self.temperature)
         super().__post_init__()
 
     def lora_config(self) -> Any:

@@ -40,6 +40,10 @@ def test_asking_for_vllm_without_it_is_one_line_naming_the_extra(tmp_path, capsy
          "generation_kwargs use_cache: settings of generation_backend='transformers', not of 'vllm'"),
         ({"generation_backend": "vllm", "vllm_mode": "server", "vllm_kwargs": {"quantization": "fp8", "enforce_eager": True}},
          "vllm_kwargs quantization: not an engine setting that leaves the sampled distribution alone"),
+        ({"generation_backend": "vllm", "vllm_mode": "server", "temperature": 3.0},
+         "temperature=3.0 with generation_backend='vllm': vLLM samples temperatures in \\[0.01, 2.0\\] only"),
+        ({"generation_backend": "vllm", "vllm_mode": "server", "temperature": 0.005},
+         "temperature=0.005 with generation_backend='vllm': vLLM samples temperatures in \\[0.01, 2.0\\] only"),
     ],
 )  # fmt: skip
 def test_backend_settings_are_checked(settings, message):
