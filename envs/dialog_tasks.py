@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rebel.config import check_choice, option
+from rebel.console import quiet_saving
 from rebel.text.env import EnvReply, Message, TextEnv
 
 from .text_tasks import tiny_gpt2, tiny_llama
@@ -319,7 +320,8 @@ def make_dialog_model(name: str, config: DialogModelConfig | None = None, save_t
     check_choice("task", name, tuple(DIALOG_TASKS))
     model, tokenizer = copy.deepcopy(_warmed_up(name, astuple(config or DIALOG_TASKS[name].model_config)))
     if save_to is not None:
-        model.save_pretrained(str(save_to))
+        with quiet_saving():  # no "Writing model shards" bar
+            model.save_pretrained(str(save_to))
         tokenizer.save_pretrained(str(save_to))
     return model, tokenizer
 

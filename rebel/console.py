@@ -8,8 +8,11 @@ steps, and none of the libraries' messages that a user cannot act on.
 * DeepSpeed's "Setting accelerator to CPU" (accelerate imports DeepSpeed when it is
   installed, on machines without a GPU too).
 
-:func:`quiet_saving` hides transformers' "Writing model shards" bar while a model is saved.
-Every other warning of these libraries, and every warning of REBEL's own, still shows.
+:func:`quiet_saving` hides transformers' "Writing model shards" bar while a model is saved,
+and :func:`quiet_generation` its advice to pass an ``attention_mask`` while REBEL samples
+(REBEL always passes one; ``generate`` drops an all-ones mask itself, then warns when the
+next input of a finished row is a pad token). Every other warning of these libraries, and
+every warning of REBEL's own, still shows.
 """
 
 from __future__ import annotations
@@ -37,12 +40,30 @@ class _DropMessages(logging.Filter):
         return not any(part in message for part in self.parts)
 
 
+# transformers' warning when a padded input has no attention_mask (see quiet_generation)
+MASK_ADVICE = ("transformers.modeling_utils", "We strongly recommend passing in an `attention_mask`")
+
+
 def hide_library_noise() -> None:
     """Drop the messages of :data:`HIDDEN_MESSAGES` (idempotent; imports no library)."""
     for name, parts in HIDDEN_MESSAGES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(parts))
+
+
+@contextlib.contextmanager
+def quiet_generation() -> Iterator[None]:
+    """Within the block, transformers' advice to pass an ``attention_mask`` is dropped (see the
+    module's docstring). Outside it the advice shows, unless it was dropped here before:
+    transformers gives it once per process."""
+    name, part = MASK_ADVICE
+    logger, drop = logging.getLogger(name), _DropMessages((part,))
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -182,9 +182,8 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     evals = [r for r in rows if any(k.startswith("eval/") and k.endswith("return_mean") for k in r)]
     if evals:
         key = next(k for k in evals[-1] if k.startswith("eval/") and k.endswith("return_mean"))
-        print(
-            f"{key} ({config.eval_dialogs} evaluation dialogs): {evals[0][key]:.3f} at iteration {evals[0]['iteration']} -> {evals[-1][key]:.3f}"
-        )
+        shown = [f"{r[key]:.3f} at iteration {r['iteration']}" for r in (evals[0], evals[-1])[: min(2, len(evals))]]
+        print(f"{key} ({config.eval_dialogs} evaluation dialogs): {' -> '.join(shown)}")
     print(f"dialogs in {Path(config.output_dir) / 'transcripts.jsonl'}; model saved to {Path(config.output_dir) / 'model'}")
     return 0
 

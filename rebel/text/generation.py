@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from rebel.config import check_choice
+from rebel.console import quiet_generation
 
 BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("colocate", "server")
@@ -188,7 +189,7 @@ class TransformersGeneration(GenerationBackend):
         size = self.batch_size or len(prompt_ids)
         device = prompt_ids.device
         chunks = []
-        with policy.generation_mode() as model:
+        with policy.generation_mode() as model, quiet_generation():
             for start in range(0, len(prompt_ids), size):
                 rows = {"input_ids": prompt_ids[start : start + size], "attention_mask": prompt_mask[start : start + size]}
                 if row_seeds is None:

@@ -155,3 +155,42 @@ def test_row_seeds_fix_each_rows_tokens_whatever_the_batch(peaked_policy):
     assert backend.generate(other, ids, mask, settings, torch.Generator(), row_seeds=seeds).tolist() == together
     with pytest.raises(ValueError, match="^row_seeds has 2 seeds for 5 prompts; expected one per prompt$"):
         backend.generate(peaked_policy, ids, mask, settings, torch.Generator(), row_seeds=[1, 2])
+
+
+MASK_ADVICE_SCRIPT = """
+import sys, torch
+from rebel.text.generation import SamplingSettings, TransformersGeneration
+from rebel.text.policy import CausalLMPolicy
+from rebel_envs.text_tasks import char_tokenizer, tiny_gpt2
+
+tokenizer = char_tokenizer()
+policy = CausalLMPolicy(tiny_gpt2(tokenizer, n_layer=1, n_embd=16, n_positions=64), tokenizer)
+eos, pad = policy.eos_token_ids[0], tokenizer.pad_token_id
+with torch.no_grad():
+    policy.model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+    policy.model.lm_head.bias[eos] = 1.5  # some rows end early while others go on: pad tokens follow them
+ids = torch.tensor([tokenizer("12:", add_special_tokens=False)["input_ids"]] * 8)  # no padding: an all-ones mask
+mask = torch.ones_like(ids)
+torch.manual_seed(0)
+if sys.argv[1] == "plain":
+    policy.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad, eos_token_id=eos)
+else:
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10, eos_token_ids=(eos,), pad_token_id=pad)
+    out = TransformersGeneration().generate(policy, ids, mask, settings, torch.Generator().manual_seed(0))
+    assert (out == pad).any(), out  # some row ended early
+"""
+
+
+def test_sampling_shows_no_attention_mask_advice(tmp_path):
+    """transformers drops an all-ones mask, then advises passing one when a finished row's next
+    input is a pad token; REBEL passes the mask, so the advice is hidden while it samples."""
+    import subprocess
+    import sys
+
+    def stderr(mode: str) -> str:
+        run = subprocess.run([sys.executable, "-c", MASK_ADVICE_SCRIPT, mode], capture_output=True, text=True, timeout=120, check=True)
+        return run.stderr
+
+    advice = "We strongly recommend passing in an `attention_mask`"
+    assert advice in stderr("plain")  # the situation does raise it
+    assert advice not in stderr("rebel")
