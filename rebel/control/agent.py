@@ -98,7 +98,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Settings chosen per environment (measured; explicit options win): HalfCheetah-v5's critic
 # runs on its back on three of five seeds with 5000 random steps, on none with 20000
-# (docs/control_tuning.md, "Critic on HalfCheetah-v5"); elsewhere 5000 (20000 is not measured there).
+# (docs/control_tuning.md, "Critic on HalfCheetah-v5"); elsewhere 5000 (20000 cost Hopper-v5 at 100k: "Critic on Hopper-v5 and Walker2d-v5").
 LEARNING_STARTS = 5000
 ENV_LEARNING_STARTS: dict[str, int] = {"HalfCheetah-v5": 20_000}
 
