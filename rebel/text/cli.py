@@ -148,6 +148,7 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     from rebel.cli import start_options
     from rebel.hf.cli import first_and_last, reward_summary
     from rebel.runs import claimed_run_folder
+    from rebel.text.evaluation import DialogEvaluator, score_key
     from rebel.text.trainer import TextTrainer
 
     for flag, value in (
@@ -179,9 +180,9 @@ def _run_dialogs(args: argparse.Namespace, config: Any, source: TextSource) -> i
     print(reward_summary(rows, 5, config.output_dir))
     first, last = (sum(r["episode_return"] for r in part) / len(part) for part in first_and_last(rows, 5))
     print(f"episode_return of the sampled dialogs {first:.3f} -> {last:.3f}")
-    evals = [r for r in rows if any(k.startswith("eval/") and k.endswith("return_mean") for k in r)]
+    key = score_key(DialogEvaluator.score_name, config.eval_generation)
+    evals = [r for r in rows if key in r]
     if evals:
-        key = next(k for k in evals[-1] if k.startswith("eval/") and k.endswith("return_mean"))
         shown = [f"{r[key]:.3f} at iteration {r['iteration']}" for r in (evals[0], evals[-1])[: min(2, len(evals))]]
         print(f"{key} ({config.eval_dialogs} evaluation dialogs): {' -> '.join(shown)}")
     print(f"dialogs in {Path(config.output_dir) / 'transcripts.jsonl'}; model saved to {Path(config.output_dir) / 'model'}")

@@ -32,6 +32,11 @@ def eval_dialog_seed(seed: int, index: int) -> str:
     return f"eval{seed}/{index}"
 
 
+def score_key(score_name: str, eval_generation: str) -> str:
+    """The metric of an evaluation's score: ``eval/<score_name>``, the greedy one with ``both``."""
+    return f"eval/greedy/{score_name}" if eval_generation == "both" else f"eval/{score_name}"
+
+
 class Evaluator(ABC):
     """Trainer callback: every ``config.eval_every`` iterations (and in the run's last one)
     the policy's evaluation, greedy and/or sampled (``config.eval_generation``), added to the
@@ -55,7 +60,7 @@ class Evaluator(ABC):
     @property
     def score_key(self) -> str:
         """The metric a best model is chosen by."""
-        return f"eval/greedy/{self.score_name}" if self.config.eval_generation == "both" else f"eval/{self.score_name}"
+        return score_key(self.score_name, self.config.eval_generation)
 
     def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = self.config.eval_every
